@@ -1,0 +1,2 @@
+"""plait: train Transformer language models with composable parallelism."""
+__version__ = "0.1.0"

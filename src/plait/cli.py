@@ -1,0 +1,186 @@
+"""The ``plait`` command line.
+
+``plait train`` runs in one of three ways:
+- one process (``--nproc 1``, the default);
+- ``--nproc N``: plait launches N local workers itself through PyTorch's elastic launcher
+  (the same rendezvous as ``torchrun --standalone``), each re-running this command;
+- under ``torchrun`` (any number of hosts): the launcher's environment says who is who and
+  ``--nproc`` is ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+import uuid
+from typing import Any, Sequence
+
+from plait.data import DataError
+from plait.mesh import LayoutError, ParallelDims
+from plait.models import PRESETS, ConfigError, get_preset
+from plait.train.config import TrainConfig, TrainConfigError, load_toml
+
+USER_ERRORS = (ConfigError, LayoutError, TrainConfigError, DataError)
+
+# (flag, TrainConfig field, type, help). Defaults come from TrainConfig and are shown in --help.
+TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--model", "model", str, f"model preset: {', '.join(PRESETS)}"),
+    ("--data", "data", str, "'stdlib' (this Python's standard library sources), a text file, a directory "
+                            "of text files, or a .bin of uint16 token ids (.u32.bin: uint32)"),
+    ("--tokenizer", "tokenizer", str, "'bpe' (byte-level BPE trained on the corpus and cached) or 'byte'"),
+    ("--vocab-size", "vocab_size", int, "BPE vocabulary size"),
+    ("--nproc", "nproc", int, "local worker processes to launch (ignored under torchrun)"),
+    ("--dp", "dp", int, "data-parallel size (default: world size / (pp x tp))"),
+    ("--tp", "tp", int, "tensor-parallel size"),
+    ("--pp", "pp", int, "pipeline-parallel size"),
+    ("--steps", "steps", int, "optimizer steps"),
+    ("--global-batch", "global_batch", int, "sequences per optimizer step, summed over data-parallel ranks"),
+    ("--micro-batch", "micro_batch", int, "sequences per forward/backward (default: the whole per-rank batch); "
+                                          "smaller values accumulate gradients"),
+    ("--seq-len", "seq_len", int, "tokens per sequence"),
+    ("--lr", "lr", float, "peak learning rate"),
+    ("--min-lr-ratio", "min_lr_ratio", float, "final learning rate as a fraction of --lr (cosine decay)"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay (matrices only)"),
+    ("--grad-clip", "grad_clip", float, "clip the global gradient norm to this (0: off)"),
+    ("--seed", "seed", int, "seed of initialisation and data order"),
+    ("--dtype", "dtype", str, "compute dtype: float32, or bfloat16 autocast with fp32 master weights"),
+    ("--eval-every", "eval_every", int, "validation loss every N steps (0: off)"),
+    ("--eval-batches", "eval_batches", int, "validation batches per evaluation"),
+    ("--out", "out", str, "run directory (default: runs/<model>-<time>)"),
+    ("--peak-tflops", "peak_tflops", float, "per-rank peak TFLOP/s for MFU (default: measured matmul rate)"),
+    ("--bucket-mb", "bucket_mb", float, "data-parallel gradient bucket size in MiB"),
+    ("--timeout", "timeout_s", float, "seconds a collective may wait before the run fails"),
+    ("--threads", "threads", int, "torch threads per rank (default: cores / local ranks)"),
+]
+TRAIN_SWITCHES: list[tuple[str, str, str]] = [
+    ("activation-checkpointing", "activation_checkpointing", "recompute each block's activations in backward"),
+    ("progress", "progress", "progress bar on the console"),
+    ("tensorboard", "tensorboard", "TensorBoard event files in <out>/tensorboard"),
+    ("plot", "plot", "write <out>/loss.png at the end"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plait", description="Train Transformer language models with composable parallelism.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    defaults = TrainConfig()
+    train = commands.add_parser(
+        "train", help="train a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a Llama-family model. With no flags: the 'small' preset on this Python's standard "
+                    "library, a few minutes on a laptop CPU. Precedence: flags > --config file > defaults.",
+        argument_default=argparse.SUPPRESS)
+    train.add_argument("--config", help="TOML file of options (keys as the long flags, '-' or '_')")
+    for flag, field, kind, text in TRAIN_FLAGS:
+        train.add_argument(flag, dest=field, type=kind, help=f"{text} (default: {getattr(defaults, field)})")
+    for flag, field, text in TRAIN_SWITCHES:
+        train.add_argument(f"--{flag}", dest=field, action=argparse.BooleanOptionalAction,
+                           help=f"{text} (default: {getattr(defaults, field)})")
+    return parser
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = vars(args).copy()
+    values.pop("command", None)
+    config_path = values.pop("config", None)
+    merged = load_toml(config_path) if config_path else {}
+    merged.update(values)
+    try:
+        return TrainConfig(**merged)
+    except TypeError as error:  # a TOML value of the wrong type reaches the dataclass
+        raise TrainConfigError(f"bad option value: {error}") from None
+
+
+def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
+    """Everything checkable without data or processes, so a bad flag fails in one line, once."""
+    from plait.train.run import check_supported
+
+    check_supported(cfg)
+    dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
+    dims.check_model(get_preset(cfg.model))
+    dims.check_batch(cfg.global_batch, cfg.micro_batch or max(1, cfg.global_batch // dims.dp))
+
+
+def under_launcher() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def launch_local_workers(cfg: TrainConfig, argv: Sequence[str]) -> int:
+    """Start ``cfg.nproc`` workers, like ``torchrun --standalone --nproc-per-node N``."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.2)
+    try:
+        elastic_launch(config, sys.executable)("-m", "plait", *argv)
+    except ChildFailedError as error:
+        first = min(error.failures)
+        failure = error.failures[first]
+        print(f"plait: error: worker rank {failure.rank} exited with code {failure.exitcode} "
+              f"(its message is above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def train_worker(cfg: TrainConfig) -> int:
+    """Body of one training process (the only process when nproc == 1)."""
+    from plait.mesh import init_distributed, shutdown
+    from plait.train.run import run_training
+
+    ctx = None
+    code = 0
+    try:
+        ctx = init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s)
+        run_training(cfg, ctx)
+    except USER_ERRORS as error:
+        print(f"plait: error: {error}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:  # an unexpected failure: the full traceback helps, prefixed by the rank
+        rank = os.environ.get("RANK", "0")
+        print(f"plait: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        code = 1
+    if ctx is not None and ctx.world_size > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if code:
+            os._exit(code)  # peers stuck in a collective time out on their own
+        from plait.mesh import shutdown
+        shutdown(ctx, code)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        cfg = train_config_from_args(args)
+        if cfg.out is None:
+            cfg.out = os.path.join("runs", f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+            argv = [*argv, "--out", cfg.out]
+        if under_launcher():
+            return train_worker(cfg)
+        validate_before_launch(cfg, cfg.nproc)
+    except USER_ERRORS as error:
+        print(f"plait: error: {error}", file=sys.stderr)
+        return 2
+    if cfg.nproc > 1:
+        return launch_local_workers(cfg, argv)
+    return train_worker(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Tokenizers: a plain byte tokenizer and a locally trained byte-level BPE.
+
+Both are lossless on any UTF-8 text: the byte tokenizer trivially, the BPE
+because its alphabet is all 256 bytes (GPT-2 style byte-level mapping), so no
+input can fall outside the vocabulary.  The BPE is trained on the corpus
+itself and cached on disk, keyed by the corpus fingerprint, so a training run
+never needs the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from plait.data.corpus import DataError, TextCorpus
+
+EOS_TOKEN = "<|endoftext|>"
+DEFAULT_VOCAB_SIZE = 8192
+# 256 byte symbols + the eos token leave too few merges below this to be useful.
+MIN_BPE_VOCAB_SIZE = 300
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the rest of plait needs from a tokenizer."""
+
+    vocab_size: int
+    eos_id: int
+    kind: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0..255) plus one end-of-document id, 256.
+
+    Needs no training and no cache; useful for tests and tiny experiments.
+    """
+
+    kind = "byte"
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # Generated samples may cut a multi-byte character in half, hence
+        # errors="replace" rather than an exception.
+        data = bytes(int(token) for token in ids if int(token) != self.eos_id)
+        return data.decode("utf-8", errors="replace")
+
+
+class BPETokenizer:
+    """Byte-level BPE backed by a Hugging Face ``tokenizers.Tokenizer``."""
+
+    kind = "bpe"
+
+    def __init__(self, backend: HFTokenizer, source: str = "<memory>") -> None:
+        eos_id = backend.token_to_id(EOS_TOKEN)
+        if eos_id is None:
+            raise DataError(f"tokenizer {source} has no {EOS_TOKEN} token")
+        # A literal "<|endoftext|>" inside a document must stay ordinary text;
+        # only the data pipeline inserts real end-of-document ids.
+        backend.encode_special_tokens = True
+        self.backend = backend
+        self.eos_id: int = eos_id
+        self.vocab_size: int = backend.get_vocab_size()
+
+    @classmethod
+    def train(cls, documents: Iterable[str], vocab_size: int, show_progress: bool = False) -> BPETokenizer:
+        """Train a new byte-level BPE on ``documents``.
+
+        The resulting vocabulary can be smaller than ``vocab_size`` when the
+        corpus is too small to support that many merges.
+        """
+        if vocab_size < MIN_BPE_VOCAB_SIZE:
+            raise DataError(f"bpe vocab_size must be at least {MIN_BPE_VOCAB_SIZE}, got {vocab_size}")
+        backend = HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        backend.train_from_iterator(documents, trainer=trainer)
+        return cls(backend)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BPETokenizer:
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise DataError(f"tokenizer file {path} does not exist")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception
+            reason = " ".join(str(error).split())
+            raise DataError(f"tokenizer file {path} could not be loaded ({reason})") from None
+        return cls(backend, source=str(path))
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the tokenizer JSON atomically (never a half-written file)."""
+        atomic_write_bytes(pathlib.Path(path), self.backend.to_str().encode("utf-8"))
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once; ``tokenizers`` spreads them over threads.
+
+        ``encode_batch_fast`` skips computing character offsets, which we
+        never use.
+        """
+        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # skip_special_tokens drops eos ids, matching ByteTokenizer.decode.
+        return self.backend.decode([int(token) for token in ids], skip_special_tokens=True)
+
+
+def default_cache_dir() -> pathlib.Path:
+    """``$PLAIT_CACHE`` if set, else ``~/.cache/plait``."""
+    configured = os.environ.get("PLAIT_CACHE")
+    if configured:
+        return pathlib.Path(configured).expanduser()
+    return pathlib.Path.home() / ".cache" / "plait"
+
+
+def bpe_cache_path(cache_dir: pathlib.Path, vocab_size: int, corpus: TextCorpus) -> pathlib.Path:
+    return cache_dir / "tokenizers" / f"bpe-{vocab_size}-{corpus.fingerprint()}.json"
+
+
+def build_tokenizer(
+    kind: str,
+    corpus: TextCorpus | None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    cache_dir: pathlib.Path | None = None,
+    show_progress: bool = False,
+) -> Tokenizer:
+    """Return a tokenizer of ``kind`` ("byte" or "bpe") for ``corpus``.
+
+    A BPE is trained once per (corpus fingerprint, vocab_size) and cached
+    under ``cache_dir/tokenizers/``; later calls load the cached file.
+    """
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind != "bpe":
+        raise DataError(f"unknown tokenizer kind {kind!r} (expected 'byte' or 'bpe')")
+    if vocab_size < MIN_BPE_VOCAB_SIZE:
+        raise DataError(f"bpe vocab_size must be at least {MIN_BPE_VOCAB_SIZE}, got {vocab_size}")
+    if corpus is None:
+        raise DataError("a bpe tokenizer needs a text corpus to train on")
+
+    cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_path = bpe_cache_path(cache_dir, vocab_size, corpus)
+    if cache_path.is_file():
+        return BPETokenizer.load(cache_path)
+    tokenizer = BPETokenizer.train(corpus.documents(), vocab_size, show_progress=show_progress)
+    tokenizer.save(cache_path)
+    return tokenizer
+
+
+def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``.
+
+    Concurrent writers (e.g. several ranks on one host) each use their own
+    temporary file, and readers only ever see a complete file.
+    """
+    with atomic_output(path) as handle:
+        handle.write(data)
+
+
+@contextlib.contextmanager
+def atomic_output(path: pathlib.Path) -> Iterator[BinaryIO]:
+    """Yield a binary file that appears at ``path`` only if the ``with`` block
+    finishes; on an exception (or a crash) the final path is untouched."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    temp_path = pathlib.Path(temp_name)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            yield handle
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,207 @@
+"""The parallel layout (``ParallelDims``) and the per-process runtime (``ParallelContext``).
+
+Ranks are laid out dp-outermost, tp-innermost::
+
+    rank = (dp_rank * pp + pp_rank) * tp + tp_rank
+
+so the tp ranks of one (dp, pp) coordinate are consecutive, i.e. on the same host when
+``torchrun`` places ``nproc_per_node`` consecutive ranks per node. Tensor parallelism, the
+most talkative dimension, thus stays on the fastest links, and data parallelism crosses hosts.
+
+There is no module-level process-group state: a ``ParallelContext`` is built once per process
+and handed to whatever needs a group.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from plait.comm import Collectives, TrafficCounter
+from plait.models.config import LlamaConfig
+
+DIM_NAMES = ("dp", "pp", "tp")
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot run; the message is one line."""
+
+
+class Coordinates(NamedTuple):
+    dp: int
+    pp: int
+    tp: int
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Sizes of the data-, pipeline- and tensor-parallel dimensions (pure; no processes)."""
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in DIM_NAMES:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LayoutError(f"--{name} must be an integer >= 1, got {value!r}")
+
+    @classmethod
+    def from_world_size(cls, world_size: int, dp: int | None = None, pp: int = 1, tp: int = 1) -> "ParallelDims":
+        """Fill in ``dp`` (when None) as world_size / (pp * tp), then check the product."""
+        if pp < 1 or tp < 1:
+            raise LayoutError(f"--pp and --tp must be >= 1, got pp={pp} tp={tp}")
+        if dp is None:
+            if world_size % (pp * tp):
+                raise LayoutError(f"world size {world_size} is not divisible by pp x tp = {pp * tp}")
+            dp = world_size // (pp * tp)
+        dims = cls(dp=dp, pp=pp, tp=tp)
+        dims.check_world_size(world_size)
+        return dims
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    def check_world_size(self, world_size: int) -> None:
+        if self.world_size != world_size:
+            raise LayoutError(f"dp x pp x tp = {self.dp} x {self.pp} x {self.tp} = {self.world_size} "
+                              f"does not equal the world size {world_size}")
+
+    def check_model(self, config: LlamaConfig) -> None:
+        """Every size the tensor- and pipeline-parallel split must divide."""
+        for what, size in (("num_attention_heads", config.num_attention_heads),
+                           ("num_key_value_heads", config.num_key_value_heads),
+                           ("intermediate_size (FFN width)", config.intermediate_size)):
+            if size % self.tp:
+                raise LayoutError(f"tp={self.tp} does not divide the model's {what} = {size}")
+        if self.pp > config.num_hidden_layers:
+            raise LayoutError(f"pp={self.pp} is larger than the model's {config.num_hidden_layers} layers")
+
+    def check_batch(self, global_batch: int, micro_batch: int) -> None:
+        if global_batch < 1 or micro_batch < 1:
+            raise LayoutError(f"--global-batch and --micro-batch must be >= 1, got {global_batch} and {micro_batch}")
+        if global_batch % self.dp:
+            raise LayoutError(f"--global-batch {global_batch} is not divisible by dp={self.dp}")
+        per_rank = global_batch // self.dp
+        if per_rank % micro_batch:
+            raise LayoutError(f"the per-rank batch {per_rank} (global batch {global_batch} / dp {self.dp}) "
+                              f"is not divisible by --micro-batch {micro_batch}")
+
+    def coordinates(self, rank: int) -> Coordinates:
+        tp_rank = rank % self.tp
+        pp_rank = (rank // self.tp) % self.pp
+        dp_rank = rank // (self.tp * self.pp)
+        return Coordinates(dp_rank, pp_rank, tp_rank)
+
+    def rank_of(self, dp: int, pp: int, tp: int) -> int:
+        return (dp * self.pp + pp) * self.tp + tp
+
+
+def select_device(local_rank: int = 0) -> tuple[torch.device, str]:
+    """NCCL on ``cuda:LOCAL_RANK`` when CUDA exists, else gloo on the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+@dataclass
+class ParallelContext:
+    """What a process knows about the job: layout, its coordinates, device, groups, traffic."""
+
+    dims: ParallelDims
+    rank: int = 0
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str = "gloo"
+    mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
+    counter: TrafficCounter = field(default_factory=TrafficCounter)
+    comms: dict[str, Collectives] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.coords = self.dims.coordinates(self.rank)
+        for name in DIM_NAMES:
+            if name not in self.comms:
+                group = self.mesh.get_group(name) if self.mesh is not None else None
+                self.comms[name] = Collectives(name, group, self.counter, self.device)
+
+    @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coords.pp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coords.tp
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """Rank 0 prints and writes run files (the last pipeline stage reports the loss to it)."""
+        return self.rank == 0
+
+    def comm(self, name: str) -> Collectives:
+        return self.comms[name]
+
+    @classmethod
+    def single(cls, device: torch.device | None = None) -> "ParallelContext":
+        """One process, no process group."""
+        device = device if device is not None else select_device(0)[0]
+        return cls(dims=ParallelDims(), device=device)
+
+
+def build_context(dims: ParallelDims, device: torch.device, backend: str, local_rank: int = 0) -> ParallelContext:
+    """A context for an already initialised default process group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dims.check_world_size(dist.get_world_size())
+    mesh = init_device_mesh(device.type, (dims.dp, dims.pp, dims.tp), mesh_dim_names=DIM_NAMES)
+    return ParallelContext(dims=dims, rank=dist.get_rank(), local_rank=local_rank, device=device,
+                           backend=backend, mesh=mesh)
+
+
+def init_distributed(dp: int | None = None, pp: int = 1, tp: int = 1, timeout_s: float = 600.0) -> ParallelContext:
+    """Join the job described by the launcher's environment (torchrun or ``plait train --nproc``).
+
+    Without WORLD_SIZE in the environment (or WORLD_SIZE=1) this is a single process and no
+    process group is created. A collective that waits longer than ``timeout_s`` fails instead
+    of hanging, so a dead peer ends the job with a message.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dims = ParallelDims.from_world_size(world_size, dp=dp, pp=pp, tp=tp)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device, backend = select_device(local_rank)
+    if world_size == 1:
+        return ParallelContext.single(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    return build_context(dims, device, backend, local_rank)
+
+
+def shutdown(ctx: ParallelContext | None, exit_code: int | None = None) -> None:
+    """Leave the job cleanly: barrier, destroy the group, and (in workers) ``os._exit``.
+
+    Exiting through ``os._exit`` after destroying the group avoids an abort seen at interpreter
+    exit with device meshes on gloo ("terminate called without an active exception").
+    """
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    if exit_code is not None:
+        os._exit(exit_code)

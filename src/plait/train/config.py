@@ -1,0 +1,111 @@
+"""Training configuration: one dataclass, loadable from TOML, overridden by CLI flags."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class TrainConfigError(ValueError):
+    """A bad training option; the message is one line."""
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    # what to train, on what
+    model: str = "small"                 # preset name (or, later, a Hugging Face directory)
+    data: str = "stdlib"                 # "stdlib", a text file, a directory, or a .bin of token ids
+    tokenizer: str = "bpe"               # "bpe" (trained on the corpus, cached) or "byte"
+    vocab_size: int = 8192               # BPE vocabulary size
+    # layout
+    nproc: int = 1                       # local worker processes plait launches itself
+    dp: int | None = None                # None: world_size / (pp * tp)
+    pp: int = 1
+    tp: int = 1
+    # schedule
+    steps: int = 300
+    global_batch: int = 16               # sequences per optimizer step, over all dp ranks
+    micro_batch: int | None = None       # sequences per forward/backward; None: the whole per-rank batch
+    seq_len: int = 128
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1            # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0               # global-norm clipping; 0 disables
+    seed: int = 0
+    dtype: str = "bfloat16"              # compute dtype under autocast; master weights stay fp32
+    activation_checkpointing: bool = False
+    # evaluation and output
+    eval_every: int = 50                 # 0 disables periodic validation
+    eval_batches: int = 4
+    out: str | None = None               # run directory; default runs/<model>-<timestamp>
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+    peak_tflops: float | None = None     # per-rank peak for MFU; None: measured at start
+    bucket_mb: float = 25.0              # data-parallel gradient bucket size
+    timeout_s: float = 600.0             # a collective waiting longer than this fails the run
+    threads: int | None = None           # torch threads per rank; None: cores / local ranks
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "nproc", "pp", "tp", "steps", "global_batch", "seq_len", "eval_batches")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("dp", "micro_batch", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.dtype not in DTYPES:
+            raise TrainConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.tokenizer not in ("bpe", "byte"):
+            raise TrainConfigError(f"--tokenizer must be 'bpe' or 'byte', got {self.tokenizer!r}")
+        if self.lr <= 0:
+            raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0:
+            raise TrainConfigError("--warmup-steps, --eval-every and --grad-clip must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TrainConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Keys of a TOML config file (flat, or under a [train] table), checked against TrainConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise TrainConfigError(f"config file {path} is not valid TOML: {error}") from None
+    data = {key.replace("-", "_"): value for key, value in data.get("train", data).items()}
+    known = set(TrainConfig.field_names())
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TrainConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
+    return data

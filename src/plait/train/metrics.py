@@ -1,0 +1,114 @@
+"""Run outputs on the logging rank: progress bar, metrics.jsonl, TensorBoard, loss.png.
+
+``metrics.jsonl`` gets one JSON object per optimizer step (and per validation), flushed as it
+is written, so a crash loses at most the step in flight.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated bytes on a CUDA device, else this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 0.3, size: int = 1024) -> float:
+    """Achieved FLOP/s of a square matmul on this rank: the denominator of MFU."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    iterations, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or iterations < 3:
+        a @ b
+        iterations += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size ** 3 * iterations / (time.perf_counter() - start)
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, total_steps: int, progress: bool = True, tensorboard: bool = True,
+                 start_step: int = 0) -> None:
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.history: list[dict[str, Any]] = []
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        if self._bar is not None and "loss" in record:
+            self._bar.update(1)
+            postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.1e}",
+                       "tok/s": f"{record['tokens_per_s']:.0f}", "mfu": f"{100 * record['mfu']:.0f}%"}
+            if "val_loss" in record:
+                postfix["val"] = f"{record['val_loss']:.3f}"
+            self._bar.set_postfix(postfix, refresh=False)
+
+    def message(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self, plot: bool = True) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        self._file.close()
+        if plot:
+            plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png")
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """Training (and validation) loss against step, from a metrics.jsonl file."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_steps, train_loss, val_steps, val_loss = [], [], [], []
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            train_steps.append(record["step"])
+            train_loss.append(record["loss"])
+        if "val_loss" in record:
+            val_steps.append(record["step"])
+            val_loss.append(record["val_loss"])
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(train_steps, train_loss, label="train", linewidth=1)
+    if val_steps:
+        axis.plot(val_steps, val_loss, "o-", label="validation")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (nats / token)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)

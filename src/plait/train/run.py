@@ -1,0 +1,88 @@
+"""``plait train`` inside one worker process: join the job, load data, train, write outputs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from plait.data import load_token_data
+from plait.mesh import ParallelContext, init_distributed
+from plait.train.config import TrainConfig, TrainConfigError
+from plait.train.metrics import MetricsLogger
+from plait.train.trainer import Trainer
+
+
+def check_supported(cfg: TrainConfig) -> None:
+    """Layouts whose issues have not landed yet fail up front, clearly."""
+    if cfg.tp > 1:
+        raise TrainConfigError("--tp > 1 (tensor parallel) is not yet supported")
+    if cfg.pp > 1:
+        raise TrainConfigError("--pp > 1 (pipeline parallel) is not yet supported")
+
+
+def configure_threads(cfg: TrainConfig) -> None:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+        return
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_ranks > 1:  # ranks on one host share its cores; oversubscription costs more than it gives
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+
+
+def load_data_once(cfg: TrainConfig, ctx: ParallelContext, model_vocab: int | None = None):
+    """Rank 0 builds the tokenizer and token caches; the other ranks then read them."""
+    def load(show_progress: bool):
+        return load_token_data(cfg.data, cfg.tokenizer, cfg.vocab_size, bin_vocab_size=model_vocab,
+                               show_progress=show_progress)
+    if ctx.world_size == 1:
+        return load(cfg.progress)
+    data = load(cfg.progress) if ctx.rank == 0 else None
+    dist.barrier()
+    return data if data is not None else load(False)
+
+
+def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[dict[str, Any]]:
+    check_supported(cfg)
+    configure_threads(cfg)
+    ctx = ctx or init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s)
+    data = load_data_once(cfg, ctx)
+    trainer = Trainer(cfg, ctx, data)
+    out_dir = Path(cfg.out)
+    logger = None
+    if ctx.is_logging_rank:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        run_info = {"train": cfg.to_dict(), "model": trainer.model_config.to_dict(),
+                    "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp},
+                    "world_size": ctx.world_size, "device": str(ctx.device), "backend": ctx.backend,
+                    "parameters": trainer.model_config.num_parameters(),
+                    "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val))}
+        (out_dir / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        logger = MetricsLogger(out_dir, cfg.steps, progress=cfg.progress, tensorboard=cfg.tensorboard)
+        logger.message(f"plait: {trainer.model_config.num_parameters() / 1e6:.1f}M parameters, "
+                       f"dp={ctx.dims.dp} pp={ctx.dims.pp} tp={ctx.dims.tp} on {ctx.world_size} x {ctx.device}, "
+                       f"{len(data.train):,} training tokens, writing {out_dir}")
+    history = []
+    try:
+        for step in range(cfg.steps):
+            record = trainer.train_step(step)
+            last = step == cfg.steps - 1
+            if trainer.val_batches and ((step + 1) % cfg.eval_every == 0 or last):
+                record["val_loss"] = trainer.evaluate()
+            history.append(record)
+            if logger is not None:
+                logger.log(record)
+    finally:
+        if logger is not None:
+            logger.close(plot=cfg.plot and bool(history))
+    if logger is not None and history:
+        final = history[-1]
+        summary = f"plait: done, {len(history)} steps, final loss {final['loss']:.4f}"
+        if "val_loss" in final:
+            summary += f", validation loss {final['val_loss']:.4f}"
+        print(summary + f"; see {out_dir}/metrics.jsonl and {out_dir}/loss.png", flush=True)
+    return history

@@ -1,0 +1,178 @@
+"""The training loop: one optimizer step = micro-batches -> gradient sync -> clip -> AdamW.
+
+Loss normalisation. The loss of a step is the sum of token cross-entropies over the whole
+global batch divided by N, the global number of target tokens (targets != IGNORE_INDEX):
+
+    L = (1 / N) * sum_{ranks r} sum_{micro-batches m} sum_{tokens t in (r, m)} CE_t
+
+Each rank backpropagates its own partial sum divided by the *global* N (which every rank
+computes from the deterministic sampler, with no communication), so micro-batching, gradient
+accumulation and data parallelism all give the gradient of the same L -- not a mean of
+per-micro-batch or per-rank means, which would weight tokens unequally.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from plait.data import BatchSampler, TokenData, validation_batches
+from plait.data_parallel import DataParallel
+from plait.mesh import ParallelContext
+from plait.models import LlamaConfig, build_model, get_preset
+from plait.train.config import TrainConfig
+from plait.train.metrics import measure_matmul_peak, peak_memory_bytes
+from plait.train.optim import build_adamw, clip_grad_norm, learning_rate
+
+IGNORE_INDEX = -100
+VOCAB_MULTIPLE = 64  # pad the embedding so tensor-parallel splits of the vocabulary stay even
+
+DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def model_config_for(cfg: TrainConfig, data_vocab_size: int) -> LlamaConfig:
+    """The preset named by ``cfg.model`` with its vocabulary sized to the tokenizer's (padded)."""
+    vocab = -(-data_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return get_preset(cfg.model).replace(vocab_size=vocab)
+
+
+def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
+    """Recompute each block's activations in backward instead of keeping them.
+
+    The block's ``forward`` is wrapped in place, so parameter names and the model's code are
+    unchanged.
+    """
+    for block in blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of -log p(target), in fp32; ignored targets contribute nothing."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+class Trainer:
+    """Owns the model, optimizer and data order of one rank; ``train_step(k)`` runs step k."""
+
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext, data: TokenData,
+                 model_config: LlamaConfig | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.model_config = model_config or model_config_for(cfg, data.vocab_size)
+        dims = ctx.dims
+        dims.check_model(self.model_config)
+        self.micro_batch = cfg.micro_batch or cfg.global_batch // dims.dp
+        dims.check_batch(cfg.global_batch, self.micro_batch)
+        self.per_rank_batch = cfg.global_batch // dims.dp
+
+        self.model = build_model(self.model_config, cfg.seed, ctx.device)
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(self.model.model.layers)
+        self.data_parallel = None
+        if dims.dp > 1:
+            self.data_parallel = DataParallel(self.model, ctx.comm("dp"), int(cfg.bucket_mb * 2 ** 20))
+        self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+
+        self.sampler = BatchSampler(data.train, cfg.seq_len, cfg.global_batch, cfg.seed)
+        self.val_batches = []
+        if cfg.eval_every > 0 and len(data.val) > cfg.seq_len:
+            self.val_batches = validation_batches(data.val, cfg.seq_len, self.micro_batch, cfg.eval_batches)
+        self.compute_dtype = DTYPE_BY_NAME[cfg.dtype]
+        self.flops_per_token = self.model_config.flops_per_token(cfg.seq_len)
+        self.peak_flops = (cfg.peak_tflops * 1e12 if cfg.peak_tflops
+                           else measure_matmul_peak(self.compute_dtype, ctx.device))
+
+    def _autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.compute_dtype)
+
+    def global_target_count(self, step: int) -> int:
+        _, targets = self.sampler.global_batch(step)
+        return int((targets != IGNORE_INDEX).sum())
+
+    def compute_gradients(self, step: int) -> tuple[float, int]:
+        """Forward and backward over this rank's micro-batches of step ``step``, gradients synced.
+
+        Returns (global loss sum, global target count); the step's loss is their ratio.
+        """
+        ctx = self.ctx
+        inputs, targets = self.sampler.shard(step, ctx.dp_rank, ctx.dims.dp)
+        n_targets = self.global_target_count(step)
+        n_micro = self.per_rank_batch // self.micro_batch
+        local_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for index in range(n_micro):
+            if self.data_parallel is not None:
+                self.data_parallel.sync = index == n_micro - 1  # communicate on the last micro-batch only
+            rows = slice(index * self.micro_batch, (index + 1) * self.micro_batch)
+            x = inputs[rows].to(ctx.device, non_blocking=True)
+            y = targets[rows].to(ctx.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(x)
+            loss_sum = token_cross_entropy_sum(logits, y)
+            (loss_sum / n_targets).backward()
+            local_loss_sum += loss_sum.detach()
+        if self.data_parallel is not None:
+            self.data_parallel.finish()
+        (loss_sum_all,) = ctx.comm("dp").all_reduce_scalars([float(local_loss_sum)], tag="metrics")
+        return loss_sum_all, n_targets
+
+    def apply_update(self, step: int) -> tuple[float, float]:
+        """Clip, set the learning rate of ``step``, take the AdamW step, zero gradients.
+
+        Returns (gradient norm before clipping, learning rate).
+        """
+        cfg = self.cfg
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip)
+        lr = learning_rate(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        if self.data_parallel is not None:
+            self.data_parallel.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, lr
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        loss_sum, n_targets = self.compute_gradients(step)
+        grad_norm, lr = self.apply_update(step)
+        elapsed = time.perf_counter() - start
+        tokens = self.cfg.global_batch * self.cfg.seq_len
+        tokens_per_s = tokens / elapsed
+        return {
+            "step": step,
+            "loss": loss_sum / n_targets,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "step_time_s": elapsed,
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.ctx.world_size),
+            "peak_memory_gb": peak_memory_bytes(self.ctx.device) / 1e9,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the fixed validation batches, shared out over dp ranks."""
+        total = torch.zeros((), dtype=torch.float64)
+        count = 0
+        dp, dp_rank = self.ctx.dims.dp, self.ctx.dp_rank
+        for index, (x, y) in enumerate(self.val_batches):
+            if index % dp != dp_rank:
+                continue
+            with self._autocast():
+                logits = self.model(x.to(self.ctx.device))
+            y = y.to(self.ctx.device)
+            total += token_cross_entropy_sum(logits, y).double().cpu()
+            count += int((y != IGNORE_INDEX).sum())
+        total_all, count_all = self.ctx.comm("dp").all_reduce_scalars([float(total), float(count)], tag="eval")
+        return total_all / max(count_all, 1.0)

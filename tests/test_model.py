@@ -1,0 +1,98 @@
+"""The model: Hugging Face equivalence, layout-invariant init, presets."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from plait.models import PRESETS, ConfigError, LlamaConfig, build_model, get_preset, initial_value
+from helpers import relative_error, tiny_model_config
+
+
+def hf_model_from(config: LlamaConfig) -> transformers.LlamaForCausalLM:
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_word_embeddings, attention_bias=False, mlp_bias=False)
+    hf_config._attn_implementation = "eager"
+    return transformers.LlamaForCausalLM(hf_config).eval()
+
+
+@pytest.mark.parametrize("tied, kv_heads", [(False, 4), (True, 2), (False, 8)])
+def test_logits_match_transformers(tied, kv_heads):
+    config = tiny_model_config(tie_word_embeddings=tied, num_key_value_heads=kv_heads)
+    ours = build_model(config, seed=7).eval()
+    theirs = hf_model_from(config)
+    result = theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    if tied:
+        assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
+    input_ids = torch.randint(0, config.vocab_size, (3, 45), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(input_ids).logits
+        actual = ours(input_ids)
+    assert actual.shape == expected.shape
+    assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-5), (actual - expected).abs().max()
+
+
+def test_init_depends_on_seed_and_name_only():
+    config = tiny_model_config()
+    a = build_model(config, seed=3).state_dict()
+    b = build_model(config, seed=3).state_dict()
+    c = build_model(config, seed=4).state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    changed = [n for n in a if not n.endswith("norm.weight")]
+    assert all(not torch.equal(a[n], c[n]) for n in changed)
+    # A slice of a parameter is the same slice of the full initial value, whatever the layout.
+    full = initial_value("model.layers.1.self_attn.q_proj.weight", (128, 128), config, seed=3)
+    assert torch.equal(full, a["model.layers.1.self_attn.q_proj.weight"])
+    # Different parameters of equal shape get different values.
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], a["model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_residual_outputs_are_scaled():
+    config = tiny_model_config()
+    state = build_model(config, seed=0).state_dict()
+    q_std = state["model.layers.0.self_attn.q_proj.weight"].std()
+    o_std = state["model.layers.0.self_attn.o_proj.weight"].std()
+    expected_ratio = (2 * config.num_hidden_layers) ** 0.5
+    assert abs(float(q_std / o_std) - expected_ratio) < 0.1 * expected_ratio
+
+
+def test_presets():
+    tiny = get_preset("tiny")
+    n_tiny = tiny.num_parameters()
+    assert 0.5e6 < n_tiny < 2e6 and tiny.num_hidden_layers >= 4
+    for tp in (2, 4):
+        assert tiny.num_attention_heads % tp == 0 and tiny.num_key_value_heads % tp == 0
+        assert tiny.intermediate_size % tp == 0
+    assert 15e6 < get_preset("small").num_parameters() < 25e6
+    # The analytic count equals the instantiated model's.
+    for name in ("tiny", "small"):
+        model = build_model(get_preset(name).replace(tie_word_embeddings=True), seed=0)
+        assert sum(p.numel() for p in model.parameters()) == get_preset(name).replace(
+            tie_word_embeddings=True).num_parameters()
+    # Published sizes of the planner-only shapes (billions, 2 decimals).
+    published = {"llama2-7b": 6.74, "llama2-13b": 13.02, "llama2-70b": 68.98, "llama3-8b": 8.03,
+                 "llama3-70b": 70.55, "llama3-405b": 405.85}
+    for name, billions in published.items():
+        assert abs(PRESETS[name].num_parameters() / 1e9 - billions) < 0.01, name
+    with pytest.raises(ConfigError, match="unknown model preset 'nope'"):
+        get_preset("nope")
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        LlamaConfig(num_attention_heads=6, num_key_value_heads=4)
+
+
+def test_gradients_flow_to_every_parameter():
+    config = tiny_model_config()
+    model = build_model(config, seed=0)
+    input_ids = torch.randint(0, config.vocab_size, (2, 16))
+    model(input_ids).float().logsumexp(-1).sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    reference = relative_error(model(input_ids), model(input_ids))
+    assert reference == 0.0  # deterministic forward
