@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from plait.data import DataError
 from plait.mesh import LayoutError, ParallelDims
 from plait.models import PRESETS, ConfigError, get_preset
-from plait.train.config import TrainConfig, TrainConfigError, load_toml
+from plait.train.config import DTYPES, TrainConfig, TrainConfigError, load_toml
 
 USER_ERRORS = (ConfigError, LayoutError, TrainConfigError, DataError)
 
@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "library, a few minutes on a laptop CPU. Precedence: flags > --config file > defaults.",
         argument_default=argparse.SUPPRESS)
     train.add_argument("--config", help="TOML file of options (keys as the long flags, '-' or '_')")
+    choices = {"dtype": DTYPES, "tokenizer": ("bpe", "byte")}
     for flag, field, kind, text in TRAIN_FLAGS:
-        train.add_argument(flag, dest=field, type=kind, help=f"{text} (default: {getattr(defaults, field)})")
+        train.add_argument(flag, dest=field, type=kind, choices=choices.get(field),
+                           help=f"{text} (default: {getattr(defaults, field)})")
     for flag, field, text in TRAIN_SWITCHES:
         train.add_argument(f"--{flag}", dest=field, action=argparse.BooleanOptionalAction,
                            help=f"{text} (default: {getattr(defaults, field)})")
@@ -154,7 +156,6 @@ def train_worker(cfg: TrainConfig) -> int:
         sys.stderr.flush()
         if code:
             os._exit(code)  # peers stuck in a collective time out on their own
-        from plait.mesh import shutdown
         shutdown(ctx, code)
     return code
 

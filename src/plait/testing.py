@@ -95,7 +95,7 @@ class WorkerPool:
             # After the first failure give the others a short grace to report, then stop waiting.
             remaining = deadline - time.monotonic()
             if failures:
-                remaining = min(remaining, 10.0)
+                remaining = min(remaining, 3.0)
             try:
                 job_id, rank, ok, value = self._results.get(timeout=max(0.01, remaining))
             except queue.Empty:

@@ -104,8 +104,23 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise TrainConfigError(f"config file {path} is not valid TOML: {error}") from None
     data = {key.replace("-", "_"): value for key, value in data.get("train", data).items()}
-    known = set(TrainConfig.field_names())
-    unknown = sorted(set(data) - known)
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - set(types))
     if unknown:
         raise TrainConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
+    for key, value in data.items():
+        if not _matches(value, str(types[key])):
+            raise TrainConfigError(f"config file {path}: {key} = {value!r} is not of type {types[key]}")
     return data
+
+
+def _matches(value: Any, annotation: str) -> bool:
+    """Does a TOML value fit a field annotated like 'int', 'float | None', 'str | None'?"""
+    allowed = {part.strip() for part in annotation.split("|")}
+    if isinstance(value, bool):
+        return "bool" in allowed
+    if isinstance(value, int):
+        return "int" in allowed or "float" in allowed
+    if isinstance(value, float):
+        return "float" in allowed
+    return isinstance(value, str) and "str" in allowed

@@ -1,0 +1,83 @@
+"""`plait train` end to end, and its one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from plait.cli import main
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for index in range(4):
+        lines = [f"def function_{index}_{n}(x):\n    return x * {n} + {index}\n" for n in range(300)]
+        (corpus / f"part{index}.py").write_text("".join(lines))
+    return corpus
+
+
+def run_plait(args, tmp_path, timeout=240):
+    env = {**os.environ, "PLAIT_CACHE": str(tmp_path / "cache")}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "plait", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=tmp_path)
+
+
+def test_train_two_local_workers_end_to_end(text_dir, tmp_path):
+    out = tmp_path / "run"
+    steps = 12
+    result = run_plait(["train", "--model", "tiny", "--data", str(text_dir), "--tokenizer", "byte",
+                        "--nproc", "2", "--steps", str(steps), "--global-batch", "8", "--micro-batch", "2",
+                        "--seq-len", "64", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "6",
+                        "--out", str(out), "--no-progress"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "dp=2" in result.stdout and "final loss" in result.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(steps))
+    for record in records:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gb"):
+            assert key in record and record[key] == record[key], key  # present and not NaN
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert [r["step"] for r in records if "val_loss" in r] == [5, 11]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
+    run_info = json.loads((out / "config.json").read_text())
+    assert run_info["layout"] == {"dp": 2, "pp": 1, "tp": 1} and run_info["train"]["steps"] == steps
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp", "2"], "--tp > 1 (tensor parallel) is not yet supported"),
+    (["--pp", "2"], "--pp > 1 (pipeline parallel) is not yet supported"),
+    (["--nproc", "3", "--global-batch", "16"], "--global-batch 16 is not divisible by dp=3"),
+    (["--dp", "3", "--nproc", "2"], "does not equal the world size 2"),
+    (["--model", "nope"], "unknown model preset 'nope'"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--global-batch", "8", "--micro-batch", "3"], "is not divisible by --micro-batch 3"),
+    (["--data", "/definitely/not/here", "--model", "tiny", "--steps", "1"], "does not exist"),
+])
+def test_bad_input_is_one_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("PLAIT_CACHE", str(tmp_path))
+    code = main(["train", "--out", str(tmp_path / "out"), "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("plait: error:") and message in err, err
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    from plait.cli import build_parser, train_config_from_args
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\nsteps = 5\nglobal-batch = 4\nmodel = "tiny"\n')
+    cfg = train_config_from_args(build_parser().parse_args(["train", "--config", str(config), "--steps", "7"]))
+    assert (cfg.steps, cfg.global_batch, cfg.model) == (7, 4, "tiny")
+    config.write_text('steps = "many"\n')
+    with pytest.raises(ValueError, match="steps = 'many' is not of type int"):
+        train_config_from_args(build_parser().parse_args(["train", "--config", str(config)]))
+    config.write_text('stepz = 3\n')
+    with pytest.raises(ValueError, match="unknown key"):
+        train_config_from_args(build_parser().parse_args(["train", "--config", str(config)]))
