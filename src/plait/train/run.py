@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from plait.data import load_token_data
 from plait.mesh import ParallelContext, init_distributed
+from plait.runtime import configure_threads, tune_cpu_allocator
 from plait.train.config import TrainConfig, TrainConfigError
 from plait.train.metrics import MetricsLogger
 from plait.train.trainer import Trainer
@@ -22,15 +21,6 @@ def check_supported(cfg: TrainConfig) -> None:
         raise TrainConfigError("--tp > 1 (tensor parallel) is not yet supported")
     if cfg.pp > 1:
         raise TrainConfigError("--pp > 1 (pipeline parallel) is not yet supported")
-
-
-def configure_threads(cfg: TrainConfig) -> None:
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-        return
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local_ranks > 1:  # ranks on one host share its cores; oversubscription costs more than it gives
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
 
 
 def load_data_once(cfg: TrainConfig, ctx: ParallelContext, model_vocab: int | None = None):
@@ -47,7 +37,8 @@ def load_data_once(cfg: TrainConfig, ctx: ParallelContext, model_vocab: int | No
 
 def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[dict[str, Any]]:
     check_supported(cfg)
-    configure_threads(cfg)
+    configure_threads(cfg.threads)
+    tune_cpu_allocator()
     ctx = ctx or init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s)
     data = load_data_once(cfg, ctx)
     trainer = Trainer(cfg, ctx, data)

@@ -18,7 +18,6 @@ import time
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -27,10 +26,10 @@ from plait.data_parallel import DataParallel
 from plait.mesh import ParallelContext
 from plait.models import LlamaConfig, build_model, get_preset
 from plait.train.config import TrainConfig
+from plait.train.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from plait.train.metrics import measure_matmul_peak, peak_memory_bytes
 from plait.train.optim import build_adamw, clip_grad_norm, learning_rate
 
-IGNORE_INDEX = -100
 VOCAB_MULTIPLE = 64  # pad the embedding so tensor-parallel splits of the vocabulary stay even
 
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -52,10 +51,13 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over tokens of -log p(target), in fp32; ignored targets contribute nothing."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over target tokens of -log p(target) (fp32), for a model with ``.model`` and ``.lm_head``.
+
+    The head's matmul is fused with the cross-entropy (see ``plait.train.loss``), so the
+    [tokens, vocab] logits are never materialised.
+    """
+    return linear_cross_entropy_sum(model.model(inputs), model.lm_head.weight, targets)
 
 
 class Trainer:
@@ -115,8 +117,7 @@ class Trainer:
             x = inputs[rows].to(ctx.device, non_blocking=True)
             y = targets[rows].to(ctx.device, non_blocking=True)
             with self._autocast():
-                logits = self.model(x)
-            loss_sum = token_cross_entropy_sum(logits, y)
+                loss_sum = token_loss_sum(self.model, x, y)
             (loss_sum / n_targets).backward()
             local_loss_sum += loss_sum.detach()
         if self.data_parallel is not None:
@@ -169,10 +170,9 @@ class Trainer:
         for index, (x, y) in enumerate(self.val_batches):
             if index % dp != dp_rank:
                 continue
-            with self._autocast():
-                logits = self.model(x.to(self.ctx.device))
             y = y.to(self.ctx.device)
-            total += token_cross_entropy_sum(logits, y).double().cpu()
+            with self._autocast():
+                total += token_loss_sum(self.model, x.to(self.ctx.device), y).double().cpu()
             count += int((y != IGNORE_INDEX).sum())
         total_all, count_all = self.ctx.comm("dp").all_reduce_scalars([float(total), float(count)], tag="eval")
         return total_all / max(count_all, 1.0)
