@@ -91,3 +91,24 @@ def count_buckets_launched_in_backward(ctx: ParallelContext, data):
     total = len(trainer.data_parallel.buckets)
     trainer.data_parallel.finish()
     return launched, total
+
+
+def test_activation_checkpointing_gives_identical_gradients(data):
+    model_config = tiny_model_config()
+    plain = first_step_gradients(ParallelContext.single(), tiny_config(), data, model_config)
+    recomputed = first_step_gradients(ParallelContext.single(), tiny_config(activation_checkpointing=True), data,
+                                      model_config)
+    assert recomputed[0] == plain[0]
+    for name in plain[1]:
+        assert torch.equal(recomputed[1][name], plain[1][name]), name
+
+
+def test_bfloat16_data_parallel_tracks_one_process(pool, data):
+    """bf16 autocast: same losses as one process to bf16 precision, and training still learns."""
+    cfg = tiny_config(dtype="bfloat16", steps=10)
+    model_config = tiny_model_config()
+    ref_losses, _ = train_losses_and_params(ParallelContext.single(), cfg, data, model_config)
+    (losses, _), _ = pool.run(train_losses_and_params, ParallelDims(dp=2), cfg, data, model_config)
+    assert ref_losses[-1] < ref_losses[0] - 0.3
+    for got, want in zip(losses, ref_losses):
+        assert abs(got - want) <= 2e-2 * want
