@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from plait.models import build_model, get_preset
 from plait.runtime import tune_cpu_allocator
-from plait.train.loss import linear_cross_entropy_sum
+from plait.loss import linear_cross_entropy_sum
 from plait.train.optim import build_adamw
 
 

@@ -28,15 +28,15 @@ def run_plait(args, tmp_path, timeout=240):
                           timeout=timeout, cwd=tmp_path)
 
 
-def test_train_two_local_workers_end_to_end(text_dir, tmp_path):
+def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     out = tmp_path / "run"
     steps = 12
     result = run_plait(["train", "--model", "tiny", "--data", str(text_dir), "--tokenizer", "byte",
-                        "--nproc", "2", "--steps", str(steps), "--global-batch", "8", "--micro-batch", "2",
+                        "--nproc", "4", "--tp", "2", "--sequence-parallel", "--loss-parallel", "--steps", str(steps), "--global-batch", "8", "--micro-batch", "2",
                         "--seq-len", "64", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "6",
                         "--out", str(out), "--no-progress"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "dp=2" in result.stdout and "final loss" in result.stdout
+    assert "dp=2 pp=1 tp=2" in result.stdout and "final loss" in result.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(steps))
     for record in records:
@@ -47,11 +47,14 @@ def test_train_two_local_workers_end_to_end(text_dir, tmp_path):
     assert (out / "loss.png").stat().st_size > 1000
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
     run_info = json.loads((out / "config.json").read_text())
-    assert run_info["layout"] == {"dp": 2, "pp": 1, "tp": 1} and run_info["train"]["steps"] == steps
+    assert run_info["layout"] == {"dp": 2, "pp": 1, "tp": 2} and run_info["train"]["steps"] == steps
+    assert run_info["train"]["sequence_parallel"] and run_info["train"]["loss_parallel"]
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tp", "2"], "--tp > 1 (tensor parallel) is not yet supported"),
+    (["--sequence-parallel"], "--sequence-parallel and --loss-parallel need --tp > 1"),
+    (["--nproc", "3", "--tp", "3", "--model", "tiny"], "tp=3 does not divide the model's num_attention_heads = 8"),
+    (["--nproc", "2", "--tp", "2", "--seq-len", "33", "--sequence-parallel"], "--seq-len 33 divisible by tp=2"),
     (["--pp", "2"], "--pp > 1 (pipeline parallel) is not yet supported"),
     (["--nproc", "3", "--global-batch", "16"], "--global-batch 16 is not divisible by dp=3"),
     (["--dp", "3", "--nproc", "2"], "does not equal the world size 2"),

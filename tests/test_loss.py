@@ -5,13 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import plait.train.loss as loss_module
-from plait.train.loss import IGNORE_INDEX, linear_cross_entropy_sum
+import plait.loss as loss_module
+from plait.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from helpers import relative_error
 
 
-@pytest.mark.parametrize("chunk_elements", [3000 * 7, 3000 * 100, 1 << 23])
-def test_matches_unfused_cross_entropy(monkeypatch, chunk_elements):
+@pytest.mark.parametrize("chunk_elements, smoothing", [(3000 * 7, 0.0), (3000 * 100, 0.1), (1 << 23, 0.0),
+                                                       (1 << 23, 0.25)])
+def test_matches_unfused_cross_entropy(monkeypatch, chunk_elements, smoothing):
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", chunk_elements)
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(4, 250, 64, generator=generator, requires_grad=True)
@@ -19,9 +20,9 @@ def test_matches_unfused_cross_entropy(monkeypatch, chunk_elements):
     targets = torch.randint(0, 3000, (4, 250), generator=generator)
     targets[:, ::7] = IGNORE_INDEX
     expected = F.cross_entropy((hidden @ weight.t()).flatten(0, 1), targets.flatten(), reduction="sum",
-                               ignore_index=IGNORE_INDEX)
+                               ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
     expected_grads = torch.autograd.grad(expected * 0.37, (hidden, weight))
-    actual = linear_cross_entropy_sum(hidden, weight, targets)
+    actual = linear_cross_entropy_sum(hidden, weight, targets, label_smoothing=smoothing)
     actual_grads = torch.autograd.grad(actual * 0.37, (hidden, weight))
     assert abs(actual.item() - expected.item()) <= 1e-6 * expected.item()
     for got, want in zip(actual_grads, expected_grads):

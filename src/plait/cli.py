@@ -35,6 +35,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--dp", "dp", int, "data-parallel size (default: world size / (pp x tp))"),
     ("--tp", "tp", int, "tensor-parallel size"),
     ("--pp", "pp", int, "pipeline-parallel size"),
+    ("--label-smoothing", "label_smoothing", float, "label smoothing of the cross-entropy"),
     ("--steps", "steps", int, "optimizer steps"),
     ("--global-batch", "global_batch", int, "sequences per optimizer step, summed over data-parallel ranks"),
     ("--micro-batch", "micro_batch", int, "sequences per forward/backward (default: the whole per-rank batch); "
@@ -56,6 +57,8 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--threads", "threads", int, "torch threads per rank (default: cores / local ranks)"),
 ]
 TRAIN_SWITCHES: list[tuple[str, str, str]] = [
+    ("sequence-parallel", "sequence_parallel", "with --tp: norms and residuals on sequence shards (activation memory / tp)"),
+    ("loss-parallel", "loss_parallel", "with --tp: cross-entropy on vocabulary-sharded logits, never gathered"),
     ("activation-checkpointing", "activation_checkpointing", "recompute each block's activations in backward"),
     ("progress", "progress", "progress bar on the console"),
     ("tensorboard", "tensorboard", "TensorBoard event files in <out>/tensorboard"),
@@ -104,6 +107,7 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
     dims.check_model(get_preset(cfg.model))
     dims.check_batch(cfg.global_batch, cfg.micro_batch or max(1, cfg.global_batch // dims.dp))
+    dims.check_sequence(cfg.seq_len, cfg.sequence_parallel)
 
 
 def under_launcher() -> bool:

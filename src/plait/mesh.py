@@ -93,6 +93,10 @@ class ParallelDims:
             raise LayoutError(f"the per-rank batch {per_rank} (global batch {global_batch} / dp {self.dp}) "
                               f"is not divisible by --micro-batch {micro_batch}")
 
+    def check_sequence(self, seq_len: int, sequence_parallel: bool) -> None:
+        if sequence_parallel and seq_len % self.tp:
+            raise LayoutError(f"--sequence-parallel needs --seq-len {seq_len} divisible by tp={self.tp}")
+
     def coordinates(self, rank: int) -> Coordinates:
         tp_rank = rank % self.tp
         pp_rank = (rank // self.tp) % self.pp

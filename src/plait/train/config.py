@@ -32,6 +32,8 @@ class TrainConfig:
     dp: int | None = None                # None: world_size / (pp * tp)
     pp: int = 1
     tp: int = 1
+    sequence_parallel: bool = False      # norms and residuals on sequence shards (needs tp > 1)
+    loss_parallel: bool = False          # cross-entropy on vocabulary-sharded logits (needs tp > 1)
     # schedule
     steps: int = 300
     global_batch: int = 16               # sequences per optimizer step, over all dp ranks
@@ -45,6 +47,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0               # global-norm clipping; 0 disables
+    label_smoothing: float = 0.0
     seed: int = 0
     dtype: str = "bfloat16"              # compute dtype under autocast; master weights stay fp32
     activation_checkpointing: bool = False
@@ -80,6 +83,8 @@ class TrainConfig:
             raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0:
             raise TrainConfigError("--warmup-steps, --eval-every and --grad-clip must be >= 0")
+        if not 0 <= self.label_smoothing < 1:
+            raise TrainConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TrainConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
 

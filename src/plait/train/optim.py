@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn
+
+from plait.comm import Collectives
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
@@ -31,21 +33,35 @@ def learning_rate(step: int, base_lr: float, total_steps: int, warmup_steps: int
     return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
 
-def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float,
-                   reduce_squares: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
-    """Clip gradients to a global L2 norm; returns the norm before clipping.
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, tp_comm: Collectives | None = None) -> float:
+    """Clip gradients to their global L2 norm; returns the norm before clipping.
 
-    ``reduce_squares`` sums the local sum of squares over the ranks that hold *different*
-    pieces of the gradients (tensor or pipeline shards, ZeRO shards). Replicated gradients
-    (plain data parallel) are identical on every rank and need no reduction: each element is
-    counted once. ``max_norm <= 0`` only measures.
+    Each gradient element of the model must be counted exactly once. Tensor-parallel shards
+    (``_plait_shard_dim``) hold different elements on each tp rank: their squares are summed over
+    tp. Parameters replicated over tp (norm weights) hold the same gradient on every tp rank:
+    only tp rank 0 counts them. Data-parallel replicas are identical after the all-reduce and
+    need no reduction. ``max_norm <= 0`` only measures.
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    grads, sharded, replicated = [], [], []
+    for param in params:
+        if param.grad is None:
+            continue
+        grads.append(param.grad)
+        (sharded if hasattr(param, "_plait_shard_dim") else replicated).append(param.grad)
     if not grads:
         return 0.0
-    squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in grads]).sum()
-    if reduce_squares is not None:
-        squares = reduce_squares(squares)
+
+    def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return torch.zeros((), dtype=torch.float64, device=grads[0].device)
+        return torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32).double().square()
+                            for t in tensors]).sum()
+
+    squares = sum_of_squares(sharded)
+    if tp_comm is None or tp_comm.rank == 0:
+        squares = squares + sum_of_squares(replicated)
+    if tp_comm is not None and tp_comm.size > 1:
+        tp_comm.all_reduce(squares, tag="grad_norm")
     total_norm = squares.sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)

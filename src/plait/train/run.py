@@ -17,8 +17,8 @@ from plait.train.trainer import Trainer
 
 def check_supported(cfg: TrainConfig) -> None:
     """Layouts whose issues have not landed yet fail up front, clearly."""
-    if cfg.tp > 1:
-        raise TrainConfigError("--tp > 1 (tensor parallel) is not yet supported")
+    if (cfg.sequence_parallel or cfg.loss_parallel) and cfg.tp == 1:
+        raise TrainConfigError("--sequence-parallel and --loss-parallel need --tp > 1")
     if cfg.pp > 1:
         raise TrainConfigError("--pp > 1 (pipeline parallel) is not yet supported")
 

@@ -25,8 +25,9 @@ from plait.data import BatchSampler, TokenData, validation_batches
 from plait.data_parallel import DataParallel
 from plait.mesh import ParallelContext
 from plait.models import LlamaConfig, build_model, get_preset
+from plait.tensor_parallel import llama_plan, parallelize, sync_partial_grads
 from plait.train.config import TrainConfig
-from plait.train.loss import IGNORE_INDEX, linear_cross_entropy_sum
+from plait.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from plait.train.metrics import measure_matmul_peak, peak_memory_bytes
 from plait.train.optim import build_adamw, clip_grad_norm, learning_rate
 
@@ -51,13 +52,19 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over target tokens of -log p(target) (fp32), for a model with ``.model`` and ``.lm_head``.
+def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                   label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sum over target tokens of the cross-entropy (fp32), for a model with ``.model`` and ``.lm_head``.
 
-    The head's matmul is fused with the cross-entropy (see ``plait.train.loss``), so the
-    [tokens, vocab] logits are never materialised.
+    A plain head is fused with the cross-entropy (see ``plait.loss``), so the
+    [tokens, vocab] logits are never materialised; a tensor-parallel head computes its own
+    (vocabulary-parallel) loss.
     """
-    return linear_cross_entropy_sum(model.model(inputs), model.lm_head.weight, targets)
+    hidden = model.model(inputs)
+    head = model.lm_head
+    if hasattr(head, "loss_sum"):
+        return head.loss_sum(hidden, targets, label_smoothing)
+    return linear_cross_entropy_sum(hidden, head.weight, targets, label_smoothing)
 
 
 class Trainer:
@@ -72,9 +79,12 @@ class Trainer:
         dims.check_model(self.model_config)
         self.micro_batch = cfg.micro_batch or cfg.global_batch // dims.dp
         dims.check_batch(cfg.global_batch, self.micro_batch)
+        dims.check_sequence(cfg.seq_len, cfg.sequence_parallel)
         self.per_rank_batch = cfg.global_batch // dims.dp
 
         self.model = build_model(self.model_config, cfg.seed, ctx.device)
+        if dims.tp > 1:  # slice the full, layout-invariant model: every layout starts identical
+            parallelize(self.model, ctx.comm("tp"), llama_plan(cfg.sequence_parallel, cfg.loss_parallel))
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model.model.layers)
         self.data_parallel = None
@@ -105,7 +115,7 @@ class Trainer:
 
         Returns (global loss sum, global target count); the step's loss is their ratio.
         """
-        ctx = self.ctx
+        ctx, cfg = self.ctx, self.cfg
         inputs, targets = self.sampler.shard(step, ctx.dp_rank, ctx.dims.dp)
         n_targets = self.global_target_count(step)
         n_micro = self.per_rank_batch // self.micro_batch
@@ -117,11 +127,12 @@ class Trainer:
             x = inputs[rows].to(ctx.device, non_blocking=True)
             y = targets[rows].to(ctx.device, non_blocking=True)
             with self._autocast():
-                loss_sum = token_loss_sum(self.model, x, y)
+                loss_sum = token_loss_sum(self.model, x, y, cfg.label_smoothing)
             (loss_sum / n_targets).backward()
             local_loss_sum += loss_sum.detach()
         if self.data_parallel is not None:
             self.data_parallel.finish()
+        sync_partial_grads(self.model, ctx.comm("tp"))  # sequence-parallel norm weights
         (loss_sum_all,) = ctx.comm("dp").all_reduce_scalars([float(local_loss_sum)], tag="metrics")
         return loss_sum_all, n_targets
 
@@ -131,7 +142,7 @@ class Trainer:
         Returns (gradient norm before clipping, learning rate).
         """
         cfg = self.cfg
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip)
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.ctx.comm("tp"))
         lr = learning_rate(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -172,7 +183,7 @@ class Trainer:
                 continue
             y = y.to(self.ctx.device)
             with self._autocast():
-                total += token_loss_sum(self.model, x.to(self.ctx.device), y).double().cpu()
+                total += token_loss_sum(self.model, x.to(self.ctx.device), y, self.cfg.label_smoothing).double().cpu()
             count += int((y != IGNORE_INDEX).sum())
         total_all, count_all = self.ctx.comm("dp").all_reduce_scalars([float(total), float(count)], tag="eval")
         return total_all / max(count_all, 1.0)

@@ -2,9 +2,10 @@
 
 For hidden states H [N, h], head weight W [V, h] and targets y, the loss sum is
 
-    L = sum_{i: y_i != ignore} ( logsumexp_v z_iv - z_{i,y_i} ),   z = H W^T
+    L = sum_{i: y_i != ignore} ( logsumexp_v z_iv - (1-eps) z_{i,y_i} - eps mean_v z_iv ),   z = H W^T
 
-and its gradients are dL/dz = softmax(z) - onehot(y) (zero rows for ignored targets),
+(eps: label smoothing) and its gradients are dL/dz = softmax(z) - (1-eps) onehot(y) - eps/V
+(zero rows for ignored targets),
 dL/dH = (dL/dz) W, dL/dW = (dL/dz)^T H. Because L is a scalar, all of them are computed in
 the forward pass; backward only scales the stored gradients by the incoming scalar.
 
@@ -34,7 +35,8 @@ def _compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
 
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                label_smoothing: float) -> torch.Tensor:
         dtype = _compute_dtype(hidden.device.type, weight.dtype)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):
@@ -52,15 +54,22 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 z = logits[rows].float()
                 row_max = z.amax(dim=1, keepdim=True)
                 target_logit = z.gather(1, safe_y)
+                if label_smoothing:
+                    mean_logit = z.mean(dim=1, keepdim=True)
                 z.sub_(row_max).exp_()  # exp is computed once and reused as softmax numerator
                 sum_exp = z.sum(dim=1, keepdim=True)
                 log_norm = row_max + sum_exp.log()
-                total += ((log_norm - target_logit).squeeze(1) * valid).sum()
-                if need_grad:  # dL/dz = softmax - onehot (zero rows for ignored targets), in place
+                row_loss = log_norm - (1.0 - label_smoothing) * target_logit
+                if label_smoothing:
+                    row_loss = row_loss - label_smoothing * mean_logit
+                total += (row_loss.squeeze(1) * valid).sum()
+                if need_grad:  # dL/dz = softmax - (1-eps) onehot - eps/V (zero rows if ignored), in place
                     if not bool(valid.all()):
                         sum_exp = torch.where(valid.unsqueeze(1), sum_exp, torch.inf)
                     torch.div(z, sum_exp, out=logits[rows])
-                    logits[rows].scatter_add_(1, safe_y, (-valid.to(dtype)).unsqueeze(1))
+                    if label_smoothing:
+                        logits[rows] -= (label_smoothing / vocab) * valid.to(dtype).unsqueeze(1)
+                    logits[rows].scatter_add_(1, safe_y, (-(1.0 - label_smoothing) * valid.to(dtype)).unsqueeze(1))
             if need_grad:
                 grad_hidden = logits @ w
                 grad_weight = logits.t() @ h
@@ -75,12 +84,16 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         scale = grad_output.to(torch.float32)
         dh = (grad_hidden.float() * scale).to(hidden_dtype) if ctx.needs_input_grad[0] else None
         dw = (grad_weight.float() * scale).to(weight_dtype) if ctx.needs_input_grad[1] else None
-        return dh, dw, None
+        return dh, dw, None, None
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over non-ignored tokens of -log softmax(hidden @ weight^T)[target], in fp32.
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sum over non-ignored tokens of the cross-entropy of softmax(hidden @ weight^T), in fp32.
 
     ``hidden``: [..., h]; ``weight``: [V, h]; ``targets``: [...] (``IGNORE_INDEX`` skipped).
+    With label smoothing eps the per-token loss is (1-eps) * NLL + eps * mean_v(-log p_v), as
+    ``torch.nn.functional.cross_entropy(..., label_smoothing=eps)`` defines it.
     """
-    return _LinearCrossEntropySum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1))
+    return _LinearCrossEntropySum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                        float(label_smoothing))

@@ -1,0 +1,150 @@
+"""Tensor-parallel layers (Megatron-LM), built from a full layer by keeping this rank's slice.
+
+Notation: a linear layer computes Y = X A^T with A = weight [out, in]; t = tensor-parallel size.
+
+* ColumnParallelLinear keeps the rows [r out/t, (r+1) out/t) of A, i.e. a slice of the output
+  features. Input: the whole X (replicated, or all-gathered along the sequence under SP).
+  Output: a slice of Y's features, optionally all-gathered.
+* RowParallelLinear keeps the columns [r in/t, (r+1) in/t) of A. Input: the matching feature
+  slice of X (a column-parallel layer's output). Output: a partial sum, reduced by g
+  (all-reduce) or, under SP, reduce-scattered along the sequence; the bias is added once,
+  after the reduction.
+* VocabParallelEmbedding keeps rows [r V/t, (r+1) V/t) of the table; ids outside the slice
+  look up zeros, and the partial rows are summed like a row-parallel output.
+
+Every parameter keeps its name ("weight", "bias"), so checkpoints and plans see the same
+names as the unsharded model. Sharded parameters carry ``_plait_shard_dim`` (the dim split
+over tp); replicated parameters whose gradient is a per-rank partial sum (norm weights under
+SP, a row-parallel bias under SP) carry ``_plait_tp_partial_grad``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.comm import (Collectives, copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp,
+                        reduce_scatter_sequence)
+
+INPUT_MODES = ("copy", "gather_sequence", "none")
+OUTPUT_MODES = ("all_reduce", "reduce_scatter_sequence")
+
+
+def shard(tensor: torch.Tensor, dim: int, comm: Collectives) -> torch.Tensor:
+    """This rank's contiguous 1/t slice of ``tensor`` along ``dim`` (a copy)."""
+    size = tensor.shape[dim] // comm.size
+    return tensor.narrow(dim, comm.rank * size, size).clone()
+
+
+def prepare_input(x: torch.Tensor, mode: str, comm: Collectives) -> torch.Tensor:
+    """Bring a replicated or sequence-sharded activation into a column-parallel region."""
+    if mode == "copy":
+        return copy_to_tp(x, comm)
+    if mode == "gather_sequence":
+        return gather_sequence(x, comm)
+    return x
+
+
+def reduce_output(y: torch.Tensor, mode: str, comm: Collectives) -> torch.Tensor:
+    """Sum row-parallel partial outputs: all-reduce, or reduce-scatter along the sequence."""
+    if mode == "reduce_scatter_sequence":
+        return reduce_scatter_sequence(y, comm)
+    return reduce_from_tp(y, comm)
+
+
+def _sharded_parameter(full: torch.Tensor, dim: int, comm: Collectives) -> nn.Parameter:
+    param = nn.Parameter(shard(full.detach(), dim, comm))
+    param._plait_shard_dim = dim
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, comm: Collectives, input_mode: str = "copy",
+                 gather_output: bool = False) -> None:
+        super().__init__()
+        self.comm = comm
+        self.input_mode = input_mode
+        self.gather_output = gather_output
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features // comm.size  # local
+        self.weight = _sharded_parameter(linear.weight, 0, comm)
+        self.bias = _sharded_parameter(linear.bias, 0, comm) if linear.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(prepare_input(x, self.input_mode, self.comm), self.weight, self.bias)
+        return gather_from_tp(y, self.comm) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features} of {self.out_features * self.comm.size}, "
+                f"input={self.input_mode}, gather_output={self.gather_output}")
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, linear: nn.Linear, comm: Collectives, output_mode: str = "all_reduce") -> None:
+        super().__init__()
+        self.comm = comm
+        self.output_mode = output_mode
+        self.in_features = linear.in_features // comm.size  # local
+        self.out_features = linear.out_features
+        self.weight = _sharded_parameter(linear.weight, 1, comm)
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone())
+            if output_mode == "reduce_scatter_sequence":
+                self.bias._plait_tp_partial_grad = True  # added on each rank's sequence shard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_output(F.linear(x, self.weight), self.output_mode, self.comm)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features} of {self.in_features * self.comm.size}, out={self.out_features}, "
+                f"output={self.output_mode}")
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, embedding: nn.Embedding, comm: Collectives, output_mode: str = "all_reduce") -> None:
+        super().__init__()
+        self.comm = comm
+        self.output_mode = output_mode
+        self.num_embeddings = embedding.num_embeddings // comm.size  # local
+        self.vocab_start = comm.rank * self.num_embeddings
+        self.weight = _sharded_parameter(embedding.weight, 0, comm)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        rows = F.embedding(local.masked_fill(outside, 0), self.weight)
+        rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_output(rows, self.output_mode, self.comm)
+
+    def extra_repr(self) -> str:
+        return f"rows {self.vocab_start}..{self.vocab_start + self.num_embeddings} of " \
+               f"{self.num_embeddings * self.comm.size}, output={self.output_mode}"
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """The output layer, vocabulary split over tp.
+
+    ``forward`` returns full-vocabulary logits (gathered) for evaluation and generation;
+    training calls ``loss_sum``, which with ``loss_parallel`` never gathers the logits.
+    """
+
+    def __init__(self, linear: nn.Linear, comm: Collectives, input_mode: str = "copy",
+                 loss_parallel: bool = True) -> None:
+        super().__init__(linear, comm, input_mode=input_mode, gather_output=True)
+        self.loss_parallel = loss_parallel
+        self.vocab_size = linear.out_features
+
+    def loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+        from plait.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy_sum
+        from plait.loss import IGNORE_INDEX
+
+        local_logits = F.linear(prepare_input(hidden, self.input_mode, self.comm), self.weight, self.bias)
+        if self.loss_parallel:
+            return vocab_parallel_cross_entropy_sum(local_logits, targets, self.comm,
+                                                    self.comm.rank * self.out_features, self.vocab_size,
+                                                    label_smoothing)
+        logits = gather_from_tp(local_logits, self.comm).float()
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               label_smoothing=label_smoothing, reduction="sum")

@@ -1,0 +1,224 @@
+"""Plans: which module becomes which parallel layer, applied to an unmodified model.
+
+A plan maps module-name patterns (``fnmatch``: ``*`` matches across dots) to styles.
+``parallelize(model, comm, plan)`` replaces every matching module by its parallel
+counterpart, slicing the module's current (full) weights, so a model initialised
+layout-invariantly stays the same model under any tensor-parallel size. An entry that
+matches nothing, or a size tp does not divide, is an error naming the module.
+
+A plan for a two-layer MLP ``fc1 -> activation -> fc2`` is::
+
+    plan = {"fc1": ColumnParallel(), "fc2": RowParallel()}
+
+``fc1`` applies f (identity forward, all-reduce of dL/dX backward) to its input and keeps its
+output features split; the activation runs on the split; ``fc2`` sums its partial outputs with
+g (all-reduce forward). One all-reduce forward, one backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from plait.comm import Collectives
+from plait.tensor_parallel.layers import (INPUT_MODES, OUTPUT_MODES, ColumnParallelLinear, ParallelLMHead,
+                                          RowParallelLinear, VocabParallelEmbedding, prepare_input)
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied; the message is one line naming the module."""
+
+
+def _check_divisible(name: str, what: str, size: int, comm: Collectives) -> None:
+    if size % comm.size:
+        raise PlanError(f"module {name!r}: {what} = {size} is not divisible by tp = {comm.size}")
+
+
+def _check_type(name: str, module: nn.Module, kind: type, style: object) -> None:
+    if not isinstance(module, kind):
+        raise PlanError(f"module {name!r} is a {type(module).__name__}; {type(style).__name__} needs "
+                        f"an nn.{kind.__name__}")
+
+
+def _check_mode(value: str, allowed: tuple[str, ...], field: str) -> None:
+    if value not in allowed:
+        raise PlanError(f"{field} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ColumnParallel:
+    """nn.Linear -> ColumnParallelLinear. input: "copy" (f), "gather_sequence" (SP), "none"."""
+    input: str = "copy"
+    gather_output: bool = False
+
+    def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
+        _check_type(name, module, nn.Linear, self)
+        _check_mode(self.input, INPUT_MODES, "ColumnParallel.input")
+        _check_divisible(name, "out_features", module.out_features, comm)
+        return ColumnParallelLinear(module, comm, self.input, self.gather_output)
+
+
+@dataclass(frozen=True)
+class RowParallel:
+    """nn.Linear -> RowParallelLinear. output: "all_reduce" (g) or "reduce_scatter_sequence" (SP)."""
+    output: str = "all_reduce"
+
+    def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
+        _check_type(name, module, nn.Linear, self)
+        _check_mode(self.output, OUTPUT_MODES, "RowParallel.output")
+        _check_divisible(name, "in_features", module.in_features, comm)
+        return RowParallelLinear(module, comm, self.output)
+
+
+@dataclass(frozen=True)
+class VocabParallel:
+    """nn.Embedding -> VocabParallelEmbedding (rows of the table split over tp)."""
+    output: str = "all_reduce"
+
+    def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
+        _check_type(name, module, nn.Embedding, self)
+        _check_mode(self.output, OUTPUT_MODES, "VocabParallel.output")
+        _check_divisible(name, "num_embeddings", module.num_embeddings, comm)
+        return VocabParallelEmbedding(module, comm, self.output)
+
+
+@dataclass(frozen=True)
+class ParallelHead:
+    """Output nn.Linear -> ParallelLMHead: vocabulary split; loss parallel if asked."""
+    input: str = "copy"
+    loss_parallel: bool = True
+
+    def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
+        _check_type(name, module, nn.Linear, self)
+        _check_mode(self.input, INPUT_MODES, "ParallelHead.input")
+        _check_divisible(name, "out_features (vocabulary)", module.out_features, comm)
+        return ParallelLMHead(module, comm, self.input, self.loss_parallel)
+
+
+@dataclass(frozen=True)
+class PrepareInput:
+    """Apply f ("copy") or the SP all-gather ("gather_sequence") once to a module's first
+    input, so several column-parallel children (q, k, v) share one collective."""
+    mode: str = "copy"
+
+    def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
+        _check_mode(self.mode, INPUT_MODES, "PrepareInput.mode")
+        mode = self.mode
+
+        def hook(_module: nn.Module, args: tuple) -> tuple:
+            return (prepare_input(args[0], mode, comm), *args[1:])
+
+        module.register_forward_pre_hook(hook)
+        return module
+
+
+@dataclass(frozen=True)
+class SequenceParallelNorm:
+    """A norm that runs on a sequence shard: its (replicated) weight's gradient is a partial
+    sum over the tp ranks' tokens and is all-reduced over tp after backward."""
+
+    def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
+        params = list(module.parameters(recurse=False))
+        if not params:
+            raise PlanError(f"module {name!r} has no parameters for SequenceParallelNorm")
+        for param in params:
+            param._plait_tp_partial_grad = True
+        return module
+
+
+Plan = dict[str, object]
+
+
+def llama_plan(sequence_parallel: bool = False, loss_parallel: bool = True) -> Plan:
+    """Megatron's layout for plait's Llama: q/k/v and gate/up column-parallel (by heads, GQA kv
+    heads too), o/down row-parallel, vocabulary-parallel embedding and head."""
+    enter = "gather_sequence" if sequence_parallel else "copy"
+    leave = "reduce_scatter_sequence" if sequence_parallel else "all_reduce"
+    plan: Plan = {
+        "model.embed_tokens": VocabParallel(output=leave),
+        "model.layers.*.self_attn": PrepareInput(enter),
+        "model.layers.*.self_attn.q_proj": ColumnParallel(input="none"),
+        "model.layers.*.self_attn.k_proj": ColumnParallel(input="none"),
+        "model.layers.*.self_attn.v_proj": ColumnParallel(input="none"),
+        "model.layers.*.self_attn.o_proj": RowParallel(output=leave),
+        "model.layers.*.mlp": PrepareInput(enter),
+        "model.layers.*.mlp.gate_proj": ColumnParallel(input="none"),
+        "model.layers.*.mlp.up_proj": ColumnParallel(input="none"),
+        "model.layers.*.mlp.down_proj": RowParallel(output=leave),
+        "lm_head": ParallelHead(input=enter, loss_parallel=loss_parallel),
+    }
+    if sequence_parallel:
+        plan["model.layers.*.input_layernorm"] = SequenceParallelNorm()
+        plan["model.layers.*.post_attention_layernorm"] = SequenceParallelNorm()
+        plan["model.norm"] = SequenceParallelNorm()
+    return plan
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@torch.no_grad()
+def parallelize(model: nn.Module, comm: Collectives, plan: Plan) -> nn.Module:
+    """Apply ``plan`` over the tensor-parallel group ``comm``, in place; returns ``model``."""
+    # Parameters shared by several modules (tied embeddings) must stay shared after slicing.
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{module_name}.{param_name}" if module_name else param_name)
+    tied = [names for names in owners.values() if len(names) > 1]
+
+    modules = dict(model.named_modules())
+    for pattern, style in plan.items():
+        matched = [name for name in modules if fnmatchcase(name, pattern)]
+        if not matched:
+            raise PlanError(f"plan entry {pattern!r} matches no module of {type(model).__name__}")
+        for name in matched:
+            replacement = style.apply(name, modules[name], comm)
+            if replacement is not modules[name]:
+                _set_submodule(model, name, replacement)
+    for names in tied:
+        first = model.get_parameter(names[0])
+        for other in names[1:]:
+            module_name, _, param_name = other.rpartition(".")
+            module = model.get_submodule(module_name)
+            if module.get_parameter(param_name).shape != first.shape:
+                raise PlanError(f"tied parameters {names[0]!r} and {other!r} are sharded differently")
+            setattr(module, param_name, first)
+    return model
+
+
+def sync_partial_grads(model: nn.Module, comm: Collectives) -> None:
+    """All-reduce (one message) the gradients marked ``_plait_tp_partial_grad`` over tp."""
+    if comm.size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if getattr(p, "_plait_tp_partial_grad", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    comm.all_reduce(flat, tag="sp_partial_grads")
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def full_tensor(param: torch.Tensor, comm: Collectives) -> torch.Tensor:
+    """The unsharded value of a (possibly tensor-parallel) parameter or its gradient."""
+    dim = getattr(param, "_plait_shard_dim", None)
+    return param.detach() if dim is None or comm.size == 1 else _gather(param.detach(), dim, comm)
+
+
+def full_grad(param: nn.Parameter, comm: Collectives) -> torch.Tensor:
+    dim = getattr(param, "_plait_shard_dim", None)
+    return param.grad.detach() if dim is None or comm.size == 1 else _gather(param.grad.detach(), dim, comm)
+
+
+def _gather(tensor: torch.Tensor, dim: int, comm: Collectives) -> torch.Tensor:
+    moved = tensor.movedim(dim, 0).contiguous()
+    out = torch.empty((comm.size * moved.shape[0], *moved.shape[1:]), dtype=moved.dtype, device=moved.device)
+    comm.all_gather(out, moved, tag="gather_state")
+    return out.movedim(0, dim).contiguous()

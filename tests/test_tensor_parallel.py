@@ -1,0 +1,198 @@
+"""Tensor parallel (with sequence and loss parallel) equals one process: logits, loss, every
+gradient, 20 optimizer steps; the traffic of a step equals its analytic count exactly."""
+from __future__ import annotations
+
+import types
+from fractions import Fraction
+
+import pytest
+import torch
+from torch import nn
+
+from plait.comm import Collectives
+from plait.mesh import ParallelContext, ParallelDims
+from plait.tensor_parallel import (ColumnParallel, PlanError, RowParallel, full_grad, full_tensor, llama_plan,
+                                   parallelize, sync_partial_grads)
+from plait.train import IGNORE_INDEX, Trainer
+from plait.train.trainer import token_loss_sum
+from helpers import relative_error, synthetic_data, tiny_config, tiny_model_config
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_data()
+
+
+def batch_with_ignored_targets(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, 256, (4, 32), generator=generator)
+    targets = torch.randint(0, 256, (4, 32), generator=generator)
+    targets[:, ::5] = IGNORE_INDEX
+    targets[1, :] = IGNORE_INDEX  # a fully ignored row
+    return inputs, targets
+
+
+def forward_backward(ctx: ParallelContext, cfg, data, model_config, inputs, targets):
+    trainer = Trainer(cfg, ctx, data, model_config)
+    model, tp = trainer.model, ctx.comm("tp")
+    with torch.no_grad():
+        logits = model(inputs)
+    loss = token_loss_sum(model, inputs, targets, cfg.label_smoothing)
+    loss.backward()
+    sync_partial_grads(model, tp)
+    grads = {name: full_grad(param, tp).clone() for name, param in model.named_parameters()}
+    params = {name: full_tensor(param, tp).clone() for name, param in model.named_parameters()}
+    return logits, loss.item(), grads, params
+
+
+def train_steps(ctx: ParallelContext, cfg, data, model_config):
+    trainer = Trainer(cfg, ctx, data, model_config)
+    records = [trainer.train_step(step) for step in range(cfg.steps)]
+    tp = ctx.comm("tp")
+    params = {name: full_tensor(param, tp).clone() for name, param in trainer.model.named_parameters()}
+    return [r["loss"] for r in records], [r["grad_norm"] for r in records], params
+
+
+LAYOUTS = [(tp, sp, lp) for tp in (2, 4) for sp in (False, True) for lp in (False, True)]
+
+
+@pytest.mark.parametrize("tp, sp, lp", LAYOUTS)
+def test_logits_loss_and_gradients_match_one_process(pool, data, tp, sp, lp):
+    smoothing = 0.1 if tp == 2 else 0.0
+    cfg = tiny_config(tp=tp, sequence_parallel=sp, loss_parallel=lp, label_smoothing=smoothing)
+    model_config = tiny_model_config(tie_word_embeddings=(tp == 2 and sp))
+    inputs, targets = batch_with_ignored_targets()
+    ref_logits, ref_loss, ref_grads, ref_params = forward_backward(
+        ParallelContext.single(), tiny_config(label_smoothing=smoothing), data, model_config, inputs, targets)
+    for rank, (logits, loss, grads, params) in enumerate(
+            pool.run(forward_backward, ParallelDims(tp=tp), cfg, data, model_config, inputs, targets)):
+        assert relative_error(logits, ref_logits) <= TOLERANCE, f"rank {rank} logits"
+        assert abs(loss - ref_loss) <= TOLERANCE * abs(ref_loss), f"rank {rank} loss {loss} vs {ref_loss}"
+        assert grads.keys() == ref_grads.keys()
+        for name, want in ref_grads.items():
+            assert torch.equal(params[name], ref_params[name]), f"rank {rank} initial {name}"
+            assert relative_error(grads[name], want) <= TOLERANCE, f"rank {rank} grad {name}"
+
+
+@pytest.mark.parametrize("dims, sp, lp", [
+    (ParallelDims(tp=2), False, False),
+    (ParallelDims(tp=2), True, True),
+    (ParallelDims(tp=4), True, False),
+    (ParallelDims(tp=4), False, True),
+    (ParallelDims(dp=2, tp=2), True, True),
+])
+def test_twenty_steps_match_one_process(pool, data, dims, sp, lp):
+    model_config = tiny_model_config()
+    ref_losses, ref_norms, ref_params = train_steps(ParallelContext.single(), tiny_config(), data, model_config)
+    cfg = tiny_config(tp=dims.tp, sequence_parallel=sp, loss_parallel=lp)
+    for rank, (losses, norms, params) in enumerate(pool.run(train_steps, dims, cfg, data, model_config)):
+        for step, (got, want) in enumerate(zip(losses, ref_losses)):
+            assert abs(got - want) <= TOLERANCE * want, f"rank {rank} step {step}: {got} vs {want}"
+        for got, want in zip(norms, ref_norms):  # clipping counts every element once
+            assert abs(got - want) <= 1e-4 * want
+        for name, want in ref_params.items():
+            assert relative_error(params[name], want) <= TOLERANCE, f"rank {rank} {name}"
+
+
+def one_step_traffic(ctx: ParallelContext, cfg, data, model_config):
+    trainer = Trainer(cfg, ctx, data, model_config)
+    ctx.counter.reset()
+    trainer.compute_gradients(0)
+    records = {key: (r.calls, r.wire) for key, r in ctx.counter.records.items()}
+    local_param_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    return records, local_param_bytes
+
+
+@pytest.mark.parametrize("sp, lp", [(False, False), (True, True)])
+def test_traffic_of_a_step_equals_the_analytic_count(pool, data, sp, lp):
+    tp, dp = 2, 2
+    cfg = tiny_config(tp=tp, sequence_parallel=sp, loss_parallel=lp, micro_batch=2)
+    model_config = tiny_model_config()
+    micro_batches = cfg.global_batch // dp // cfg.micro_batch
+    layers = model_config.num_hidden_layers
+    tokens = cfg.micro_batch * cfg.seq_len            # per micro-batch, per dp rank
+    activation = tokens * model_config.hidden_size * 4  # bytes of one [b, s, h] fp32 activation
+    ring = Fraction(tp - 1, tp)
+    expected: dict[tuple[str, str, str], tuple[int, Fraction]] = {}
+
+    def add(key, calls, wire):
+        old_calls, old_wire = expected.get(key, (0, Fraction(0)))
+        expected[key] = (old_calls + calls, old_wire + wire)
+
+    # Per layer and micro-batch: attention and MLP each leave the TP region once in forward and
+    # enter it once (its transpose) in backward. The embedding leaves once (forward); the head
+    # enters once (backward of its input). Under SP: reduce-scatter / all-gather pairs instead.
+    regions = 2 * layers + 1
+    if sp:
+        add(("tp", "reduce_scatter", "sp_fwd"), regions * micro_batches, regions * micro_batches * ring * activation)
+        add(("tp", "all_gather", "sp_fwd"), (2 * layers + 1) * micro_batches,
+            (2 * layers + 1) * micro_batches * ring * activation)
+        add(("tp", "reduce_scatter", "sp_bwd"), (2 * layers + 1) * micro_batches,
+            (2 * layers + 1) * micro_batches * ring * activation)
+        add(("tp", "all_gather", "sp_bwd"), regions * micro_batches, regions * micro_batches * ring * activation)
+        norm_bytes = (2 * layers + 1) * model_config.hidden_size * 4
+        add(("tp", "all_reduce", "sp_partial_grads"), 1, 2 * ring * norm_bytes)
+    else:
+        add(("tp", "all_reduce", "tp_fwd"), regions * micro_batches, regions * micro_batches * 2 * ring * activation)
+        add(("tp", "all_reduce", "tp_bwd"), regions * micro_batches, regions * micro_batches * 2 * ring * activation)
+    if lp:  # max, then [sum-exp, target logit] for every token
+        add(("tp", "all_reduce", "loss"), 2 * micro_batches, micro_batches * 2 * ring * (tokens * 4 + 2 * tokens * 4))
+    else:  # the full logits are gathered along the vocabulary
+        logits = tokens * model_config.vocab_size * 4
+        add(("tp", "all_gather", "tp_fwd"), micro_batches, micro_batches * ring * logits)
+    for rank, (records, local_param_bytes) in enumerate(pool.run(one_step_traffic, ParallelDims(dp=dp, tp=tp),
+                                                                 cfg, data, model_config)):
+        dp_ring = Fraction(dp - 1, dp)
+        want = dict(expected)
+        want[("dp", "all_reduce", "grads")] = (records[("dp", "all_reduce", "grads")][0],
+                                                2 * dp_ring * local_param_bytes)
+        want[("dp", "all_reduce", "metrics")] = (1, 2 * dp_ring * 8)
+        assert records == want, f"rank {rank}"
+
+
+class TwoLayerMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 64)
+        self.fc2 = nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def mlp_gradients(ctx: ParallelContext, x):
+    torch.manual_seed(0)
+    model = TwoLayerMLP()
+    comm = ctx.comm("tp")
+    if comm.size > 1:
+        parallelize(model, comm, {"fc1": ColumnParallel(), "fc2": RowParallel()})
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), {n: full_grad(p, comm) for n, p in model.named_parameters()}
+
+
+def test_user_plan_for_a_two_layer_mlp(pool):
+    x = torch.randn(5, 16)
+    ref_out, ref_grads = mlp_gradients(ParallelContext.single(), x)
+    for out, grads in pool.run(mlp_gradients, ParallelDims(tp=2), x):
+        assert relative_error(out, ref_out) <= TOLERANCE
+        for name, want in ref_grads.items():
+            assert relative_error(grads[name], want) <= TOLERANCE, name
+
+
+def fake_comm(size: int) -> Collectives:
+    return types.SimpleNamespace(size=size, rank=0)  # validation happens before any collective
+
+
+def test_plan_errors_name_the_module():
+    from plait.models import build_model
+    model = build_model(tiny_model_config(), seed=0)
+    with pytest.raises(PlanError, match="plan entry 'model.layers.*.attn' matches no module"):
+        parallelize(model, fake_comm(2), {"model.layers.*.attn": ColumnParallel()})
+    with pytest.raises(PlanError, match="module 'model.layers.0.mlp.up_proj': out_features = 384 is not divisible by tp = 5"):
+        parallelize(model, fake_comm(5), {"model.layers.0.mlp.up_proj": ColumnParallel()})
+    with pytest.raises(PlanError, match="module 'model.norm' is a RMSNorm; RowParallel needs an nn.Linear"):
+        parallelize(model, fake_comm(2), {"model.norm": RowParallel()})
+    assert set(llama_plan(True, True)) > set(llama_plan(False, False))
