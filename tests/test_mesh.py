@@ -95,3 +95,27 @@ def test_single_process_context_has_no_op_collectives():
     assert ctx.comm("dp").all_reduce(tensor) is None and torch.equal(tensor, torch.ones(3))
     assert ctx.comm("tp").all_reduce_scalars([1.5, 2.0]) == [1.5, 2.0]
     assert ctx.counter.records == {}
+
+
+def collectives_results(ctx: ParallelContext):
+    """Every rank contributes rank-dependent data; results are checked against the definitions."""
+    comm = ctx.comm("dp")
+    n, r = comm.size, comm.rank
+    full = torch.arange(n * 6, dtype=torch.float32).view(n * 2, 3) * (r + 1)
+    scattered = torch.empty(2, 3)
+    comm.reduce_scatter(scattered, full)
+    gathered = torch.empty(n * 2, 3)
+    comm.all_gather(gathered, torch.full((2, 3), float(r)))
+    summed = full.clone()
+    comm.all_reduce(summed)
+    return r, scattered, gathered, summed
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_collectives_compute_their_definitions(pool, n):
+    base = torch.arange(n * 6, dtype=torch.float32).view(n * 2, 3)
+    total = base * sum(range(1, n + 1))
+    for r, scattered, gathered, summed in pool.run(collectives_results, ParallelDims(dp=n)):
+        assert torch.equal(summed, total)
+        assert torch.equal(scattered, total[2 * r:2 * r + 2])
+        assert torch.equal(gathered, torch.arange(n, dtype=torch.float32).repeat_interleave(2)[:, None].expand(-1, 3))
