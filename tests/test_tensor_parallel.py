@@ -132,6 +132,9 @@ def test_traffic_of_a_step_equals_the_analytic_count(pool, data, sp, lp):
         add(("tp", "reduce_scatter", "sp_bwd"), (2 * layers + 1) * micro_batches,
             (2 * layers + 1) * micro_batches * ring * activation)
         add(("tp", "all_gather", "sp_bwd"), regions * micro_batches, regions * micro_batches * ring * activation)
+        # the column-parallel inputs are kept as shards and gathered again in backward (Megatron)
+        add(("tp", "all_gather", "sp_regather"), (2 * layers + 1) * micro_batches,
+            (2 * layers + 1) * micro_batches * ring * activation)
         norm_bytes = (2 * layers + 1) * model_config.hidden_size * 4
         add(("tp", "all_reduce", "sp_partial_grads"), 1, 2 * ring * norm_bytes)
     else:

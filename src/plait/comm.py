@@ -89,6 +89,8 @@ class Collectives:
         self.rank = dist.get_rank(group) if group is not None else 0
         # See the module docstring: gloo's all-to-all beats its reduce-scatter and all-gather.
         self.via_all_to_all = group is not None and dist.get_backend(group) == "gloo"
+        # Set while plait.tensor_parallel.sequence.keep_sequence_shards is active.
+        self.sequence_shards = None
 
     def _count(self, op: str, tag: str, payload: int, wire: Fraction) -> None:
         self.counter.add(self.name, op, tag, payload, wire)
@@ -162,11 +164,11 @@ def _split_last_dim(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
 
 
 def _gather_dim(x: torch.Tensor, comm: Collectives, dim: int, tag: str) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along ``dim`` (all-gather)."""
+    """Concatenate every rank's ``x`` along ``dim`` (all-gather); the result is contiguous."""
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((comm.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     comm.all_gather(out, x, tag=tag)
-    return out.movedim(0, dim)
+    return out.movedim(0, dim).contiguous()
 
 
 def _reduce_scatter_dim(x: torch.Tensor, comm: Collectives, dim: int, tag: str) -> torch.Tensor:
@@ -238,7 +240,10 @@ class GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: Collectives) -> torch.Tensor:
         ctx.comm = comm
-        return _gather_dim(x, comm, 1, "sp_fwd")
+        full = _gather_dim(x, comm, 1, "sp_fwd")
+        if comm.sequence_shards is not None:  # layers saving `full` will keep `x` and re-gather it
+            comm.sequence_shards.register(full, x)
+        return full
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -25,7 +25,7 @@ from plait.data import BatchSampler, TokenData, validation_batches
 from plait.data_parallel import DataParallel
 from plait.mesh import ParallelContext
 from plait.models import LlamaConfig, build_model, get_preset
-from plait.tensor_parallel import llama_plan, parallelize, sync_partial_grads
+from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize, sync_partial_grads
 from plait.train.config import TrainConfig
 from plait.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from plait.train.metrics import measure_matmul_peak, peak_memory_bytes
@@ -106,6 +106,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.compute_dtype)
 
+    def _keep_shards(self):
+        """Under SP, save sequence shards (not gathered activations) for backward."""
+        if not self.cfg.sequence_parallel:
+            return contextlib.nullcontext()
+        return keep_sequence_shards(self.ctx.comm("tp"))
+
     def global_target_count(self, step: int) -> int:
         _, targets = self.sampler.global_batch(step)
         return int((targets != IGNORE_INDEX).sum())
@@ -126,7 +132,7 @@ class Trainer:
             rows = slice(index * self.micro_batch, (index + 1) * self.micro_batch)
             x = inputs[rows].to(ctx.device, non_blocking=True)
             y = targets[rows].to(ctx.device, non_blocking=True)
-            with self._autocast():
+            with self._autocast(), self._keep_shards():
                 loss_sum = token_loss_sum(self.model, x, y, cfg.label_smoothing)
             (loss_sum / n_targets).backward()
             local_loss_sum += loss_sum.detach()
