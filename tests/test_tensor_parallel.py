@@ -199,3 +199,15 @@ def test_plan_errors_name_the_module():
     with pytest.raises(PlanError, match="module 'model.norm' is a RMSNorm; RowParallel needs an nn.Linear"):
         parallelize(model, fake_comm(2), {"model.norm": RowParallel()})
     assert set(llama_plan(True, True)) > set(llama_plan(False, False))
+
+
+@pytest.mark.parametrize("sp, lp", [(False, False), (True, True)])
+def test_bfloat16_tensor_parallel_tracks_one_process(pool, data, sp, lp):
+    cfg = tiny_config(dtype="bfloat16", steps=10)
+    model_config = tiny_model_config()
+    ref_losses, _, _ = train_steps(ParallelContext.single(), cfg, data, model_config)
+    tp_cfg = tiny_config(dtype="bfloat16", steps=10, tp=2, sequence_parallel=sp, loss_parallel=lp)
+    (losses, _, _), _ = pool.run(train_steps, ParallelDims(tp=2), tp_cfg, data, model_config)
+    assert ref_losses[-1] < ref_losses[0] - 0.3
+    for got, want in zip(losses, ref_losses):
+        assert abs(got - want) <= 2e-2 * want

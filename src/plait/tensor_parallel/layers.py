@@ -52,6 +52,47 @@ def reduce_output(y: torch.Tensor, mode: str, comm: Collectives) -> torch.Tensor
     return reduce_from_tp(y, comm)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class _CopyThenLinear(torch.autograd.Function):
+    """f followed by a column-parallel linear, fused so backward can overlap communication.
+
+    forward:  Y = X W^T (+ b)               (X replicated; W this rank's rows)
+    backward: dX = dY W, all-reduced over tp (f's transpose) -- launched asynchronously --
+              while dW = dY^T X and db = sum dY are computed; then wait.
+    Same math and traffic as f + F.linear; the all-reduce hides behind the weight-gradient
+    matmul where the backend runs collectives concurrently (NCCL streams, gloo's threads).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, comm: Collectives):
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x_c, w_c = x.to(dtype), weight.to(dtype)
+            y = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
+        ctx.save_for_backward(x_c, w_c)
+        ctx.comm, ctx.has_bias = comm, bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x_c, w_c = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_y = grad_y.to(w_c.dtype)
+        grad_x = (grad_y @ w_c).to(x_dtype).contiguous()
+        work = ctx.comm.all_reduce(grad_x, tag="tp_bwd", async_op=True)
+        grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_w = (grad_2d.t() @ x_c.reshape(-1, x_c.shape[-1])).to(w_dtype)
+        grad_b = grad_2d.sum(0).to(b_dtype) if ctx.has_bias else None
+        if work is not None:
+            work.wait()
+        return grad_x, grad_w, grad_b, None
+
+
 def _sharded_parameter(full: torch.Tensor, dim: int, comm: Collectives) -> nn.Parameter:
     param = nn.Parameter(shard(full.detach(), dim, comm))
     param._plait_shard_dim = dim
@@ -71,7 +112,10 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _sharded_parameter(linear.bias, 0, comm) if linear.bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(prepare_input(x, self.input_mode, self.comm), self.weight, self.bias)
+        if self.input_mode == "copy" and self.comm.size > 1 and torch.is_grad_enabled():
+            y = _CopyThenLinear.apply(x, self.weight, self.bias, self.comm)
+        else:
+            y = F.linear(prepare_input(x, self.input_mode, self.comm), self.weight, self.bias)
         return gather_from_tp(y, self.comm) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -140,7 +184,10 @@ class ParallelLMHead(ColumnParallelLinear):
         from plait.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy_sum
         from plait.loss import IGNORE_INDEX
 
-        local_logits = F.linear(prepare_input(hidden, self.input_mode, self.comm), self.weight, self.bias)
+        if self.input_mode == "copy" and self.comm.size > 1:
+            local_logits = _CopyThenLinear.apply(hidden, self.weight, self.bias, self.comm)
+        else:
+            local_logits = F.linear(prepare_input(hidden, self.input_mode, self.comm), self.weight, self.bias)
         if self.loss_parallel:
             return vocab_parallel_cross_entropy_sum(local_logits, targets, self.comm,
                                                     self.comm.rank * self.out_features, self.vocab_size,
