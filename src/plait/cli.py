@@ -35,6 +35,8 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--dp", "dp", int, "data-parallel size (default: world size / (pp x tp))"),
     ("--tp", "tp", int, "tensor-parallel size"),
     ("--pp", "pp", int, "pipeline-parallel size"),
+    ("--zero", "zero", int, "ZeRO level over the data-parallel ranks: 0 replicated, 1 optimizer state "
+                            "sharded, 2 + gradients, 3 + parameters (FSDP-style, per block)"),
     ("--label-smoothing", "label_smoothing", float, "label smoothing of the cross-entropy"),
     ("--steps", "steps", int, "optimizer steps"),
     ("--global-batch", "global_batch", int, "sequences per optimizer step, summed over data-parallel ranks"),
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "library, a few minutes on a laptop CPU. Precedence: flags > --config file > defaults.",
         argument_default=argparse.SUPPRESS)
     train.add_argument("--config", help="TOML file of options (keys as the long flags, '-' or '_')")
-    choices = {"dtype": DTYPES, "tokenizer": ("bpe", "byte")}
+    choices = {"dtype": DTYPES, "tokenizer": ("bpe", "byte"), "zero": (0, 1, 2, 3)}
     for flag, field, kind, text in TRAIN_FLAGS:
         train.add_argument(flag, dest=field, type=kind, choices=choices.get(field),
                            help=f"{text} (default: {getattr(defaults, field)})")

@@ -76,6 +76,21 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+class _SumAfter:
+    """Work handle of an all-to-all reduce-scatter: wait for the exchange, then sum the chunks."""
+
+    def __init__(self, work, received: torch.Tensor, output: torch.Tensor) -> None:
+        self.work, self.received, self.output = work, received, output
+
+    def wait(self) -> None:
+        if self.received is None:
+            return
+        if self.work is not None:
+            self.work.wait()
+        torch.sum(self.received, dim=0, out=self.output.view(-1))
+        self.work = self.received = None
+
+
 class Collectives:
     """Counted collectives over one process group (``group=None`` with ``size == 1``: no-ops)."""
 
@@ -123,11 +138,15 @@ class Collectives:
             return None
         n, size = self.size, _nbytes(full)
         self._count("reduce_scatter", tag, size, Fraction((n - 1) * size, n))
-        if self.via_all_to_all and op == ReduceOp.SUM and not async_op:
+        if self.via_all_to_all and op == ReduceOp.SUM:
             # chunk j of every rank's input goes to rank j, which sums the n chunks it receives
             received = torch.empty_like(full).view(n, -1)
-            dist.all_to_all_single(received.view(-1), full.contiguous().view(-1), group=self.group)
-            torch.sum(received, dim=0, out=output.view(-1))
+            work = dist.all_to_all_single(received.view(-1), full.contiguous().view(-1), group=self.group,
+                                          async_op=async_op)
+            pending = _SumAfter(work, received, output)
+            if async_op:
+                return pending
+            pending.wait()
             return None
         return dist.reduce_scatter_single(output, full, op=op, group=self.group, async_op=async_op)
 

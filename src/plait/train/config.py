@@ -34,6 +34,7 @@ class TrainConfig:
     tp: int = 1
     sequence_parallel: bool = False      # norms and residuals on sequence shards (needs tp > 1)
     loss_parallel: bool = False          # cross-entropy on vocabulary-sharded logits (needs tp > 1)
+    zero: int = 0                        # 0: replicated DP; 1/2/3: shard optimizer state / + grads / + params
     # schedule
     steps: int = 300
     global_batch: int = 16               # sequences per optimizer step, over all dp ranks
@@ -75,6 +76,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.zero not in (0, 1, 2, 3):
+            raise TrainConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.zero == 3 and self.activation_checkpointing:
+            raise TrainConfigError("--zero 3 with --activation-checkpointing is not yet supported")
         if self.dtype not in DTYPES:
             raise TrainConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.tokenizer not in ("bpe", "byte"):

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from plait.data import BatchSampler, TokenData, validation_batches
-from plait.data_parallel import DataParallel
+from plait.data_parallel import DataParallel, ZeroDataParallel
 from plait.mesh import ParallelContext
 from plait.models import LlamaConfig, build_model, get_preset
 from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize, sync_partial_grads
@@ -88,9 +88,17 @@ class Trainer:
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model.model.layers)
         self.data_parallel = None
-        if dims.dp > 1:
-            self.data_parallel = DataParallel(self.model, ctx.comm("dp"), int(cfg.bucket_mb * 2 ** 20))
-        self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+        self.zero = None
+        self.optimizer = None
+        if cfg.zero:  # sharded optimizer state (and grads, params); it owns the optimizer
+            units = [(f"model.layers.{i}", layer) for i, layer in enumerate(self.model.model.layers)]
+            param_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+            self.zero = ZeroDataParallel(self.model, units, ctx.comm("dp"), ctx.comm("tp"), cfg.zero, cfg.lr,
+                                         (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, param_dtype)
+        else:
+            if dims.dp > 1:
+                self.data_parallel = DataParallel(self.model, ctx.comm("dp"), int(cfg.bucket_mb * 2 ** 20))
+            self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
 
         self.sampler = BatchSampler(data.train, cfg.seq_len, cfg.global_batch, cfg.seed)
         self.val_batches = []
@@ -136,9 +144,12 @@ class Trainer:
                 loss_sum = token_loss_sum(self.model, x, y, cfg.label_smoothing)
             (loss_sum / n_targets).backward()
             local_loss_sum += loss_sum.detach()
-        if self.data_parallel is not None:
-            self.data_parallel.finish()
-        sync_partial_grads(self.model, ctx.comm("tp"))  # sequence-parallel norm weights
+        if self.zero is not None:
+            self.zero.finish()  # includes the sequence-parallel partial gradients
+        else:
+            if self.data_parallel is not None:
+                self.data_parallel.finish()
+            sync_partial_grads(self.model, ctx.comm("tp"))  # sequence-parallel norm weights
         (loss_sum_all,) = ctx.comm("dp").all_reduce_scalars([float(local_loss_sum)], tag="metrics")
         return loss_sum_all, n_targets
 
@@ -148,8 +159,13 @@ class Trainer:
         Returns (gradient norm before clipping, learning rate).
         """
         cfg = self.cfg
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.ctx.comm("tp"))
         lr = learning_rate(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
+        if self.zero is not None:
+            grad_norm = self.zero.clip_grad_norm(cfg.grad_clip)
+            self.zero.step(lr)
+            self.zero.zero_grad()
+            return grad_norm, lr
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.ctx.comm("tp"))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
