@@ -32,7 +32,8 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     out = tmp_path / "run"
     steps = 12
     result = run_plait(["train", "--model", "tiny", "--data", str(text_dir), "--tokenizer", "byte",
-                        "--nproc", "4", "--tp", "2", "--sequence-parallel", "--loss-parallel", "--steps", str(steps), "--global-batch", "8", "--micro-batch", "2",
+                        "--nproc", "4", "--tp", "2", "--sequence-parallel", "--loss-parallel", "--zero", "1",
+                        "--steps", str(steps), "--global-batch", "8", "--micro-batch", "2",
                         "--seq-len", "64", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "6",
                         "--out", str(out), "--no-progress"], tmp_path)
     assert result.returncode == 0, result.stderr
@@ -49,6 +50,7 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     run_info = json.loads((out / "config.json").read_text())
     assert run_info["layout"] == {"dp": 2, "pp": 1, "tp": 2} and run_info["train"]["steps"] == steps
     assert run_info["train"]["sequence_parallel"] and run_info["train"]["loss_parallel"]
+    assert run_info["train"]["zero"] == 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -60,6 +62,7 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     (["--dp", "3", "--nproc", "2"], "does not equal the world size 2"),
     (["--model", "nope"], "unknown model preset 'nope'"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--zero", "3", "--activation-checkpointing"], "--zero 3 with --activation-checkpointing is not yet supported"),
     (["--global-batch", "8", "--micro-batch", "3"], "is not divisible by --micro-batch 3"),
     (["--data", "/definitely/not/here", "--model", "tiny", "--steps", "1"], "does not exist"),
 ])
