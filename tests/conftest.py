@@ -5,7 +5,7 @@ import pytest
 
 from plait.testing import WorkerPool
 
-POOL_SIZE = 4
+POOL_SIZE = 8
 
 
 @pytest.fixture(scope="session")

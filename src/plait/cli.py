@@ -37,6 +37,11 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--pp", "pp", int, "pipeline-parallel size"),
     ("--zero", "zero", int, "ZeRO level over the data-parallel ranks: 0 replicated, 1 optimizer state "
                             "sharded, 2 + gradients, 3 + parameters (FSDP-style, per block)"),
+    ("--schedule", "schedule", str, "pipeline schedule: gpipe, 1f1b, interleaved (needs --virtual-stages >= 2)"),
+    ("--microbatches", "microbatches", int, "micro-batches per step and data-parallel rank (instead of "
+                                            "--micro-batch); a pipeline needs at least --pp"),
+    ("--virtual-stages", "virtual_stages", int, "model chunks per pipeline rank (interleaved schedule)"),
+    ("--pipeline-split", "pipeline_split", str, "blocks per pipeline chunk, e.g. 3,5 (default: balanced by FLOPs)"),
     ("--label-smoothing", "label_smoothing", float, "label smoothing of the cross-entropy"),
     ("--steps", "steps", int, "optimizer steps"),
     ("--global-batch", "global_batch", int, "sequences per optimizer step, summed over data-parallel ranks"),
@@ -79,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "library, a few minutes on a laptop CPU. Precedence: flags > --config file > defaults.",
         argument_default=argparse.SUPPRESS)
     train.add_argument("--config", help="TOML file of options (keys as the long flags, '-' or '_')")
-    choices = {"dtype": DTYPES, "tokenizer": ("bpe", "byte"), "zero": (0, 1, 2, 3)}
+    choices = {"dtype": DTYPES, "tokenizer": ("bpe", "byte"), "zero": (0, 1, 2, 3),
+               "schedule": ("gpipe", "1f1b", "interleaved")}
     for flag, field, kind, text in TRAIN_FLAGS:
         train.add_argument(flag, dest=field, type=kind, choices=choices.get(field),
                            help=f"{text} (default: {getattr(defaults, field)})")
@@ -107,9 +113,28 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
 
     check_supported(cfg)
     dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
-    dims.check_model(get_preset(cfg.model))
-    dims.check_batch(cfg.global_batch, cfg.micro_batch or max(1, cfg.global_batch // dims.dp))
+    model = get_preset(cfg.model)
+    dims.check_model(model)
+    per_rank = cfg.global_batch // dims.dp if cfg.global_batch % dims.dp == 0 else 0
+    if cfg.microbatches and per_rank % cfg.microbatches:
+        raise LayoutError(f"the per-rank batch {per_rank} is not divisible by --microbatches {cfg.microbatches}")
+    micro_batch = cfg.micro_batch or (per_rank // cfg.microbatches if cfg.microbatches else per_rank)
+    dims.check_batch(cfg.global_batch, max(1, micro_batch))
     dims.check_sequence(cfg.seq_len, cfg.sequence_parallel)
+    if dims.pp > 1:
+        from plait.pipeline import ScheduleError, StageError, build_schedule, plan_chunks
+        n_micro = per_rank // micro_batch
+        if n_micro < dims.pp:
+            raise LayoutError(f"--pp {dims.pp} needs at least {dims.pp} micro-batches per step, got {n_micro} "
+                              f"(set --microbatches)")
+        if cfg.zero >= 2:
+            raise LayoutError(f"--zero {cfg.zero} with --pp > 1 is not yet supported (use --zero 0 or 1)")
+        try:
+            build_schedule(cfg.schedule, dims.pp, n_micro, cfg.virtual_stages)
+            split = [int(part) for part in cfg.pipeline_split.split(",")] if cfg.pipeline_split else None
+            plan_chunks(model, dims.pp, cfg.virtual_stages, cfg.seq_len, split)
+        except (ScheduleError, StageError) as error:
+            raise LayoutError(str(error)) from None
 
 
 def under_launcher() -> bool:

@@ -157,6 +157,16 @@ class Collectives:
         self._count("broadcast", tag, size, Fraction(size))
         dist.broadcast(tensor, group_src=src_group_rank, group=self.group)
 
+    def send(self, tensor: torch.Tensor, peer: int, tag: int):
+        """Asynchronous point-to-point send to group rank ``peer``; returns the work handle.
+        Counted on the sender only (``B`` bytes); the matching ``recv`` counts nothing."""
+        self._count("send", "activations", _nbytes(tensor), Fraction(_nbytes(tensor)))
+        return dist.isend(tensor, group_dst=peer, group=self.group, tag=tag)
+
+    def recv(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
+        """Blocking receive into ``tensor`` from group rank ``peer``."""
+        dist.irecv(tensor, group_src=peer, group=self.group, tag=tag).wait()
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier(group=self.group)

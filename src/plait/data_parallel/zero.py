@@ -69,10 +69,12 @@ class ZeroDataParallel:
 
     def __init__(self, model: nn.Module, units: list[tuple[str, nn.Module | None]], dp: Collectives,
                  tp: Collectives, level: int, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, param_dtype: torch.dtype = torch.float32) -> None:
+                 weight_decay: float, param_dtype: torch.dtype = torch.float32,
+                 pp: Collectives | None = None) -> None:
         if level not in (1, 2, 3):
             raise ValueError(f"ZeRO level must be 1, 2 or 3, got {level}")
         self.model, self.dp, self.tp, self.level = model, dp, tp, level
+        self.pp = pp  # pipeline stages hold different parameters: the gradient norm sums over them
         self.param_dtype = param_dtype
         self.weight_decay = weight_decay
         self.sync = True
@@ -269,8 +271,9 @@ class ZeroDataParallel:
         for unit in self.units:
             for a, b in unit.norm_ranges:
                 squares += torch.linalg.vector_norm(unit.grad_shard[a:b], dtype=torch.float64).square()
-        self.dp.all_reduce(squares, tag="grad_norm")
-        self.tp.all_reduce(squares, tag="grad_norm")
+        for comm in (self.dp, self.tp, self.pp):
+            if comm is not None:
+                comm.all_reduce(squares, tag="grad_norm")
         norm = squares.sqrt()
         if max_norm > 0:
             scale = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))

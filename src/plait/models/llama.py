@@ -126,11 +126,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+    def position_tables(self, seq_len: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin for a sequence of ``seq_len``, in the dtype the attention will see."""
         # Autocast leaves the embedding in fp32; build the tables in the dtype matmuls return.
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        cos, sin = self.rotary_emb(input_ids.shape[1], x.device, dtype)
+        return self.rotary_emb(seq_len, x.device, dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.position_tables(input_ids.shape[1], x)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)

@@ -35,6 +35,10 @@ class TrainConfig:
     sequence_parallel: bool = False      # norms and residuals on sequence shards (needs tp > 1)
     loss_parallel: bool = False          # cross-entropy on vocabulary-sharded logits (needs tp > 1)
     zero: int = 0                        # 0: replicated DP; 1/2/3: shard optimizer state / + grads / + params
+    schedule: str = "1f1b"               # pipeline schedule: gpipe, 1f1b, interleaved
+    microbatches: int | None = None      # micro-batches per step and rank (sets micro_batch); pipeline needs >= pp
+    virtual_stages: int = 1              # chunks per pipeline rank (interleaved)
+    pipeline_split: str | None = None    # explicit blocks per chunk, e.g. "3,5"; default: balanced by FLOPs
     # schedule
     steps: int = 300
     global_batch: int = 16               # sequences per optimizer step, over all dp ranks
@@ -80,6 +84,18 @@ class TrainConfig:
             raise TrainConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.zero == 3 and self.activation_checkpointing:
             raise TrainConfigError("--zero 3 with --activation-checkpointing is not yet supported")
+        if self.schedule not in ("gpipe", "1f1b", "interleaved"):
+            raise TrainConfigError(f"--schedule must be gpipe, 1f1b or interleaved, got {self.schedule!r}")
+        if self.microbatches is not None and self.microbatches < 1 or self.virtual_stages < 1:
+            raise TrainConfigError("--microbatches and --virtual-stages must be >= 1")
+        if self.microbatches is not None and self.micro_batch is not None:
+            raise TrainConfigError("give --microbatches or --micro-batch, not both")
+        if self.pipeline_split is not None:
+            try:
+                [int(part) for part in self.pipeline_split.split(",")]
+            except ValueError:
+                raise TrainConfigError(f"--pipeline-split must be comma-separated block counts, got "
+                                       f"{self.pipeline_split!r}") from None
         if self.dtype not in DTYPES:
             raise TrainConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.tokenizer not in ("bpe", "byte"):

@@ -33,14 +33,16 @@ def learning_rate(step: int, base_lr: float, total_steps: int, warmup_steps: int
     return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
 
-def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, tp_comm: Collectives | None = None) -> float:
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, tp_comm: Collectives | None = None,
+                   pp_comm: Collectives | None = None) -> float:
     """Clip gradients to their global L2 norm; returns the norm before clipping.
 
     Each gradient element of the model must be counted exactly once. Tensor-parallel shards
     (``_plait_shard_dim``) hold different elements on each tp rank: their squares are summed over
     tp. Parameters replicated over tp (norm weights) hold the same gradient on every tp rank:
     only tp rank 0 counts them. Data-parallel replicas are identical after the all-reduce and
-    need no reduction. ``max_norm <= 0`` only measures.
+    need no reduction. Pipeline stages hold different parameters: summed over pp.
+    ``max_norm <= 0`` only measures.
     """
     grads, sharded, replicated = [], [], []
     for param in params:
@@ -60,8 +62,9 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float, tp_comm: Col
     squares = sum_of_squares(sharded)
     if tp_comm is None or tp_comm.rank == 0:
         squares = squares + sum_of_squares(replicated)
-    if tp_comm is not None and tp_comm.size > 1:
-        tp_comm.all_reduce(squares, tag="grad_norm")
+    for comm in (tp_comm, pp_comm):
+        if comm is not None and comm.size > 1:
+            comm.all_reduce(squares, tag="grad_norm")
     total_norm = squares.sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)

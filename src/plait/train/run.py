@@ -19,8 +19,6 @@ def check_supported(cfg: TrainConfig) -> None:
     """Layouts whose issues have not landed yet fail up front, clearly."""
     if (cfg.sequence_parallel or cfg.loss_parallel) and cfg.tp == 1:
         raise TrainConfigError("--sequence-parallel and --loss-parallel need --tp > 1")
-    if cfg.pp > 1:
-        raise TrainConfigError("--pp > 1 (pipeline parallel) is not yet supported")
 
 
 def load_data_once(cfg: TrainConfig, ctx: ParallelContext, model_vocab: int | None = None):

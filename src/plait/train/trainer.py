@@ -23,6 +23,9 @@ from torch.utils.checkpoint import checkpoint
 
 from plait.data import BatchSampler, TokenData, validation_batches
 from plait.data_parallel import DataParallel, ZeroDataParallel
+from plait.mesh import LayoutError
+from plait.pipeline import (PipelineExecutor, ScheduleError, StageError, build_schedule, keep_stage,
+                            named_blocks, plan_chunks)
 from plait.mesh import ParallelContext
 from plait.models import LlamaConfig, build_model, get_preset
 from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize, sync_partial_grads
@@ -60,7 +63,12 @@ def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     [tokens, vocab] logits are never materialised; a tensor-parallel head computes its own
     (vocabulary-parallel) loss.
     """
-    hidden = model.model(inputs)
+    return hidden_loss_sum(model, model.model(inputs), targets, label_smoothing)
+
+
+def hidden_loss_sum(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    label_smoothing: float = 0.0) -> torch.Tensor:
+    """The head and its cross-entropy, from final-norm hidden states (see ``token_loss_sum``)."""
     head = model.lm_head
     if hasattr(head, "loss_sum"):
         return head.loss_sum(hidden, targets, label_smoothing)
@@ -77,24 +85,33 @@ class Trainer:
         self.model_config = model_config or model_config_for(cfg, data.vocab_size)
         dims = ctx.dims
         dims.check_model(self.model_config)
-        self.micro_batch = cfg.micro_batch or cfg.global_batch // dims.dp
+        self.per_rank_batch = cfg.global_batch // dims.dp if cfg.global_batch % dims.dp == 0 else 0
+        self.micro_batch = cfg.micro_batch or (self.per_rank_batch // cfg.microbatches if cfg.microbatches
+                                               else self.per_rank_batch)
+        if cfg.microbatches and self.per_rank_batch % cfg.microbatches:
+            raise LayoutError(f"the per-rank batch {self.per_rank_batch} is not divisible by "
+                              f"--microbatches {cfg.microbatches}")
         dims.check_batch(cfg.global_batch, self.micro_batch)
         dims.check_sequence(cfg.seq_len, cfg.sequence_parallel)
-        self.per_rank_batch = cfg.global_batch // dims.dp
+        self.n_micro = self.per_rank_batch // self.micro_batch
 
         self.model = build_model(self.model_config, cfg.seed, ctx.device)
         if dims.tp > 1:  # slice the full, layout-invariant model: every layout starts identical
             parallelize(self.model, ctx.comm("tp"), llama_plan(cfg.sequence_parallel, cfg.loss_parallel))
+        self.pipeline = self.eval_pipeline = None
+        if dims.pp > 1:
+            self._setup_pipeline()
         if cfg.activation_checkpointing:
-            apply_activation_checkpointing(self.model.model.layers)
+            apply_activation_checkpointing(block for _, block in named_blocks(self.model))
         self.data_parallel = None
         self.zero = None
         self.optimizer = None
         if cfg.zero:  # sharded optimizer state (and grads, params); it owns the optimizer
-            units = [(f"model.layers.{i}", layer) for i, layer in enumerate(self.model.model.layers)]
+            units = [(f"model.layers.{i}", layer) for i, layer in named_blocks(self.model)]
             param_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
             self.zero = ZeroDataParallel(self.model, units, ctx.comm("dp"), ctx.comm("tp"), cfg.zero, cfg.lr,
-                                         (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, param_dtype)
+                                         (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, param_dtype,
+                                         pp=ctx.comm("pp"))
         else:
             if dims.dp > 1:
                 self.data_parallel = DataParallel(self.model, ctx.comm("dp"), int(cfg.bucket_mb * 2 ** 20))
@@ -108,6 +125,48 @@ class Trainer:
         self.flops_per_token = self.model_config.flops_per_token(cfg.seq_len)
         self.peak_flops = (cfg.peak_tflops * 1e12 if cfg.peak_tflops
                            else measure_matmul_peak(self.compute_dtype, ctx.device))
+
+    def _setup_pipeline(self) -> None:
+        """Keep this rank's chunks of blocks and build the executors of its schedule."""
+        cfg, ctx, dims = self.cfg, self.ctx, self.ctx.dims
+        if self.model_config.tie_word_embeddings:
+            raise LayoutError("tied embeddings across pipeline stages (--pp > 1) are not yet supported")
+        if cfg.zero >= 2:
+            raise LayoutError(f"--zero {cfg.zero} with --pp > 1 is not yet supported (use --zero 0 or 1)")
+        if self.n_micro < dims.pp:
+            raise LayoutError(f"--pp {dims.pp} needs at least {dims.pp} micro-batches per step, got "
+                              f"{self.n_micro} (set --microbatches)")
+        split = [int(part) for part in cfg.pipeline_split.split(",")] if cfg.pipeline_split else None
+        try:
+            chunks = plan_chunks(self.model_config, dims.pp, cfg.virtual_stages, cfg.seq_len, split)
+        except StageError as error:
+            raise LayoutError(str(error)) from None
+        mine = keep_stage(self.model, chunks, ctx.pp_rank, dims.pp)
+        seq_local = cfg.seq_len // dims.tp if cfg.sequence_parallel else cfg.seq_len
+        shape = (self.micro_batch, seq_local, self.model_config.hidden_size)
+
+        def activation_dtype() -> torch.dtype:  # the residual stream has the parameters' dtype
+            return next(self.model.parameters()).dtype
+
+        def loss_fn(model, hidden, targets):
+            return hidden_loss_sum(model, hidden, targets, cfg.label_smoothing)
+
+        def forward_context():
+            stack = contextlib.ExitStack()
+            stack.enter_context(self._autocast())
+            stack.enter_context(self._keep_shards())
+            return stack
+
+        def executor(plan, microbatches):
+            return PipelineExecutor(self.model, mine, plan, ctx.comm("pp"), microbatches, cfg.seq_len, shape,
+                                    activation_dtype, loss_fn, forward_context)
+
+        try:
+            plan = build_schedule(cfg.schedule, dims.pp, self.n_micro, cfg.virtual_stages)
+        except ScheduleError as error:
+            raise LayoutError(str(error)) from None
+        self.pipeline = executor(plan[ctx.pp_rank], self.n_micro)
+        self._eval_executor = lambda m: executor(build_schedule("gpipe", dims.pp, m, cfg.virtual_stages)[ctx.pp_rank], m)
 
     def _autocast(self):
         if self.compute_dtype == torch.float32:
@@ -132,8 +191,15 @@ class Trainer:
         ctx, cfg = self.ctx, self.cfg
         inputs, targets = self.sampler.shard(step, ctx.dp_rank, ctx.dims.dp)
         n_targets = self.global_target_count(step)
-        n_micro = self.per_rank_batch // self.micro_batch
+        n_micro = self.n_micro
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        if self.pipeline is not None:
+            if self.data_parallel is not None:
+                self.data_parallel.sync = False  # all buckets go out in finish(), after the schedule
+            micro_inputs = list(inputs.to(ctx.device).split(self.micro_batch))
+            micro_targets = list(targets.to(ctx.device).split(self.micro_batch))
+            local_loss_sum += self.pipeline.run(micro_inputs, micro_targets, n_targets)
+            n_micro = 0  # the schedule did every micro-batch
         for index in range(n_micro):
             if self.data_parallel is not None:
                 self.data_parallel.sync = index == n_micro - 1  # communicate on the last micro-batch only
@@ -150,7 +216,8 @@ class Trainer:
             if self.data_parallel is not None:
                 self.data_parallel.finish()
             sync_partial_grads(self.model, ctx.comm("tp"))  # sequence-parallel norm weights
-        (loss_sum_all,) = ctx.comm("dp").all_reduce_scalars([float(local_loss_sum)], tag="metrics")
+        (loss_sum_all,) = ctx.comm("pp").all_reduce_scalars([float(local_loss_sum)], tag="metrics")
+        (loss_sum_all,) = ctx.comm("dp").all_reduce_scalars([loss_sum_all], tag="metrics")
         return loss_sum_all, n_targets
 
     def apply_update(self, step: int) -> tuple[float, float]:
@@ -165,7 +232,7 @@ class Trainer:
             self.zero.step(lr)
             self.zero.zero_grad()
             return grad_norm, lr
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.ctx.comm("tp"))
+        grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.ctx.comm("tp"), self.ctx.comm("pp"))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -200,12 +267,22 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64)
         count = 0
         dp, dp_rank = self.ctx.dims.dp, self.ctx.dp_rank
-        for index, (x, y) in enumerate(self.val_batches):
-            if index % dp != dp_rank:
-                continue
-            y = y.to(self.ctx.device)
-            with self._autocast():
-                total += token_loss_sum(self.model, x.to(self.ctx.device), y, self.cfg.label_smoothing).double().cpu()
-            count += int((y != IGNORE_INDEX).sum())
+        mine = [batch for index, batch in enumerate(self.val_batches) if index % dp == dp_rank]
+        if self.pipeline is not None:  # a forward-only GPipe pass; the last stage has the loss
+            mine = [(x, y) for x, y in mine if x.shape[0] == self.micro_batch]
+            if mine:
+                inputs = [x.to(self.ctx.device) for x, _ in mine]
+                targets = [y.to(self.ctx.device) for _, y in mine]
+                total += self._eval_executor(len(mine)).run(inputs, targets, 1, forward_only=True)
+                count = sum(int((y != IGNORE_INDEX).sum()) for y in targets)
+            (pipeline_total,) = self.ctx.comm("pp").all_reduce_scalars([float(total)], tag="eval")
+            total = torch.tensor(pipeline_total, dtype=torch.float64)
+        else:
+            for x, y in mine:
+                y = y.to(self.ctx.device)
+                with self._autocast():
+                    total += token_loss_sum(self.model, x.to(self.ctx.device), y,
+                                            self.cfg.label_smoothing).double().cpu()
+                count += int((y != IGNORE_INDEX).sum())
         total_all, count_all = self.ctx.comm("dp").all_reduce_scalars([float(total), float(count)], tag="eval")
         return total_all / max(count_all, 1.0)

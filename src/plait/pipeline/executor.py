@@ -1,0 +1,105 @@
+"""Runs a schedule's action list on one pipeline rank with point-to-point sends and receives.
+
+Sends are asynchronous (their buffers are kept until the step ends); receives block. Because
+every rank's list is a valid order of the same dependency graph (``schedules.simulate``
+checks it), a rank only ever waits for a send its peer reaches without waiting on it: no
+deadlock, on gloo as on NCCL. Each message carries a tag naming its boundary and
+micro-batch, so messages of different chunks between the same two ranks cannot be confused.
+
+Loss: the last chunk returns a token-loss *sum*; its backward seeds ``1 / N`` with N the
+global number of target tokens in the step, so micro-batching and pipelining leave the
+gradient of the step's loss unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from plait.comm import Collectives
+from plait.pipeline.schedules import Action
+from plait.pipeline.stage import PipelineChunk, chunk_forward
+
+
+def message_tag(direction: str, microbatch: int, boundary: int, microbatches: int) -> int:
+    """Tag of the message crossing the boundary between chunks ``boundary`` and ``boundary+1``."""
+    return ((boundary * microbatches + microbatch) << 1) | (direction == "B")
+
+
+class PipelineExecutor:
+    def __init__(self, model: nn.Module, chunks: list[PipelineChunk], plan: list[Action], pp: Collectives,
+                 microbatches: int, seq_len: int, activation_shape: tuple[int, ...],
+                 activation_dtype: Callable[[], torch.dtype],
+                 loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+                 forward_context: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.model, self.pp, self.plan = model, pp, plan
+        self.chunks = {chunk.index: chunk for chunk in chunks}
+        self.microbatches, self.seq_len = microbatches, seq_len
+        self.activation_shape = activation_shape
+        self.activation_dtype = activation_dtype
+        self.loss_fn = loss_fn
+        self.forward_context = forward_context
+
+    def _empty_activation(self, device: torch.device) -> torch.Tensor:
+        return torch.empty(self.activation_shape, dtype=self.activation_dtype(), device=device)
+
+    def run(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], n_targets: int,
+            forward_only: bool = False) -> float:
+        """One step (or, ``forward_only``, one evaluation) of the schedule; returns this rank's
+        token-loss sum (non-zero on the rank holding the last chunk only)."""
+        device = inputs[0].device
+        m = self.microbatches
+        received: dict[tuple[int, int], torch.Tensor] = {}   # inputs of (mb, chunk) from the previous chunk
+        outputs: dict[tuple[int, int], torch.Tensor] = {}    # outputs (or scaled losses) of (mb, chunk)
+        grads: dict[tuple[int, int], torch.Tensor] = {}      # gradients of the outputs, from the next chunk
+        input_grads: dict[tuple[int, int], torch.Tensor] = {}
+        pending_sends: list = []
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for action in self.plan:
+            key = (action.microbatch, action.chunk)
+            chunk = self.chunks.get(action.chunk)
+            if forward_only and action.kind in ("B", "RECV_B", "SEND_B"):
+                continue
+            if action.kind == "RECV_F":
+                buffer = self._empty_activation(device)
+                self.pp.recv(buffer, action.peer, message_tag("F", action.microbatch, action.chunk - 1, m))
+                received[key] = buffer.requires_grad_(not forward_only)
+            elif action.kind == "F":
+                x = inputs[action.microbatch] if chunk.is_first else \
+                    (received.pop(key) if forward_only else received[key])
+                with self.forward_context():
+                    out = chunk_forward(self.model, chunk, x, self.seq_len)
+                    if chunk.is_last:
+                        loss = self.loss_fn(self.model, out, targets[action.microbatch])
+                if chunk.is_last:
+                    loss_sum += loss.detach()
+                    out = loss / n_targets
+                if not forward_only or not chunk.is_last:
+                    outputs[key] = out
+            elif action.kind == "SEND_F":
+                tensor = outputs[key] if forward_only else outputs[key].detach()
+                if forward_only:
+                    outputs.pop(key)
+                pending_sends.append((self.pp.send(tensor.contiguous(), action.peer,
+                                                   message_tag("F", action.microbatch, action.chunk, m)), tensor))
+            elif action.kind == "RECV_B":
+                buffer = self._empty_activation(device)
+                self.pp.recv(buffer, action.peer, message_tag("B", action.microbatch, action.chunk, m))
+                grads[key] = buffer
+            elif action.kind == "B":
+                out = outputs.pop(key)
+                if chunk.is_last:
+                    out.backward()
+                else:
+                    out.backward(grads.pop(key))
+                if not chunk.is_first:
+                    input_grads[key] = received.pop(key).grad
+            elif action.kind == "SEND_B":
+                tensor = input_grads.pop(key).contiguous()
+                pending_sends.append((self.pp.send(tensor, action.peer,
+                                                   message_tag("B", action.microbatch, action.chunk - 1, m)), tensor))
+        for work, _ in pending_sends:
+            work.wait()
+        return float(loss_sum)

@@ -1,0 +1,119 @@
+"""Cutting the model into pipeline chunks, keeping parameter names.
+
+The decoder's blocks are split into S = pp * v contiguous chunks, balanced by FLOPs (each
+block costs the same; the head's matmul is charged to the last block), or by an explicit
+list of block counts. Chunk c runs on pipeline rank c % pp. Each rank keeps only the blocks
+of its chunks (``model.layers`` becomes a ModuleDict keyed by the original indices, so
+parameter names -- ``model.layers.5.mlp.up_proj.weight`` -- do not change), the embedding if
+it owns chunk 0, and the final norm and head if it owns the last chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from plait.models.config import LlamaConfig
+
+
+class StageError(ValueError):
+    """A pipeline split that cannot work; one line."""
+
+
+@dataclass(frozen=True)
+class PipelineChunk:
+    index: int                # global chunk index
+    layers: tuple[int, ...]   # original block indices, in order
+    is_first: bool
+    is_last: bool
+
+
+def balanced_split(costs: list[float], parts: int) -> list[int]:
+    """Block counts of ``parts`` contiguous groups minimising the most expensive group."""
+    n = len(costs)
+    if parts > n:
+        raise StageError(f"cannot split {n} layers into {parts} pipeline chunks")
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    inf = float("inf")
+    # best[k][i]: minimal max-cost of splitting the first i blocks into k groups
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i] - 1e-12:
+                    best[k][i], cut[k][i] = value, j
+    counts, i = [], n
+    for k in range(parts, 0, -1):
+        j = cut[k][i]
+        counts.append(i - j)
+        i = j
+    return counts[::-1]
+
+
+def block_costs(config: LlamaConfig, seq_len: int) -> list[float]:
+    """Per-block training FLOPs per token, the head's added to the last block."""
+    h, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    block = 6 * (h * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads) + 3 * h * f) \
+        + 12 * config.num_attention_heads * hd * seq_len
+    costs = [float(block)] * config.num_hidden_layers
+    costs[-1] += 6.0 * h * config.vocab_size
+    return costs
+
+
+def plan_chunks(config: LlamaConfig, pp: int, virtual_stages: int, seq_len: int,
+                split: list[int] | None = None) -> list[PipelineChunk]:
+    parts = pp * virtual_stages
+    if split is None:
+        counts = balanced_split(block_costs(config, seq_len), parts)
+    else:
+        if len(split) != parts or sum(split) != config.num_hidden_layers or min(split) < 1:
+            raise StageError(f"--pipeline-split needs {parts} positive block counts summing to "
+                             f"{config.num_hidden_layers}, got {split}")
+        counts = list(split)
+    chunks, start = [], 0
+    for index, count in enumerate(counts):
+        chunks.append(PipelineChunk(index, tuple(range(start, start + count)), index == 0, index == parts - 1))
+        start += count
+    return chunks
+
+
+def keep_stage(model: nn.Module, chunks: list[PipelineChunk], pp_rank: int, pp: int) -> list[PipelineChunk]:
+    """Drop from ``model`` everything rank ``pp_rank`` does not run; return its chunks in order."""
+    mine = [chunk for chunk in chunks if chunk.index % pp == pp_rank]
+    owned = [i for chunk in mine for i in chunk.layers]
+    decoder = model.model
+    decoder.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in owned})
+    if not any(chunk.is_first for chunk in mine):
+        decoder.embed_tokens = None
+    if not any(chunk.is_last for chunk in mine):
+        decoder.norm = None
+        model.lm_head = None
+    return mine
+
+
+def named_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(index, block) of the decoder blocks this rank holds (ModuleList or pipeline ModuleDict)."""
+    layers = model.model.layers
+    if isinstance(layers, nn.ModuleDict):
+        return list(layers.items())
+    return [(str(i), layer) for i, layer in enumerate(layers)]
+
+
+def chunk_forward(model: nn.Module, chunk: PipelineChunk, x: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Token ids (first chunk) or the previous chunk's activations -> this chunk's output;
+    the last chunk returns the final-norm hidden states (the loss is the caller's)."""
+    decoder = model.model
+    if chunk.is_first:
+        x = decoder.embed_tokens(x)
+    cos, sin = decoder.position_tables(seq_len, x)
+    for index in chunk.layers:
+        x = decoder.layers[str(index)](x, cos, sin)
+    if chunk.is_last:
+        x = decoder.norm(x)
+    return x
