@@ -67,6 +67,8 @@ TRAIN_SWITCHES: list[tuple[str, str, str]] = [
     ("sequence-parallel", "sequence_parallel", "with --tp: norms and residuals on sequence shards (activation memory / tp)"),
     ("loss-parallel", "loss_parallel", "with --tp: cross-entropy on vocabulary-sharded logits, never gathered"),
     ("activation-checkpointing", "activation_checkpointing", "recompute each block's activations in backward"),
+    ("timeline", "timeline", "with --pp: write the last step's measured per-rank timeline "
+                             "(<out>/timeline.json for Perfetto / chrome://tracing, and timeline.png)"),
     ("progress", "progress", "progress bar on the console"),
     ("tensorboard", "tensorboard", "TensorBoard event files in <out>/tensorboard"),
     ("plot", "plot", "write <out>/loss.png at the end"),
@@ -92,7 +94,45 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, field, text in TRAIN_SWITCHES:
         train.add_argument(f"--{flag}", dest=field, action=argparse.BooleanOptionalAction,
                            help=f"{text} (default: {getattr(defaults, field)})")
+    schedule = commands.add_parser(
+        "schedule", help="draw a pipeline schedule and print its bubble",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Simulate a pipeline schedule from the same action lists the executor runs, draw it "
+                    "(rank rows, time columns, forward/backward colours, bubbles white) and print the "
+                    "analytic and simulated bubble fractions.")
+    schedule.add_argument("--pp", type=int, default=4, help="pipeline ranks")
+    schedule.add_argument("--microbatches", type=int, default=8, help="micro-batches per step")
+    schedule.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b", "interleaved"))
+    schedule.add_argument("--virtual-stages", type=int, default=1, help="chunks per rank (interleaved)")
+    schedule.add_argument("--backward-cost", type=float, default=2.0, help="backward time / forward time")
+    schedule.add_argument("-o", "--output", default="schedule.png", help="PNG to write")
     return parser
+
+
+def schedule_command(args: argparse.Namespace) -> int:
+    from plait.pipeline import ScheduleError, analytic_bubble, bubble_fraction, build_schedule, peak_in_flight, simulate
+    from plait.pipeline.diagram import draw_slots
+
+    try:
+        plans = build_schedule(args.schedule, args.pp, args.microbatches, args.virtual_stages)
+        # interleaved chunks are 1/v of a stage: keep one time unit = one forward of a whole stage
+        v = args.virtual_stages if args.schedule == "interleaved" else 1
+        slots = simulate(plans, forward_cost=1.0 / v, backward_cost=args.backward_cost / v)
+    except ScheduleError as error:
+        print(f"plait: error: {error}", file=sys.stderr)
+        return 2
+    simulated = bubble_fraction(slots, args.pp)
+    analytic = analytic_bubble(args.schedule, args.pp, args.microbatches, args.virtual_stages)
+    formula = f"(p-1)/(v*m+p-1) = {args.pp - 1}/({v}*{args.microbatches}+{args.pp - 1})" if v > 1 else \
+        f"(p-1)/(m+p-1) = {args.pp - 1}/({args.microbatches}+{args.pp - 1})"
+    title = (f"{args.schedule}, pp={args.pp}, m={args.microbatches}" + (f", v={v}" if v > 1 else "")
+             + f": bubble {100 * simulated:.1f}% (analytic {formula} = {100 * analytic:.1f}%)")
+    draw_slots(slots, args.pp, args.output, title)
+    print(f"schedule {args.schedule}: pp={args.pp}, microbatches={args.microbatches}, virtual stages={v}")
+    print(f"bubble fraction: analytic {formula} = {analytic:.4f}; simulated {simulated:.4f}")
+    print(f"peak in-flight micro-batch activations per rank: {[peak_in_flight(p) for p in plans]}")
+    print(f"wrote {args.output}")
+    return 0
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -198,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "schedule":
+        return schedule_command(args)
     try:
         cfg = train_config_from_args(args)
         if cfg.out is None:

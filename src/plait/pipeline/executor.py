@@ -13,6 +13,7 @@ gradient of the step's loss unchanged.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable
 
 import torch
@@ -41,6 +42,7 @@ class PipelineExecutor:
         self.activation_dtype = activation_dtype
         self.loss_fn = loss_fn
         self.forward_context = forward_context
+        self.events: list[tuple[str, int, int, float, float]] = []  # last run: (kind, mb, chunk, start, end)
 
     def _empty_activation(self, device: torch.device) -> torch.Tensor:
         return torch.empty(self.activation_shape, dtype=self.activation_dtype(), device=device)
@@ -57,7 +59,10 @@ class PipelineExecutor:
         input_grads: dict[tuple[int, int], torch.Tensor] = {}
         pending_sends: list = []
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.events = []
+        origin = time.perf_counter()
         for action in self.plan:
+            started = time.perf_counter()
             key = (action.microbatch, action.chunk)
             chunk = self.chunks.get(action.chunk)
             if forward_only and action.kind in ("B", "RECV_B", "SEND_B"):
@@ -78,6 +83,8 @@ class PipelineExecutor:
                     out = loss / n_targets
                 if not forward_only or not chunk.is_last:
                     outputs[key] = out
+                self.events.append(("F", action.microbatch, action.chunk, started - origin,
+                                    time.perf_counter() - origin))
             elif action.kind == "SEND_F":
                 tensor = outputs[key] if forward_only else outputs[key].detach()
                 if forward_only:
@@ -96,6 +103,8 @@ class PipelineExecutor:
                     out.backward(grads.pop(key))
                 if not chunk.is_first:
                     input_grads[key] = received.pop(key).grad
+                self.events.append(("B", action.microbatch, action.chunk, started - origin,
+                                    time.perf_counter() - origin))
             elif action.kind == "SEND_B":
                 tensor = input_grads.pop(key).contiguous()
                 pending_sends.append((self.pp.send(tensor, action.peer,

@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "bfloat16"              # compute dtype under autocast; master weights stay fp32
     activation_checkpointing: bool = False
+    timeline: bool = False               # pipeline: write the last step's measured timeline
     # evaluation and output
     eval_every: int = 50                 # 0 disables periodic validation
     eval_batches: int = 4

@@ -33,6 +33,30 @@ def load_data_once(cfg: TrainConfig, ctx: ParallelContext, model_vocab: int | No
     return data if data is not None else load(False)
 
 
+def write_timeline(trainer: Trainer, ctx: ParallelContext, out_dir: Path) -> None:
+    """Gather the last step's per-rank pipeline events to rank 0 and draw them."""
+    from plait.pipeline.diagram import draw_slots, write_chrome_trace
+    from plait.pipeline.schedules import Slot, bubble_fraction
+
+    mine = (ctx.coords, trainer.pipeline.events)
+    gathered = [None] * ctx.world_size if ctx.world_size > 1 else [mine]
+    if ctx.world_size > 1:
+        dist.all_gather_object(gathered, mine)
+    if not ctx.is_logging_rank:
+        return
+    slots = [Slot(coords.pp, kind, mb, chunk, start, end)
+             for coords, events in gathered if coords.dp == 0 and coords.tp == 0
+             for kind, mb, chunk, start, end in events]
+    write_chrome_trace(slots, out_dir / "timeline.json")
+    pp = ctx.dims.pp
+    bubble = bubble_fraction(slots, pp)
+    draw_slots(slots, pp, out_dir / "timeline.png",
+               f"measured last step: {trainer.cfg.schedule}, pp={pp}, m={trainer.n_micro}: idle {100 * bubble:.1f}%",
+               time_unit="seconds")
+    print(f"plait: timeline of the last step in {out_dir}/timeline.json and timeline.png "
+          f"(measured idle {100 * bubble:.1f}%)", flush=True)
+
+
 def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[dict[str, Any]]:
     check_supported(cfg)
     configure_threads(cfg.threads)
@@ -68,6 +92,8 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
     finally:
         if logger is not None:
             logger.close(plot=cfg.plot and bool(history))
+    if cfg.timeline and trainer.pipeline is not None and history:
+        write_timeline(trainer, ctx, out_dir)
     if logger is not None and history:
         final = history[-1]
         summary = f"plait: done, {len(history)} steps, final loss {final['loss']:.4f}"
