@@ -93,3 +93,30 @@ def test_config_file_and_flag_precedence(tmp_path):
     config.write_text('stepz = 3\n')
     with pytest.raises(ValueError, match="unknown key"):
         train_config_from_args(build_parser().parse_args(["train", "--config", str(config)]))
+
+
+def test_schedule_command_draws_and_prints_the_bubble(tmp_path, capsys):
+    out = tmp_path / "schedule.png"
+    assert main(["schedule", "--pp", "4", "--microbatches", "8", "--schedule", "1f1b", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "analytic (p-1)/(m+p-1) = 3/(8+3) = 0.2727; simulated 0.2727" in printed
+    assert out.stat().st_size > 5000
+    assert main(["schedule", "--pp", "4", "--microbatches", "6", "--schedule", "interleaved",
+                 "--virtual-stages", "2", "-o", str(out)]) == 2
+    assert "multiple of pp=4" in capsys.readouterr().err
+
+
+def test_pipeline_run_writes_its_measured_timeline(text_dir, tmp_path):
+    out = tmp_path / "pp"
+    result = run_plait(["train", "--model", "tiny", "--data", str(text_dir), "--tokenizer", "byte", "--nproc", "2",
+                        "--pp", "2", "--microbatches", "4", "--schedule", "1f1b", "--steps", "3",
+                        "--global-batch", "8", "--seq-len", "32", "--timeline", "--out", str(out), "--no-progress"],
+                       tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "dp=1 pp=2 tp=1" in result.stdout
+    trace = json.loads((out / "timeline.json").read_text())["traceEvents"]
+    computed = [e for e in trace if e["ph"] == "X"]
+    assert len(computed) == 2 * 2 * 4  # forward and backward of 4 micro-batches on each of 2 ranks
+    assert {e["pid"] for e in computed} == {0, 1}
+    assert (out / "timeline.png").stat().st_size > 5000
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
