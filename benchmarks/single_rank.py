@@ -15,7 +15,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from plait.models import build_model, get_preset
 from plait.runtime import tune_cpu_allocator
@@ -121,7 +120,7 @@ def main() -> None:
         for name, seconds, loss in (("plait", plait_time, plait_final), ("transformers", hf_time, hf_final)):
             rows.append((dtype_name, name, seconds, tokens / seconds, flops / seconds / peak, peak, loss))
         rows.append((dtype_name, "ratio plait/transformers", plait_time / hf_time, None, None, None, None))
-    print(f"\n| dtype | implementation | step time (s) | tokens/s | MFU | matmul peak (GFLOP/s) |")
+    print("\n| dtype | implementation | step time (s) | tokens/s | MFU | matmul peak (GFLOP/s) |")
     print("|---|---|---|---|---|---|")
     for dtype_name, name, seconds, tps, mfu, peak, _ in rows:
         if tps is None:

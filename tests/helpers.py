@@ -44,3 +44,19 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     denominator = expected.norm()
     difference = (actual - expected).norm()
     return float(difference / denominator) if denominator > 0 else float(difference)
+
+
+def train_and_collect(ctx, cfg, data, model_config):
+    """Run ``cfg.steps`` training steps on this rank; return the losses, gradient norms, the full
+    (tensor-parallel shards gathered) parameters this rank holds, and the validation loss."""
+    from plait.tensor_parallel import full_tensor
+    from plait.train import Trainer
+
+    trainer = Trainer(cfg, ctx, data, model_config)
+    records = [trainer.train_step(step) for step in range(cfg.steps)]
+    if trainer.zero is not None:
+        trainer.zero.materialize()
+    tp = ctx.comm("tp")
+    params = {name: full_tensor(param, tp).clone() for name, param in trainer.model.named_parameters()}
+    val = trainer.evaluate() if trainer.val_batches else None
+    return [r["loss"] for r in records], [r["grad_norm"] for r in records], params, val

@@ -4,14 +4,12 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-import torch
 
 from plait.mesh import LayoutError, ParallelContext, ParallelDims
 from plait.pipeline import (ScheduleError, analytic_bubble, balanced_split, bubble_fraction, build_schedule,
                             peak_in_flight, plan_chunks, simulate)
-from plait.tensor_parallel import full_tensor
 from plait.train import Trainer
-from helpers import relative_error, synthetic_data, tiny_config, tiny_model_config
+from helpers import train_and_collect, relative_error, synthetic_data, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 CASES = [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("interleaved", 4, 8, 2), ("1f1b", 2, 3, 1),
@@ -81,15 +79,6 @@ def test_balanced_split():
     assert [c.layers for c in chunks][0][0] == 0 and chunks[-1].layers[-1] == 7 and chunks[-1].is_last
 
 
-def train_steps(ctx: ParallelContext, cfg, data, model_config):
-    trainer = Trainer(cfg, ctx, data, model_config)
-    losses = [trainer.train_step(step)["loss"] for step in range(cfg.steps)]
-    tp = ctx.comm("tp")
-    params = {name: full_tensor(param, tp).clone() for name, param in trainer.model.named_parameters()}
-    val = trainer.evaluate() if trainer.val_batches else None
-    return losses, params, val
-
-
 @pytest.fixture(scope="module")
 def data():
     return synthetic_data()
@@ -102,13 +91,13 @@ def model_config():
 
 @pytest.fixture(scope="module")
 def reference(data, model_config):
-    return train_steps(ParallelContext.single(), tiny_config(micro_batch=1, eval_every=10), data, model_config)
+    return train_and_collect(ParallelContext.single(), tiny_config(micro_batch=1, eval_every=10), data, model_config)
 
 
 def check_against_reference(results, reference):
-    ref_losses, ref_params, ref_val = reference
+    ref_losses, _, ref_params, ref_val = reference
     seen = set()
-    for rank, (losses, params, val) in enumerate(results):
+    for rank, (losses, _, params, val) in enumerate(results):
         for step, (got, want) in enumerate(zip(losses, ref_losses)):
             assert abs(got - want) <= TOLERANCE * want, f"rank {rank} step {step}: {got} vs {want}"
         assert abs(val - ref_val) <= TOLERANCE * ref_val
@@ -122,13 +111,13 @@ def check_against_reference(results, reference):
                                              (4, "gpipe", 1), (4, "1f1b", 1), (4, "interleaved", 2)])
 def test_twenty_steps_match_one_process(pool, data, model_config, reference, pp, schedule, v):
     cfg = tiny_config(micro_batch=None, microbatches=8, schedule=schedule, virtual_stages=v, eval_every=10)
-    check_against_reference(pool.run(train_steps, ParallelDims(pp=pp), cfg, data, model_config), reference)
+    check_against_reference(pool.run(train_and_collect, ParallelDims(pp=pp), cfg, data, model_config), reference)
 
 
 def test_three_d_with_sequence_parallel_and_zero1(pool, data, model_config, reference):
     cfg = tiny_config(micro_batch=None, microbatches=4, schedule="1f1b", tp=2, sequence_parallel=True,
                       loss_parallel=True, zero=1, eval_every=10)
-    results = pool.run(train_steps, ParallelDims(dp=2, pp=2, tp=2), cfg, data, model_config, timeout_s=300)
+    results = pool.run(train_and_collect, ParallelDims(dp=2, pp=2, tp=2), cfg, data, model_config, timeout_s=300)
     check_against_reference(results, reference)
 
 

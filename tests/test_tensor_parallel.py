@@ -15,7 +15,7 @@ from plait.tensor_parallel import (ColumnParallel, PlanError, RowParallel, full_
                                    parallelize, sync_partial_grads)
 from plait.train import IGNORE_INDEX, Trainer
 from plait.train.trainer import token_loss_sum
-from helpers import relative_error, synthetic_data, tiny_config, tiny_model_config
+from helpers import train_and_collect, relative_error, synthetic_data, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 
@@ -45,14 +45,6 @@ def forward_backward(ctx: ParallelContext, cfg, data, model_config, inputs, targ
     grads = {name: full_grad(param, tp).clone() for name, param in model.named_parameters()}
     params = {name: full_tensor(param, tp).clone() for name, param in model.named_parameters()}
     return logits, loss.item(), grads, params
-
-
-def train_steps(ctx: ParallelContext, cfg, data, model_config):
-    trainer = Trainer(cfg, ctx, data, model_config)
-    records = [trainer.train_step(step) for step in range(cfg.steps)]
-    tp = ctx.comm("tp")
-    params = {name: full_tensor(param, tp).clone() for name, param in trainer.model.named_parameters()}
-    return [r["loss"] for r in records], [r["grad_norm"] for r in records], params
 
 
 LAYOUTS = [(tp, sp, lp) for tp in (2, 4) for sp in (False, True) for lp in (False, True)]
@@ -85,9 +77,9 @@ def test_logits_loss_and_gradients_match_one_process(pool, data, tp, sp, lp):
 ])
 def test_twenty_steps_match_one_process(pool, data, dims, sp, lp):
     model_config = tiny_model_config()
-    ref_losses, ref_norms, ref_params = train_steps(ParallelContext.single(), tiny_config(), data, model_config)
+    ref_losses, ref_norms, ref_params, _ = train_and_collect(ParallelContext.single(), tiny_config(), data, model_config)
     cfg = tiny_config(tp=dims.tp, sequence_parallel=sp, loss_parallel=lp)
-    for rank, (losses, norms, params) in enumerate(pool.run(train_steps, dims, cfg, data, model_config)):
+    for rank, (losses, norms, params, _) in enumerate(pool.run(train_and_collect, dims, cfg, data, model_config)):
         for step, (got, want) in enumerate(zip(losses, ref_losses)):
             assert abs(got - want) <= TOLERANCE * want, f"rank {rank} step {step}: {got} vs {want}"
         for got, want in zip(norms, ref_norms):  # clipping counts every element once
@@ -205,9 +197,9 @@ def test_plan_errors_name_the_module():
 def test_bfloat16_tensor_parallel_tracks_one_process(pool, data, sp, lp):
     cfg = tiny_config(dtype="bfloat16", steps=10)
     model_config = tiny_model_config()
-    ref_losses, _, _ = train_steps(ParallelContext.single(), cfg, data, model_config)
+    ref_losses, *_ = train_and_collect(ParallelContext.single(), cfg, data, model_config)
     tp_cfg = tiny_config(dtype="bfloat16", steps=10, tp=2, sequence_parallel=sp, loss_parallel=lp)
-    (losses, _, _), _ = pool.run(train_steps, ParallelDims(tp=2), tp_cfg, data, model_config)
+    (losses, *_), _ = pool.run(train_and_collect, ParallelDims(tp=2), tp_cfg, data, model_config)
     assert ref_losses[-1] < ref_losses[0] - 0.3
     for got, want in zip(losses, ref_losses):
         assert abs(got - want) <= 2e-2 * want

@@ -4,12 +4,10 @@ from __future__ import annotations
 from fractions import Fraction
 
 import pytest
-import torch
 
 from plait.mesh import ParallelContext, ParallelDims
-from plait.tensor_parallel import full_tensor
 from plait.train import Trainer
-from helpers import relative_error, synthetic_data, tiny_config, tiny_model_config
+from helpers import train_and_collect, relative_error, synthetic_data, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 
@@ -19,19 +17,9 @@ def data():
     return synthetic_data()
 
 
-def train_steps(ctx: ParallelContext, cfg, data, model_config):
-    trainer = Trainer(cfg, ctx, data, model_config)
-    records = [trainer.train_step(step) for step in range(cfg.steps)]
-    if trainer.zero is not None:
-        trainer.zero.materialize()
-    tp = ctx.comm("tp")
-    params = {name: full_tensor(param, tp).clone() for name, param in trainer.model.named_parameters()}
-    return [r["loss"] for r in records], [r["grad_norm"] for r in records], params
-
-
 @pytest.fixture(scope="module")
 def reference(data):
-    return train_steps(ParallelContext.single(), tiny_config(), data, tiny_model_config())
+    return train_and_collect(ParallelContext.single(), tiny_config(), data, tiny_model_config())
 
 
 @pytest.mark.parametrize("zero, dims", [
@@ -40,9 +28,10 @@ def reference(data):
     (3, ParallelDims(dp=2, tp=2)),
 ])
 def test_twenty_steps_match_one_process(pool, data, reference, zero, dims):
-    ref_losses, ref_norms, ref_params = reference
+    ref_losses, ref_norms, ref_params, _ = reference
     cfg = tiny_config(zero=zero, tp=dims.tp, sequence_parallel=dims.tp > 1, loss_parallel=dims.tp > 1)
-    for rank, (losses, norms, params) in enumerate(pool.run(train_steps, dims, cfg, data, tiny_model_config())):
+    for rank, (losses, norms, params, _) in enumerate(pool.run(train_and_collect, dims, cfg, data,
+                                                                   tiny_model_config())):
         for step, (got, want) in enumerate(zip(losses, ref_losses)):
             assert abs(got - want) <= TOLERANCE * want, f"rank {rank} step {step}: {got} vs {want}"
         for got, want in zip(norms, ref_norms):
