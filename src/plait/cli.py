@@ -17,12 +17,13 @@ import traceback
 import uuid
 from typing import Any, Sequence
 
+from plait.checkpoint import CheckpointError
 from plait.data import DataError
 from plait.mesh import LayoutError, ParallelDims
 from plait.models import PRESETS, ConfigError, get_preset
 from plait.train.config import DTYPES, TrainConfig, TrainConfigError, load_toml
 
-USER_ERRORS = (ConfigError, LayoutError, TrainConfigError, DataError)
+USER_ERRORS = (ConfigError, LayoutError, TrainConfigError, DataError, CheckpointError)
 
 # (flag, TrainConfig field, type, help). Defaults come from TrainConfig and are shown in --help.
 TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -57,7 +58,10 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--dtype", "dtype", str, "compute dtype: float32, or bfloat16 autocast with fp32 master weights"),
     ("--eval-every", "eval_every", int, "validation loss every N steps (0: off)"),
     ("--eval-batches", "eval_batches", int, "validation batches per evaluation"),
-    ("--out", "out", str, "run directory (default: runs/<model>-<time>)"),
+    ("--out", "out", str, "run directory (default: runs/<model>-<time>); re-running with the same --out "
+                          "resumes from its newest complete checkpoint"),
+    ("--checkpoint-every", "checkpoint_every", int, "write a sharded checkpoint every N steps and at the end (0: never)"),
+    ("--keep-checkpoints", "keep_checkpoints", int, "complete checkpoints to keep"),
     ("--peak-tflops", "peak_tflops", float, "per-rank peak TFLOP/s for MFU (default: measured matmul rate)"),
     ("--bucket-mb", "bucket_mb", float, "data-parallel gradient bucket size in MiB"),
     ("--timeout", "timeout_s", float, "seconds a collective may wait before the run fails"),
@@ -69,6 +73,7 @@ TRAIN_SWITCHES: list[tuple[str, str, str]] = [
     ("activation-checkpointing", "activation_checkpointing", "recompute each block's activations in backward"),
     ("timeline", "timeline", "with --pp: write the last step's measured per-rank timeline "
                              "(<out>/timeline.json for Perfetto / chrome://tracing, and timeline.png)"),
+    ("resume", "resume", "continue from the newest complete checkpoint in --out"),
     ("progress", "progress", "progress bar on the console"),
     ("tensorboard", "tensorboard", "TensorBoard event files in <out>/tensorboard"),
     ("plot", "plot", "write <out>/loss.png at the end"),

@@ -61,6 +61,9 @@ class TrainConfig:
     eval_every: int = 50                 # 0 disables periodic validation
     eval_batches: int = 4
     out: str | None = None               # run directory; default runs/<model>-<timestamp>
+    checkpoint_every: int = 0            # write a checkpoint every N steps (and at the end); 0: never
+    keep_checkpoints: int = 2            # complete checkpoints kept (older ones deleted)
+    resume: bool = True                  # continue from the newest complete checkpoint in --out
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
@@ -103,8 +106,10 @@ class TrainConfig:
             raise TrainConfigError(f"--tokenizer must be 'bpe' or 'byte', got {self.tokenizer!r}")
         if self.lr <= 0:
             raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0:
-            raise TrainConfigError("--warmup-steps, --eval-every and --grad-clip must be >= 0")
+        if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0 or self.checkpoint_every < 0:
+            raise TrainConfigError("--warmup-steps, --eval-every, --grad-clip and --checkpoint-every must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise TrainConfigError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not 0 <= self.label_smoothing < 1:
             raise TrainConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -43,7 +43,12 @@ class MetricsLogger:
                  start_step: int = 0) -> None:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        metrics = out_dir / "metrics.jsonl"
+        if metrics.exists():  # a resumed run: drop records of steps it will run again
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] < start_step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        self._file = open(metrics, "a", buffering=1)
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

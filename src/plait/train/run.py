@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from plait.data import load_token_data
 from plait.mesh import ParallelContext, init_distributed
 from plait.runtime import configure_threads, tune_cpu_allocator
@@ -65,23 +66,31 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
     data = load_data_once(cfg, ctx)
     trainer = Trainer(cfg, ctx, data)
     out_dir = Path(cfg.out)
+    start = 0
+    latest = latest_checkpoint(out_dir) if cfg.resume else None
+    if latest is not None:
+        start = load_checkpoint(trainer, latest)
     logger = None
     if ctx.is_logging_rank:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if start == 0:
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         run_info = {"train": cfg.to_dict(), "model": trainer.model_config.to_dict(),
                     "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp},
                     "world_size": ctx.world_size, "device": str(ctx.device), "backend": ctx.backend,
                     "parameters": trainer.model_config.num_parameters(),
                     "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val))}
         (out_dir / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
-        logger = MetricsLogger(out_dir, cfg.steps, progress=cfg.progress, tensorboard=cfg.tensorboard)
+        logger = MetricsLogger(out_dir, cfg.steps, progress=cfg.progress, tensorboard=cfg.tensorboard,
+                               start_step=start)
+        if latest is not None:
+            logger.message(f"plait: resuming from {latest} (step {start})")
         logger.message(f"plait: {trainer.model_config.num_parameters() / 1e6:.1f}M parameters, "
                        f"dp={ctx.dims.dp} pp={ctx.dims.pp} tp={ctx.dims.tp} on {ctx.world_size} x {ctx.device}, "
                        f"{len(data.train):,} training tokens, writing {out_dir}")
     history = []
     try:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
             record = trainer.train_step(step)
             last = step == cfg.steps - 1
             if trainer.val_batches and ((step + 1) % cfg.eval_every == 0 or last):
@@ -89,11 +98,15 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
             history.append(record)
             if logger is not None:
                 logger.log(record)
+            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or last):
+                save_checkpoint(trainer, out_dir, step + 1, keep=cfg.keep_checkpoints)
     finally:
         if logger is not None:
             logger.close(plot=cfg.plot and bool(history))
     if cfg.timeline and trainer.pipeline is not None and history:
         write_timeline(trainer, ctx, out_dir)
+    if logger is not None and not history:
+        print(f"plait: {out_dir} is already at step {start} of {cfg.steps}; nothing to do", flush=True)
     if logger is not None and history:
         final = history[-1]
         summary = f"plait: done, {len(history)} steps, final loss {final['loss']:.4f}"

@@ -1,0 +1,131 @@
+"""Checkpoint directories: every rank writes its pieces in parallel, committed atomically.
+
+Layout of ``<run>/checkpoints/``::
+
+    step-00000040/              a complete checkpoint (committed)
+        meta.json               step, model config, layout, format version
+        rank-00003.safetensors  the pieces rank 3 wrote (1-D fp32 tensors)
+        rank-00003.json         what each of them is (``Piece``: name, kind, slice)
+        COMPLETE                written last, after every rank finished
+    step-00000050.tmp/          a checkpoint being written (or abandoned by a crash): ignored
+
+Why safetensors + JSON rather than ``torch.distributed.checkpoint``: loading never unpickles
+anything, the files are readable without plait (one flat tensor per piece, its meaning in plain
+JSON), and resharding needs no planner: a piece says which part of which full tensor it is.
+
+Commit protocol: all ranks write into ``step-N.tmp``; a barrier; rank 0 writes ``meta.json`` and
+``COMPLETE`` inside, then renames the directory to ``step-N`` (atomic on one filesystem) and deletes
+all but the newest ``keep`` complete checkpoints. A crash at any point leaves the previous
+complete checkpoint untouched and loadable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from plait.checkpoint.pieces import Piece, assemble, collect_pieces, load_full_state
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; one line."""
+
+
+def _barrier(ctx) -> None:
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [path for path in root.iterdir()
+             if path.is_dir() and path.name.startswith("step-") and not path.name.endswith(".tmp")
+             and (path / "COMPLETE").exists()]
+    return sorted(found, key=lambda path: int(path.name.split("-")[1]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(trainer, run_dir: str | Path, step: int, keep: int = 2) -> Path:
+    """Write the state after ``step`` optimizer steps (collective: every rank calls it)."""
+    ctx = trainer.ctx
+    root = checkpoint_root(run_dir)
+    final = root / f"step-{step:08d}"
+    tmp = root / f"step-{step:08d}.tmp"
+    if ctx.is_logging_rank:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(ctx)
+    pieces = collect_pieces(trainer)
+    tensors = {piece.key: data.contiguous() for piece, data in pieces}
+    name = f"rank-{ctx.rank:05d}"
+    save_file(tensors, str(tmp / f"{name}.safetensors"))
+    (tmp / f"{name}.json").write_text(json.dumps([piece.to_json() for piece, _ in pieces]))
+    _barrier(ctx)  # every rank's files are on disk before the commit
+    if ctx.is_logging_rank:
+        meta = {"format": FORMAT_VERSION, "step": step, "model": trainer.model_config.to_dict(),
+                "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp, "zero": trainer.cfg.zero,
+                           "sequence_parallel": trainer.cfg.sequence_parallel},
+                "world_size": ctx.world_size}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "COMPLETE").write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(ctx)
+    return final
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    if not (path / "COMPLETE").exists():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+    return json.loads((path / "meta.json").read_text())
+
+
+def check_model_config(meta: dict, config) -> None:
+    saved, current = meta["model"], config.to_dict()
+    for field in current:
+        if saved.get(field) != current[field]:
+            raise CheckpointError(f"checkpoint model config differs in {field}: checkpoint "
+                                  f"{saved.get(field)!r}, this run {current[field]!r}")
+
+
+def read_full_state(path: str | Path) -> dict[tuple[str, str], torch.Tensor]:
+    """Every piece of the checkpoint, assembled into full tensors (safetensors + JSON only)."""
+    path = Path(path)
+    pieces = []
+    for index_file in sorted(path.glob("rank-*.json")):
+        tensors = load_file(str(index_file.with_suffix(".safetensors")))
+        for entry in json.loads(index_file.read_text()):
+            piece = Piece.from_json(entry)
+            pieces.append((piece, tensors[piece.key]))
+    return assemble(pieces)
+
+
+def load_checkpoint(trainer, path: str | Path) -> int:
+    """Load a checkpoint written under any layout into ``trainer``; returns its step."""
+    meta = read_meta(path)
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
+    check_model_config(meta, trainer.model_config)
+    load_full_state(trainer, read_full_state(path), meta["step"])
+    return int(meta["step"])

@@ -1,0 +1,105 @@
+"""Checkpoints: bitwise resume, resharding between layouts, atomic commits, clear errors."""
+from __future__ import annotations
+
+import pytest
+
+from plait.checkpoint import (CheckpointError, complete_checkpoints, latest_checkpoint, load_checkpoint,
+                              save_checkpoint)
+from plait.mesh import ParallelContext, ParallelDims
+from plait.train import Trainer
+from helpers import synthetic_data, tiny_config, tiny_model_config
+
+TOLERANCE = 1e-5
+TOTAL, SPLIT = 8, 4
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_data()
+
+
+@pytest.fixture(scope="module")
+def model_config():
+    return tiny_model_config(num_hidden_layers=8)
+
+
+def train_and_save(ctx: ParallelContext, cfg, data, model_config, run_dir, steps):
+    trainer = Trainer(cfg, ctx, data, model_config)
+    losses = [trainer.train_step(step)["loss"] for step in range(steps)]
+    save_checkpoint(trainer, run_dir, steps, keep=2)
+    return losses
+
+
+def load_and_train(ctx: ParallelContext, cfg, data, model_config, run_dir, steps):
+    trainer = Trainer(cfg, ctx, data, model_config)
+    start = load_checkpoint(trainer, latest_checkpoint(run_dir))
+    return [trainer.train_step(step)["loss"] for step in range(start, steps)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, model_config):
+    trainer = Trainer(tiny_config(steps=TOTAL, micro_batch=1), ParallelContext.single(), data, model_config)
+    return [trainer.train_step(step)["loss"] for step in range(TOTAL)]
+
+
+def test_resume_is_bitwise_identical(tmp_path, data, model_config, uninterrupted):
+    cfg = tiny_config(steps=TOTAL, micro_batch=1)
+    first = train_and_save(ParallelContext.single(), cfg, data, model_config, tmp_path, SPLIT)
+    rest = load_and_train(ParallelContext.single(), cfg, data, model_config, tmp_path, TOTAL)
+    assert first + rest == uninterrupted  # exact float equality, step by step
+
+
+LAYOUTS = {
+    "tp2": (ParallelDims(tp=2), dict()),
+    "dp2-zero3": (ParallelDims(dp=2), dict(zero=3)),
+    "dp2-zero1": (ParallelDims(dp=2), dict(zero=1)),
+    "tp2-sp": (ParallelDims(tp=2), dict(sequence_parallel=True, loss_parallel=True)),
+    "pp2": (ParallelDims(pp=2), dict(microbatches=8, micro_batch=None)),
+    "single": (ParallelDims(), dict()),
+    "2x2x2": (ParallelDims(dp=2, pp=2, tp=2), dict(microbatches=4, micro_batch=None, sequence_parallel=True,
+                                                   zero=1)),
+    "tp4": (ParallelDims(tp=4), dict()),
+}
+
+
+@pytest.mark.parametrize("source, target", [("tp2", "dp2-zero3"), ("dp2-zero1", "tp2-sp"), ("pp2", "single"),
+                                            ("2x2x2", "tp4")])
+def test_reshard_between_layouts(pool, tmp_path, data, model_config, uninterrupted, source, target):
+    def run(layout, fn):
+        dims, options = LAYOUTS[layout]
+        cfg = tiny_config(**{"steps": TOTAL, "micro_batch": 1, "tp": dims.tp, **options})
+        if dims.world_size == 1:
+            return [fn(ParallelContext.single(), cfg, data, model_config, tmp_path, steps)]
+        return pool.run(fn, dims, cfg, data, model_config, tmp_path, steps, timeout_s=300)
+
+    steps = SPLIT
+    first = run(source, train_and_save)[0]
+    steps = TOTAL
+    for rest in run(target, load_and_train):
+        for step, (got, want) in enumerate(zip(first + rest, uninterrupted)):
+            assert abs(got - want) <= TOLERANCE * want, f"{source} -> {target}, step {step}: {got} vs {want}"
+
+
+def test_mismatched_model_is_a_clear_error(tmp_path, data, model_config):
+    cfg = tiny_config(steps=2, micro_batch=1)
+    train_and_save(ParallelContext.single(), cfg, data, model_config, tmp_path, 1)
+    other = Trainer(cfg, ParallelContext.single(), data, model_config.replace(intermediate_size=256))
+    with pytest.raises(CheckpointError, match="differs in intermediate_size: checkpoint 384, this run 256"):
+        load_checkpoint(other, latest_checkpoint(tmp_path))
+
+
+def test_commits_are_atomic_and_old_ones_pruned(tmp_path, data, model_config):
+    cfg = tiny_config(steps=4, micro_batch=1)
+    trainer = Trainer(cfg, ParallelContext.single(), data, model_config)
+    for step in range(1, 4):
+        trainer.train_step(step - 1)
+        save_checkpoint(trainer, tmp_path, step, keep=2)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    # a checkpoint abandoned mid-write (no COMPLETE, .tmp name) is never picked up
+    abandoned = tmp_path / "checkpoints" / "step-00000009.tmp"
+    abandoned.mkdir()
+    (abandoned / "rank-00000.json").write_text("[]")
+    assert latest_checkpoint(tmp_path).name == "step-00000003"
+    # nothing in a checkpoint is pickled: the index is JSON, the tensors safetensors
+    files = {p.suffix for p in latest_checkpoint(tmp_path).iterdir()}
+    assert files <= {".json", ".safetensors", ""}
