@@ -27,7 +27,8 @@ USER_ERRORS = (ConfigError, LayoutError, TrainConfigError, DataError, Checkpoint
 
 # (flag, TrainConfig field, type, help). Defaults come from TrainConfig and are shown in --help.
 TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, f"model preset: {', '.join(PRESETS)}"),
+    ("--model", "model", str, f"model preset ({', '.join(PRESETS)}) or a Hugging Face Llama directory "
+                              "(config.json + safetensors) to start from"),
     ("--data", "data", str, "'stdlib' (this Python's standard library sources), a text file, a directory "
                             "of text files, or a .bin of uint16 token ids (.u32.bin: uint32)"),
     ("--tokenizer", "tokenizer", str, "'bpe' (byte-level BPE trained on the corpus and cached) or 'byte'"),
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, field, text in TRAIN_SWITCHES:
         train.add_argument(f"--{flag}", dest=field, action=argparse.BooleanOptionalAction,
                            help=f"{text} (default: {getattr(defaults, field)})")
+    export = commands.add_parser(
+        "export", help="write a checkpoint as a Hugging Face Llama directory",
+        description="Export a plait checkpoint (written under any layout) as config.json + model.safetensors, "
+                    "loadable by transformers.LlamaForCausalLM.from_pretrained.")
+    export.add_argument("--checkpoint", required=True,
+                        help="a checkpoint directory (runs/X/checkpoints/step-N) or a run directory (its newest)")
+    export.add_argument("--hf", required=True, help="output directory")
     schedule = commands.add_parser(
         "schedule", help="draw a pipeline schedule and print its bubble",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -140,6 +148,27 @@ def schedule_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    from plait.checkpoint import latest_checkpoint
+    from plait.checkpoint.hf import export_hf
+
+    path = args.checkpoint
+    if not os.path.exists(os.path.join(path, "COMPLETE")):
+        newest = latest_checkpoint(path)
+        if newest is None:
+            print(f"plait: error: {path} is neither a complete checkpoint nor a run directory with one",
+                  file=sys.stderr)
+            return 2
+        path = str(newest)
+    try:
+        out = export_hf(path, args.hf)
+    except CheckpointError as error:
+        print(f"plait: error: {error}", file=sys.stderr)
+        return 2
+    print(f"plait: exported {path} to {out} (config.json, model.safetensors)")
+    return 0
+
+
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
     values.pop("command", None)
@@ -158,7 +187,8 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
 
     check_supported(cfg)
     dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
-    model = get_preset(cfg.model)
+    from plait.checkpoint.hf import is_hf_directory, load_hf_config
+    model = load_hf_config(cfg.model) if is_hf_directory(cfg.model) else get_preset(cfg.model)
     dims.check_model(model)
     per_rank = cfg.global_batch // dims.dp if cfg.global_batch % dims.dp == 0 else 0
     if cfg.microbatches and per_rank % cfg.microbatches:
@@ -245,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "schedule":
         return schedule_command(args)
+    if args.command == "export":
+        return export_command(args)
     try:
         cfg = train_config_from_args(args)
         if cfg.out is None:

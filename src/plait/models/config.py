@@ -118,4 +118,5 @@ def get_preset(name: str) -> LlamaConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown model preset {name!r} (and not a directory with a config.json); "
+                          f"choose one of {', '.join(PRESETS)}") from None

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from plait.checkpoint.hf import is_hf_directory, load_hf_config, load_hf_weights
 from plait.data import BatchSampler, TokenData, validation_batches
 from plait.data_parallel import DataParallel, ZeroDataParallel
 from plait.mesh import LayoutError
@@ -40,7 +41,14 @@ DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def model_config_for(cfg: TrainConfig, data_vocab_size: int) -> LlamaConfig:
-    """The preset named by ``cfg.model`` with its vocabulary sized to the tokenizer's (padded)."""
+    """A Hugging Face directory's config as is, or the preset named by ``cfg.model`` with its
+    vocabulary sized to the tokenizer's (padded to a multiple of 64)."""
+    if is_hf_directory(cfg.model):
+        config = load_hf_config(cfg.model)
+        if data_vocab_size > config.vocab_size:
+            raise LayoutError(f"the data's vocabulary ({data_vocab_size}) is larger than the model's "
+                              f"({config.vocab_size}); use the model's tokenizer to make a .bin")
+        return config
     vocab = -(-data_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     return get_preset(cfg.model).replace(vocab_size=vocab)
 
@@ -96,6 +104,8 @@ class Trainer:
         self.n_micro = self.per_rank_batch // self.micro_batch
 
         self.model = build_model(self.model_config, cfg.seed, ctx.device)
+        if is_hf_directory(cfg.model):  # pretrained weights replace the initialisation, before any slicing
+            load_hf_weights(self.model, cfg.model)
         if dims.tp > 1:  # slice the full, layout-invariant model: every layout starts identical
             parallelize(self.model, ctx.comm("tp"), llama_plan(cfg.sequence_parallel, cfg.loss_parallel))
         self.pipeline = self.eval_pipeline = None
