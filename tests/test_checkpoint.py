@@ -103,3 +103,28 @@ def test_commits_are_atomic_and_old_ones_pruned(tmp_path, data, model_config):
     # nothing in a checkpoint is pickled: the index is JSON, the tensors safetensors
     files = {p.suffix for p in latest_checkpoint(tmp_path).iterdir()}
     assert files <= {".json", ".safetensors", ""}
+
+
+def test_crash_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, data, model_config, monkeypatch):
+    import plait.checkpoint.store as store
+
+    cfg = tiny_config(steps=4, micro_batch=1)
+    trainer = Trainer(cfg, ParallelContext.single(), data, model_config)
+    trainer.train_step(0)
+    save_checkpoint(trainer, tmp_path, 1)
+    trainer.train_step(1)
+    real_save = store.save_file
+
+    def dies_halfway(tensors, path, *args, **kwargs):
+        half = dict(list(tensors.items())[: len(tensors) // 2])
+        real_save(half, path, *args, **kwargs)
+        raise KeyboardInterrupt("killed while writing")  # the process dies mid-checkpoint
+
+    monkeypatch.setattr(store, "save_file", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(trainer, tmp_path, 2)
+    monkeypatch.setattr(store, "save_file", real_save)
+    assert (tmp_path / "checkpoints" / "step-00000002.tmp").exists()
+    assert latest_checkpoint(tmp_path).name == "step-00000001"
+    fresh = Trainer(cfg, ParallelContext.single(), data, model_config)
+    assert load_checkpoint(fresh, latest_checkpoint(tmp_path)) == 1

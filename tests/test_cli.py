@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from plait.cli import main
 
@@ -141,3 +142,98 @@ def test_rerunning_the_same_command_resumes_bitwise(text_dir, tmp_path):
     assert [r["loss"] for r in after] == [r["loss"] for r in before]  # bitwise: same floats
     third = run_plait(command, tmp_path)
     assert "already at step 6 of 6" in third.stdout
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def _workers(launcher: int) -> list[int]:
+    """The training workers below a launcher (processes running `plait train` whose parent is not one)."""
+    tree, frontier = [], [launcher]
+    while frontier:
+        frontier = [child for pid in frontier for child in _children(pid)]
+        tree += frontier
+    workers = []
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as environ:
+                variables = environ.read()
+        except OSError:
+            continue
+        if b"TORCHELASTIC_RUN_ID=" in variables and b"LOCAL_RANK=" in variables:
+            workers.append(pid)
+    return workers
+
+
+def test_killed_worker_is_restarted_and_the_run_finishes_identically(text_dir, tmp_path):
+    import random
+    import signal
+    import time
+
+    from plait.checkpoint import latest_checkpoint, read_full_state
+
+    def command(out):
+        return [sys.executable, "-m", "plait", "train", "--model", "tiny", "--data", str(text_dir), "--tokenizer",
+                "byte", "--nproc", "2", "--steps", "12", "--global-batch", "4", "--seq-len", "64",
+                "--checkpoint-every", "2", "--max-restarts", "2", "--out", str(out), "--no-progress",
+                "--no-tensorboard", "--no-plot"]
+
+    env = {**os.environ, "PLAIT_CACHE": str(tmp_path / "cache")}
+    env.pop("WORLD_SIZE", None)
+    clean = subprocess.run(command(tmp_path / "clean"), capture_output=True, text=True, env=env, timeout=240)
+    assert clean.returncode == 0, clean.stderr
+    killed_at = random.Random().randint(3, 9)
+    launcher = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= killed_at:
+            break
+        time.sleep(0.05)
+    victims = _workers(launcher.pid)
+    assert victims, "no worker found to kill"
+    os.kill(random.choice(victims), signal.SIGKILL)
+    stdout, stderr = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, stderr
+    assert "resuming from" in stdout + stderr
+    want = read_full_state(latest_checkpoint(tmp_path / "clean"))
+    got = read_full_state(latest_checkpoint(tmp_path / "killed"))
+    assert latest_checkpoint(tmp_path / "killed").name == "step-00000012"
+    for key, tensor in want.items():
+        assert torch.equal(got[key], tensor), key  # bitwise: the restarted run replays the same steps
+
+
+def test_dead_peer_without_restart_ends_the_run_quickly_with_a_message(text_dir, tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "PLAIT_CACHE": str(tmp_path / "cache")}
+    env.pop("WORLD_SIZE", None)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "plait", "train", "--model", "tiny", "--data", str(text_dir), "--tokenizer", "byte",
+         "--nproc", "2", "--steps", "100000", "--global-batch", "4", "--seq-len", "64", "--out", str(tmp_path / "o"),
+         "--no-progress", "--no-tensorboard", "--no-plot"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env)
+    metrics = tmp_path / "o" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    victim = _workers(launcher.pid)[-1]
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = launcher.communicate(timeout=90)
+    assert time.monotonic() - killed < 60
+    assert launcher.returncode != 0
+    assert "was killed by signal 9" in stderr and "plait: error: worker rank" in stderr
+    assert "a collective failed" in stderr or "Traceback" not in stderr  # the survivor says why, in one line

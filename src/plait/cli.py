@@ -63,6 +63,9 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
                           "resumes from its newest complete checkpoint"),
     ("--checkpoint-every", "checkpoint_every", int, "write a sharded checkpoint every N steps and at the end (0: never)"),
     ("--keep-checkpoints", "keep_checkpoints", int, "complete checkpoints to keep"),
+    ("--max-restarts", "max_restarts", int, "with --nproc: when a worker dies, restart all workers up to this "
+                                            "many times; they resume from the newest checkpoint (torchrun: "
+                                            "--max-restarts)"),
     ("--peak-tflops", "peak_tflops", float, "per-rank peak TFLOP/s for MFU (default: measured matmul rate)"),
     ("--bucket-mb", "bucket_mb", float, "data-parallel gradient bucket size in MiB"),
     ("--timeout", "timeout_s", float, "seconds a collective may wait before the run fails"),
@@ -224,18 +227,30 @@ def launch_local_workers(cfg: TrainConfig, argv: Sequence[str]) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # Restarted workers must not read the previous attempt's gloo addresses from a store shared
+    # with the agent (seen here: "Connection refused" to a dead rank's port); own store per attempt.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=cfg.max_restarts,
                           monitor_interval=0.2)
     try:
         elastic_launch(config, sys.executable)("-m", "plait", *argv)
     except ChildFailedError as error:
-        first = min(error.failures)
-        failure = error.failures[first]
-        print(f"plait: error: worker rank {failure.rank} exited with code {failure.exitcode} "
-              f"(its message is above)", file=sys.stderr)
+        # The cause: a worker killed by a signal if any (its peers then fail on the lost connection,
+        # sometimes before the agent records the kill), else the earliest failure.
+        killed = sorted((rank, f) for rank, f in error.failures.items() if f.exitcode < 0)
+        rank, failure = killed[0] if killed else error.get_first_failure()
+        code = failure.exitcode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        print(f"plait: error: worker rank {rank} {how} (exit code {code}; its message, if any, is above)",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def torch_distributed_error() -> tuple[type, ...]:
+    import torch.distributed as dist
+    return tuple(t for t in (getattr(dist, "DistBackendError", None), getattr(dist, "DistError", None)) if t)
 
 
 def train_worker(cfg: TrainConfig) -> int:
@@ -253,9 +268,15 @@ def train_worker(cfg: TrainConfig) -> int:
         code = 2
     except KeyboardInterrupt:
         code = 130
-    except Exception:  # an unexpected failure: the full traceback helps, prefixed by the rank
+    except Exception as error:
         rank = os.environ.get("RANK", "0")
-        print(f"plait: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
+        if isinstance(error, torch_distributed_error()) or (  # a peer died or timed out: say so in one line
+                isinstance(error, RuntimeError) and any(word in str(error) for word in ("gloo", "NCCL", "Connection"))):
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"plait: rank {rank}: a collective failed (a peer died or timed out): {first_line}",
+                  file=sys.stderr)
+        else:  # an unexpected failure: the full traceback helps, prefixed by the rank
+            print(f"plait: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
         code = 1
     if ctx is not None and ctx.world_size > 1:
         sys.stdout.flush()

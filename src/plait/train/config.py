@@ -64,6 +64,7 @@ class TrainConfig:
     checkpoint_every: int = 0            # write a checkpoint every N steps (and at the end); 0: never
     keep_checkpoints: int = 2            # complete checkpoints kept (older ones deleted)
     resume: bool = True                  # continue from the newest complete checkpoint in --out
+    max_restarts: int = 0                # --nproc launcher: restart the worker group this often after a failure
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
@@ -108,6 +109,8 @@ class TrainConfig:
             raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0 or self.checkpoint_every < 0:
             raise TrainConfigError("--warmup-steps, --eval-every, --grad-clip and --checkpoint-every must be >= 0")
+        if self.max_restarts < 0:
+            raise TrainConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.keep_checkpoints < 1:
             raise TrainConfigError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
         if not 0 <= self.label_smoothing < 1:

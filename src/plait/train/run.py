@@ -109,7 +109,7 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
         print(f"plait: {out_dir} is already at step {start} of {cfg.steps}; nothing to do", flush=True)
     if logger is not None and history:
         final = history[-1]
-        summary = f"plait: done, {len(history)} steps, final loss {final['loss']:.4f}"
+        summary = f"plait: done, step {cfg.steps} ({len(history)} run now), final loss {final['loss']:.4f}"
         if "val_loss" in final:
             summary += f", validation loss {final['val_loss']:.4f}"
         print(summary + f"; see {out_dir}/metrics.jsonl and {out_dir}/loss.png", flush=True)
