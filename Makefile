@@ -24,6 +24,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/single_rank.py
+	$(BIN)/python benchmarks/sequence_parallel_memory.py
+	$(BIN)/python benchmarks/sequence_parallel_memory.py --tp 4
+	$(BIN)/python benchmarks/zero.py
+	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/checkpoint.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
