@@ -212,12 +212,12 @@ class ZeroDataParallel:
         if unit.ready < len(unit.params):
             return
         unit.ready = 0
-        flat_grad = torch.cat([p.grad.reshape(-1) for p in unit.params])
-        padding = unit.padded - unit.numel
-        if padding:
-            flat_grad = torch.cat([flat_grad, flat_grad.new_zeros(padding)])
-        for param in unit.params:
+        first = unit.params[0].grad
+        flat_grad = torch.empty(unit.padded, dtype=first.dtype, device=first.device)
+        for param, offset in zip(unit.params, unit.offsets):  # one copy into the padded buffer
+            flat_grad[offset:offset + param.numel()].copy_(param.grad.reshape(-1))
             param.grad = None  # full gradients do not outlive their unit
+        flat_grad[unit.numel:].zero_()
         self._complete_reductions()  # at most one unit's reduction in flight: bounded memory
         reduced = torch.empty(unit.shard_size, dtype=flat_grad.dtype, device=flat_grad.device)
         work = self.dp.reduce_scatter(reduced, flat_grad, tag="grads", async_op=True)
