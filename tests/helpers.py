@@ -60,3 +60,23 @@ def train_and_collect(ctx, cfg, data, model_config):
     params = {name: full_tensor(param, tp).clone() for name, param in trainer.model.named_parameters()}
     val = trainer.evaluate() if trainer.val_batches else None
     return [r["loss"] for r in records], [r["grad_norm"] for r in records], params, val
+
+
+def assert_runs_match(results, reference, tolerance: float = 1e-5) -> None:
+    """Every rank's ``train_and_collect`` result equals the single-process reference: each step's
+    loss and gradient norm, every parameter it holds (all of them over the ranks), the
+    validation loss. Relative tolerance ``tolerance`` (1e-4 on norms: clipping's reductions)."""
+    ref_losses, ref_norms, ref_params, ref_val = reference
+    seen = set()
+    for rank, (losses, norms, params, val) in enumerate(results):
+        assert len(losses) == len(ref_losses)
+        for step, (got, want) in enumerate(zip(losses, ref_losses)):
+            assert abs(got - want) <= tolerance * want, f"rank {rank} step {step}: {got} vs {want}"
+        for got, want in zip(norms, ref_norms):  # clipping counts every element once
+            assert abs(got - want) <= 1e-4 * want, f"rank {rank} grad norm {got} vs {want}"
+        if ref_val is not None:
+            assert abs(val - ref_val) <= tolerance * ref_val, f"rank {rank} validation {val} vs {ref_val}"
+        for name, got in params.items():
+            assert relative_error(got, ref_params[name]) <= tolerance, f"rank {rank} {name}"
+            seen.add(name)
+    assert seen == set(ref_params)  # every parameter lives on some rank, names unchanged

@@ -9,7 +9,7 @@ from plait.mesh import LayoutError, ParallelContext, ParallelDims
 from plait.pipeline import (ScheduleError, analytic_bubble, balanced_split, bubble_fraction, build_schedule,
                             peak_in_flight, plan_chunks, simulate)
 from plait.train import Trainer
-from helpers import train_and_collect, relative_error, synthetic_data, tiny_config, tiny_model_config
+from helpers import assert_runs_match, train_and_collect, synthetic_data, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 CASES = [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("interleaved", 4, 8, 2), ("1f1b", 2, 3, 1),
@@ -95,16 +95,7 @@ def reference(data, model_config):
 
 
 def check_against_reference(results, reference):
-    ref_losses, _, ref_params, ref_val = reference
-    seen = set()
-    for rank, (losses, _, params, val) in enumerate(results):
-        for step, (got, want) in enumerate(zip(losses, ref_losses)):
-            assert abs(got - want) <= TOLERANCE * want, f"rank {rank} step {step}: {got} vs {want}"
-        assert abs(val - ref_val) <= TOLERANCE * ref_val
-        for name, got in params.items():
-            assert relative_error(got, ref_params[name]) <= TOLERANCE, f"rank {rank} {name}"
-            seen.add(name)
-    assert seen == set(ref_params)  # every parameter lives on some stage, names unchanged
+    assert_runs_match(results, reference, TOLERANCE)
 
 
 @pytest.mark.parametrize("pp, schedule, v", [(2, "gpipe", 1), (2, "1f1b", 1), (2, "interleaved", 2),

@@ -15,7 +15,7 @@ from plait.tensor_parallel import (ColumnParallel, PlanError, RowParallel, full_
                                    parallelize, sync_partial_grads)
 from plait.train import IGNORE_INDEX, Trainer
 from plait.train.trainer import token_loss_sum
-from helpers import train_and_collect, relative_error, synthetic_data, tiny_config, tiny_model_config
+from helpers import assert_runs_match, train_and_collect, relative_error, synthetic_data, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 
@@ -77,15 +77,9 @@ def test_logits_loss_and_gradients_match_one_process(pool, data, tp, sp, lp):
 ])
 def test_twenty_steps_match_one_process(pool, data, dims, sp, lp):
     model_config = tiny_model_config()
-    ref_losses, ref_norms, ref_params, _ = train_and_collect(ParallelContext.single(), tiny_config(), data, model_config)
+    reference = train_and_collect(ParallelContext.single(), tiny_config(), data, model_config)
     cfg = tiny_config(tp=dims.tp, sequence_parallel=sp, loss_parallel=lp)
-    for rank, (losses, norms, params, _) in enumerate(pool.run(train_and_collect, dims, cfg, data, model_config)):
-        for step, (got, want) in enumerate(zip(losses, ref_losses)):
-            assert abs(got - want) <= TOLERANCE * want, f"rank {rank} step {step}: {got} vs {want}"
-        for got, want in zip(norms, ref_norms):  # clipping counts every element once
-            assert abs(got - want) <= 1e-4 * want
-        for name, want in ref_params.items():
-            assert relative_error(params[name], want) <= TOLERANCE, f"rank {rank} {name}"
+    assert_runs_match(pool.run(train_and_collect, dims, cfg, data, model_config), reference, TOLERANCE)
 
 
 def one_step_traffic(ctx: ParallelContext, cfg, data, model_config):

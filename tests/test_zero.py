@@ -7,7 +7,7 @@ import pytest
 
 from plait.mesh import ParallelContext, ParallelDims
 from plait.train import Trainer
-from helpers import train_and_collect, relative_error, synthetic_data, tiny_config, tiny_model_config
+from helpers import assert_runs_match, train_and_collect, synthetic_data, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 
@@ -28,16 +28,9 @@ def reference(data):
     (3, ParallelDims(dp=2, tp=2)),
 ])
 def test_twenty_steps_match_one_process(pool, data, reference, zero, dims):
-    ref_losses, ref_norms, ref_params, _ = reference
     cfg = tiny_config(zero=zero, tp=dims.tp, sequence_parallel=dims.tp > 1, loss_parallel=dims.tp > 1)
-    for rank, (losses, norms, params, _) in enumerate(pool.run(train_and_collect, dims, cfg, data,
-                                                                   tiny_model_config())):
-        for step, (got, want) in enumerate(zip(losses, ref_losses)):
-            assert abs(got - want) <= TOLERANCE * want, f"rank {rank} step {step}: {got} vs {want}"
-        for got, want in zip(norms, ref_norms):
-            assert abs(got - want) <= 1e-4 * want
-        for name, want in ref_params.items():
-            assert relative_error(params[name], want) <= TOLERANCE, f"rank {rank} {name}"
+    results = pool.run(train_and_collect, dims, cfg, data, tiny_model_config())
+    assert_runs_match(results, reference, TOLERANCE)
 
 
 def one_step_traffic(ctx: ParallelContext, cfg, data, model_config):
