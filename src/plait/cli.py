@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     defaults = TrainConfig()
     train = commands.add_parser(
-        "train", help="train a model", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "train", help="train a model",
         description="Train a Llama-family model. With no flags: the 'small' preset on this Python's standard "
                     "library, a few minutes on a laptop CPU. Precedence: flags > --config file > defaults.",
         argument_default=argparse.SUPPRESS)
@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     choices = {"dtype": DTYPES, "tokenizer": ("bpe", "byte"), "zero": (0, 1, 2, 3),
                "schedule": ("gpipe", "1f1b", "interleaved")}
     for flag, field, kind, text in TRAIN_FLAGS:
-        train.add_argument(flag, dest=field, type=kind, choices=choices.get(field),
-                           help=f"{text} (default: {getattr(defaults, field)})")
+        shown = text if "default" in text else f"{text} (default: {getattr(defaults, field)})"
+        train.add_argument(flag, dest=field, type=kind, choices=choices.get(field), help=shown)
     for flag, field, text in TRAIN_SWITCHES:
         train.add_argument(f"--{flag}", dest=field, action=argparse.BooleanOptionalAction,
                            help=f"{text} (default: {getattr(defaults, field)})")
