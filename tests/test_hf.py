@@ -79,3 +79,27 @@ def save_after_two_steps(ctx, cfg, data, config, run_dir):
     for step in range(2):
         trainer.train_step(step)
     save_checkpoint(trainer, run_dir, 2)
+
+
+def test_hf_import_reads_this_ranks_slices(tmp_path):
+    """With a tensor-parallel plan applied, each parameter receives exactly its slice of the file."""
+    import types
+
+    from plait.checkpoint.hf import load_hf_weights
+    from plait.models import build_model
+    from plait.tensor_parallel import llama_plan, parallelize
+
+    config = tiny_model_config()
+    source = build_model(config, seed=11)
+    from safetensors.torch import save_file
+    (tmp_path / "hf").mkdir()
+    save_file({n: p.detach().contiguous() for n, p in source.named_parameters()}, str(tmp_path / "hf" / "model.safetensors"))
+    for rank in range(2):
+        model = build_model(config, seed=0)
+        parallelize(model, types.SimpleNamespace(size=2, rank=rank), llama_plan(True, True))
+        load_hf_weights(model, tmp_path / "hf")
+        full = dict(source.named_parameters())
+        for name, param in model.named_parameters():
+            dim = getattr(param, "_plait_shard_dim", None)
+            want = full[name] if dim is None else full[name].chunk(2, dim=dim)[rank]
+            assert torch.equal(param, want), (rank, name)

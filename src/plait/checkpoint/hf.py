@@ -82,7 +82,9 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 @torch.no_grad()
 def load_hf_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Copy a Hugging Face Llama's weights into an unsharded plait model, by name."""
+    """Copy a Hugging Face Llama's weights into a plait model, by name, reading only what this
+    rank holds: the parameters of its pipeline stage, and of a tensor-parallel parameter only
+    its slice (``safetensors`` slices the file; the rest is never read)."""
     path = Path(path)
     files = _weight_files(path)
     handles: dict[Path, object] = {}
@@ -93,7 +95,16 @@ def load_hf_weights(model: torch.nn.Module, path: str | Path) -> None:
             file = files[name]
             if file not in handles:
                 handles[file] = safe_open(str(file), framework="pt")
-            tensor = handles[file].get_tensor(name)
+            dim = getattr(param, "_plait_shard_dim", None)
+            if dim is None:
+                tensor = handles[file].get_tensor(name)
+            else:
+                part = handles[file].get_slice(name)
+                size = param.shape[dim]
+                start = getattr(param, "_plait_shard_index", 0) * size
+                index = tuple(slice(start, start + size) if d == dim else slice(None)
+                              for d in range(len(part.get_shape())))
+                tensor = part[index]
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model "
                                       f"{tuple(param.shape)}")

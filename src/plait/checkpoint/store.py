@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from plait.checkpoint.pieces import Piece, assemble, collect_pieces, load_full_state
 
@@ -109,15 +110,18 @@ def check_model_config(meta: dict, config) -> None:
                                   f"{saved.get(field)!r}, this run {current[field]!r}")
 
 
-def read_full_state(path: str | Path) -> dict[tuple[str, str], torch.Tensor]:
-    """Every piece of the checkpoint, assembled into full tensors (safetensors + JSON only)."""
+def read_full_state(path: str | Path, names: set[str] | None = None) -> dict[tuple[str, str], torch.Tensor]:
+    """The checkpoint's pieces assembled into full tensors (safetensors + JSON only); with
+    ``names``, only the pieces of those parameters are read (a pipeline stage's own)."""
     path = Path(path)
     pieces = []
     for index_file in sorted(path.glob("rank-*.json")):
-        tensors = load_file(str(index_file.with_suffix(".safetensors")))
-        for entry in json.loads(index_file.read_text()):
-            piece = Piece.from_json(entry)
-            pieces.append((piece, tensors[piece.key]))
+        wanted = [Piece.from_json(entry) for entry in json.loads(index_file.read_text())]
+        wanted = [piece for piece in wanted if names is None or piece.name in names]
+        if not wanted:
+            continue
+        with safe_open(str(index_file.with_suffix(".safetensors")), framework="pt") as handle:
+            pieces += [(piece, handle.get_tensor(piece.key)) for piece in wanted]
     return assemble(pieces)
 
 
@@ -127,5 +131,6 @@ def load_checkpoint(trainer, path: str | Path) -> int:
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
     check_model_config(meta, trainer.model_config)
-    load_full_state(trainer, read_full_state(path), meta["step"])
+    names = {name for name, _ in trainer.model.named_parameters()}
+    load_full_state(trainer, read_full_state(path, names), meta["step"])
     return int(meta["step"])

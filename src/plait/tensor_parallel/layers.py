@@ -95,7 +95,9 @@ class _CopyThenLinear(torch.autograd.Function):
 
 def _sharded_parameter(full: torch.Tensor, dim: int, comm: Collectives) -> nn.Parameter:
     param = nn.Parameter(shard(full.detach(), dim, comm))
-    param._plait_shard_dim = dim
+    param._plait_shard_dim = dim  # which slice of the full tensor this is: part `index` of `count` along `dim`
+    param._plait_shard_index = comm.rank
+    param._plait_shard_count = comm.size
     return param
 
 

@@ -104,13 +104,13 @@ class Trainer:
         self.n_micro = self.per_rank_batch // self.micro_batch
 
         self.model = build_model(self.model_config, cfg.seed, ctx.device)
-        if is_hf_directory(cfg.model):  # pretrained weights replace the initialisation, before any slicing
-            load_hf_weights(self.model, cfg.model)
         if dims.tp > 1:  # slice the full, layout-invariant model: every layout starts identical
             parallelize(self.model, ctx.comm("tp"), llama_plan(cfg.sequence_parallel, cfg.loss_parallel))
         self.pipeline = self.eval_pipeline = None
         if dims.pp > 1:
             self._setup_pipeline()
+        if is_hf_directory(cfg.model):  # pretrained weights: only this rank's stage and slices are read
+            load_hf_weights(self.model, cfg.model)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(block for _, block in named_blocks(self.model))
         self.data_parallel = None
