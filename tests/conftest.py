@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import synthetic_data, tiny_model_config
 from plait.testing import WorkerPool
 
 POOL_SIZE = 8
@@ -13,3 +14,15 @@ def pool():
     workers = WorkerPool(POOL_SIZE)
     yield workers
     workers.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data():
+    """The synthetic token stream the equivalence tests train on."""
+    return synthetic_data()
+
+
+@pytest.fixture(scope="session")
+def model_config():
+    """tiny with 8 blocks: enough for pp=4 with two virtual stages."""
+    return tiny_model_config(num_hidden_layers=8)

@@ -7,20 +7,10 @@ from plait.checkpoint import (CheckpointError, complete_checkpoints, latest_chec
                               save_checkpoint)
 from plait.mesh import ParallelContext, ParallelDims
 from plait.train import Trainer
-from helpers import synthetic_data, tiny_config, tiny_model_config
+from helpers import tiny_config
 
 TOLERANCE = 1e-5
 TOTAL, SPLIT = 8, 4
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_data()
-
-
-@pytest.fixture(scope="module")
-def model_config():
-    return tiny_model_config(num_hidden_layers=8)
 
 
 def train_and_save(ctx: ParallelContext, cfg, data, model_config, run_dir, steps):

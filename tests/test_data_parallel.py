@@ -8,7 +8,7 @@ import torch
 
 from plait.mesh import ParallelContext, ParallelDims
 from plait.train import Trainer
-from helpers import relative_error, synthetic_data, tiny_config, tiny_model_config
+from helpers import relative_error, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 
@@ -28,11 +28,6 @@ def first_step_gradients(ctx: ParallelContext, cfg, data, model_config):
     traffic = ctx.counter.select(group="dp", op="all_reduce", tag="grads")
     param_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
     return loss_sum / n_targets, grads, traffic.wire, traffic.payload, param_bytes
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_data()
 
 
 @pytest.mark.parametrize("dp, micro_batch, tied", [(2, 2, False), (4, 1, True), (2, 4, True)])

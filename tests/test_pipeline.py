@@ -9,7 +9,7 @@ from plait.mesh import LayoutError, ParallelContext, ParallelDims
 from plait.pipeline import (ScheduleError, analytic_bubble, balanced_split, bubble_fraction, build_schedule,
                             peak_in_flight, plan_chunks, simulate)
 from plait.train import Trainer
-from helpers import assert_runs_match, train_and_collect, synthetic_data, tiny_config, tiny_model_config
+from helpers import assert_runs_match, train_and_collect, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 CASES = [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("interleaved", 4, 8, 2), ("1f1b", 2, 3, 1),
@@ -77,16 +77,6 @@ def test_balanced_split():
     assert balanced_split([1, 1, 1, 1, 1, 1, 1, 5.0], 2) == [6, 2]  # the heavy last block (head) gets company of one
     chunks = plan_chunks(tiny_model_config(num_hidden_layers=8), 2, 2, 32)
     assert [c.layers for c in chunks][0][0] == 0 and chunks[-1].layers[-1] == 7 and chunks[-1].is_last
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_data()
-
-
-@pytest.fixture(scope="module")
-def model_config():
-    return tiny_model_config(num_hidden_layers=8)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,9 @@ from plait.tensor_parallel import (ColumnParallel, PlanError, RowParallel, full_
                                    parallelize, sync_partial_grads)
 from plait.train import IGNORE_INDEX, Trainer
 from plait.train.trainer import token_loss_sum
-from helpers import assert_runs_match, train_and_collect, relative_error, synthetic_data, tiny_config, tiny_model_config
+from helpers import assert_runs_match, train_and_collect, relative_error, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_data()
 
 
 def batch_with_ignored_targets(seed: int = 0):

@@ -7,14 +7,9 @@ import pytest
 
 from plait.mesh import ParallelContext, ParallelDims
 from plait.train import Trainer
-from helpers import assert_runs_match, train_and_collect, synthetic_data, tiny_config, tiny_model_config
+from helpers import assert_runs_match, train_and_collect, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_data()
 
 
 @pytest.fixture(scope="module")

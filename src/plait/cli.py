@@ -187,32 +187,16 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     """Everything checkable without data or processes, so a bad flag fails in one line, once."""
     from plait.train.run import check_supported
+    from plait.train.trainer import batch_layout, plan_pipeline
 
     check_supported(cfg)
     dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
     from plait.checkpoint.hf import is_hf_directory, load_hf_config
     model = load_hf_config(cfg.model) if is_hf_directory(cfg.model) else get_preset(cfg.model)
     dims.check_model(model)
-    per_rank = cfg.global_batch // dims.dp if cfg.global_batch % dims.dp == 0 else 0
-    if cfg.microbatches and per_rank % cfg.microbatches:
-        raise LayoutError(f"the per-rank batch {per_rank} is not divisible by --microbatches {cfg.microbatches}")
-    micro_batch = cfg.micro_batch or (per_rank // cfg.microbatches if cfg.microbatches else per_rank)
-    dims.check_batch(cfg.global_batch, max(1, micro_batch))
-    dims.check_sequence(cfg.seq_len, cfg.sequence_parallel)
+    _, _, n_micro = batch_layout(cfg, dims)
     if dims.pp > 1:
-        from plait.pipeline import ScheduleError, StageError, build_schedule, plan_chunks
-        n_micro = per_rank // micro_batch
-        if n_micro < dims.pp:
-            raise LayoutError(f"--pp {dims.pp} needs at least {dims.pp} micro-batches per step, got {n_micro} "
-                              f"(set --microbatches)")
-        if cfg.zero >= 2:
-            raise LayoutError(f"--zero {cfg.zero} with --pp > 1 is not yet supported (use --zero 0 or 1)")
-        try:
-            build_schedule(cfg.schedule, dims.pp, n_micro, cfg.virtual_stages)
-            split = [int(part) for part in cfg.pipeline_split.split(",")] if cfg.pipeline_split else None
-            plan_chunks(model, dims.pp, cfg.virtual_stages, cfg.seq_len, split)
-        except (ScheduleError, StageError) as error:
-            raise LayoutError(str(error)) from None
+        plan_pipeline(cfg, dims, model, n_micro)
 
 
 def under_launcher() -> bool:

@@ -22,7 +22,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from plait.comm import Collectives
+from plait.comm import Collectives, _gather_dim
 from plait.tensor_parallel.layers import (INPUT_MODES, OUTPUT_MODES, ColumnParallelLinear, ParallelLMHead,
                                           RowParallelLinear, VocabParallelEmbedding, prepare_input)
 
@@ -206,19 +206,16 @@ def sync_partial_grads(model: nn.Module, comm: Collectives) -> None:
         offset += grad.numel()
 
 
-def full_tensor(param: torch.Tensor, comm: Collectives) -> torch.Tensor:
-    """The unsharded value of a (possibly tensor-parallel) parameter or its gradient."""
+def _unshard(tensor: torch.Tensor, param: nn.Parameter, comm: Collectives) -> torch.Tensor:
     dim = getattr(param, "_plait_shard_dim", None)
-    return param.detach() if dim is None or comm.size == 1 else _gather(param.detach(), dim, comm)
+    return tensor if dim is None or comm.size == 1 else _gather_dim(tensor, comm, dim, "gather_state")
+
+
+def full_tensor(param: nn.Parameter, comm: Collectives) -> torch.Tensor:
+    """The unsharded value of a (possibly tensor-parallel) parameter."""
+    return _unshard(param.detach(), param, comm)
 
 
 def full_grad(param: nn.Parameter, comm: Collectives) -> torch.Tensor:
-    dim = getattr(param, "_plait_shard_dim", None)
-    return param.grad.detach() if dim is None or comm.size == 1 else _gather(param.grad.detach(), dim, comm)
-
-
-def _gather(tensor: torch.Tensor, dim: int, comm: Collectives) -> torch.Tensor:
-    moved = tensor.movedim(dim, 0).contiguous()
-    out = torch.empty((comm.size * moved.shape[0], *moved.shape[1:]), dtype=moved.dtype, device=moved.device)
-    comm.all_gather(out, moved, tag="gather_state")
-    return out.movedim(0, dim).contiguous()
+    """The unsharded gradient of a (possibly tensor-parallel) parameter."""
+    return _unshard(param.grad.detach(), param, comm)

@@ -53,6 +53,35 @@ def model_config_for(cfg: TrainConfig, data_vocab_size: int) -> LlamaConfig:
     return get_preset(cfg.model).replace(vocab_size=vocab)
 
 
+def batch_layout(cfg: TrainConfig, dims) -> tuple[int, int, int]:
+    """(per-rank batch, micro-batch size, micro-batches per step) of ``cfg`` on ``dims``, checked."""
+    per_rank = cfg.global_batch // dims.dp if cfg.global_batch % dims.dp == 0 else 0
+    if cfg.microbatches and per_rank % cfg.microbatches:
+        raise LayoutError(f"the per-rank batch {per_rank} is not divisible by --microbatches {cfg.microbatches}")
+    micro_batch = cfg.micro_batch or (per_rank // cfg.microbatches if cfg.microbatches else per_rank)
+    dims.check_batch(cfg.global_batch, max(1, micro_batch))
+    dims.check_sequence(cfg.seq_len, cfg.sequence_parallel)
+    return per_rank, micro_batch, per_rank // micro_batch
+
+
+def plan_pipeline(cfg: TrainConfig, dims, model_config: LlamaConfig, n_micro: int):
+    """(chunks, per-rank schedules) of a valid pipeline layout, or a one-line LayoutError."""
+    if model_config.tie_word_embeddings:
+        raise LayoutError("tied embeddings across pipeline stages (--pp > 1) are not yet supported")
+    if cfg.zero >= 2:
+        raise LayoutError(f"--zero {cfg.zero} with --pp > 1 is not yet supported (use --zero 0 or 1)")
+    if n_micro < dims.pp:
+        raise LayoutError(f"--pp {dims.pp} needs at least {dims.pp} micro-batches per step, got {n_micro} "
+                          f"(set --microbatches)")
+    split = [int(part) for part in cfg.pipeline_split.split(",")] if cfg.pipeline_split else None
+    try:
+        plans = build_schedule(cfg.schedule, dims.pp, n_micro, cfg.virtual_stages)
+        chunks = plan_chunks(model_config, dims.pp, cfg.virtual_stages, cfg.seq_len, split)
+    except (ScheduleError, StageError) as error:
+        raise LayoutError(str(error)) from None
+    return chunks, plans
+
+
 def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
     """Recompute each block's activations in backward instead of keeping them.
 
@@ -93,20 +122,12 @@ class Trainer:
         self.model_config = model_config or model_config_for(cfg, data.vocab_size)
         dims = ctx.dims
         dims.check_model(self.model_config)
-        self.per_rank_batch = cfg.global_batch // dims.dp if cfg.global_batch % dims.dp == 0 else 0
-        self.micro_batch = cfg.micro_batch or (self.per_rank_batch // cfg.microbatches if cfg.microbatches
-                                               else self.per_rank_batch)
-        if cfg.microbatches and self.per_rank_batch % cfg.microbatches:
-            raise LayoutError(f"the per-rank batch {self.per_rank_batch} is not divisible by "
-                              f"--microbatches {cfg.microbatches}")
-        dims.check_batch(cfg.global_batch, self.micro_batch)
-        dims.check_sequence(cfg.seq_len, cfg.sequence_parallel)
-        self.n_micro = self.per_rank_batch // self.micro_batch
+        self.per_rank_batch, self.micro_batch, self.n_micro = batch_layout(cfg, dims)
 
         self.model = build_model(self.model_config, cfg.seed, ctx.device)
         if dims.tp > 1:  # slice the full, layout-invariant model: every layout starts identical
             parallelize(self.model, ctx.comm("tp"), llama_plan(cfg.sequence_parallel, cfg.loss_parallel))
-        self.pipeline = self.eval_pipeline = None
+        self.pipeline = None
         if dims.pp > 1:
             self._setup_pipeline()
         if is_hf_directory(cfg.model):  # pretrained weights: only this rank's stage and slices are read
@@ -139,18 +160,7 @@ class Trainer:
     def _setup_pipeline(self) -> None:
         """Keep this rank's chunks of blocks and build the executors of its schedule."""
         cfg, ctx, dims = self.cfg, self.ctx, self.ctx.dims
-        if self.model_config.tie_word_embeddings:
-            raise LayoutError("tied embeddings across pipeline stages (--pp > 1) are not yet supported")
-        if cfg.zero >= 2:
-            raise LayoutError(f"--zero {cfg.zero} with --pp > 1 is not yet supported (use --zero 0 or 1)")
-        if self.n_micro < dims.pp:
-            raise LayoutError(f"--pp {dims.pp} needs at least {dims.pp} micro-batches per step, got "
-                              f"{self.n_micro} (set --microbatches)")
-        split = [int(part) for part in cfg.pipeline_split.split(",")] if cfg.pipeline_split else None
-        try:
-            chunks = plan_chunks(self.model_config, dims.pp, cfg.virtual_stages, cfg.seq_len, split)
-        except StageError as error:
-            raise LayoutError(str(error)) from None
+        chunks, plans = plan_pipeline(cfg, dims, self.model_config, self.n_micro)
         mine = keep_stage(self.model, chunks, ctx.pp_rank, dims.pp)
         seq_local = cfg.seq_len // dims.tp if cfg.sequence_parallel else cfg.seq_len
         shape = (self.micro_batch, seq_local, self.model_config.hidden_size)
@@ -171,11 +181,7 @@ class Trainer:
             return PipelineExecutor(self.model, mine, plan, ctx.comm("pp"), microbatches, cfg.seq_len, shape,
                                     activation_dtype, loss_fn, forward_context)
 
-        try:
-            plan = build_schedule(cfg.schedule, dims.pp, self.n_micro, cfg.virtual_stages)
-        except ScheduleError as error:
-            raise LayoutError(str(error)) from None
-        self.pipeline = executor(plan[ctx.pp_rank], self.n_micro)
+        self.pipeline = executor(plans[ctx.pp_rank], self.n_micro)
         self._eval_executor = lambda m: executor(build_schedule("gpipe", dims.pp, m, cfg.virtual_stages)[ctx.pp_rank], m)
 
     def _autocast(self):
