@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--virtual-stages", type=int, default=1, help="chunks per rank (interleaved)")
     schedule.add_argument("--backward-cost", type=float, default=2.0, help="backward time / forward time")
     schedule.add_argument("-o", "--output", default="schedule.png", help="PNG to write")
+    from plait.planner.cli import add_commands
+    add_commands(commands)
     return parser
 
 
@@ -282,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return schedule_command(args)
     if args.command == "export":
         return export_command(args)
+    if args.command in ("plan", "simulate", "calibrate"):
+        from plait.planner.cli import run
+        return run(args)
     try:
         cfg = train_config_from_args(args)
         if cfg.out is None:

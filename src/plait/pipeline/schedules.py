@@ -20,6 +20,7 @@ micro-batches' activations per rank in flight, GPipe all m.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
@@ -128,10 +129,15 @@ class Slot:
     end: float
 
 
-def simulate(plans: list[list[Action]], forward_cost: float = 1.0, backward_cost: float = 1.0,
+Cost = float | Callable[[int], float]
+
+
+def simulate(plans: list[list[Action]], forward_cost: Cost = 1.0, backward_cost: Cost = 1.0,
              comm_cost: float = 0.0) -> list[Slot]:
     """Run the action lists against each other: each rank executes its list in order; a
-    receive waits for the matching send; compute takes its cost. Returns the compute slots.
+    receive waits for the matching send; compute takes its cost (a number, or a function of
+    the chunk index: the planner charges the embedding and head to the first and last chunk);
+    a message arrives ``comm_cost`` after its send. Returns the compute slots.
 
     Raises ScheduleError on a deadlock (a rank waits on a receive that is never sent).
     """
@@ -148,6 +154,7 @@ def simulate(plans: list[list[Action]], forward_cost: float = 1.0, backward_cost
                 action = plans[rank][position[rank]]
                 if action.kind in ("F", "B"):
                     cost = forward_cost if action.kind == "F" else backward_cost
+                    cost = cost(action.chunk) if callable(cost) else cost
                     slots.append(Slot(rank, action.kind, action.microbatch, action.chunk, clock[rank],
                                       clock[rank] + cost))
                     clock[rank] += cost

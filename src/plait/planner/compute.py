@@ -1,0 +1,195 @@
+"""Compute time of one layer, the embedding and the head, per micro-batch and rank.
+
+Each operation plait (or, for ``arch='gpt'``, Megatron-LM 2021) runs is listed with its
+shape after tensor parallelism, and timed by a roofline plus a fixed launch cost:
+
+    GEMM (m x k) @ (k x n):   t = max(2mnk / R_gemm, (mk + kn + mn) e / B_mem) + t_launch
+    fused attention:           t = FLOPs actually done / R_attn + t_launch (flash skips the
+                               masked half of causal attention: half of 4 b s^2 h forward)
+    elementwise / norm / copy: t = bytes moved / B_mem + t_launch
+
+R_gemm is the profile's large-GEMM rate (peak x gemm_efficiency, or measured on cpu), B_mem
+the streaming memory bandwidth. That is how shape enters: under high tensor parallelism the
+per-device GEMMs get thin (n or k divided by tp), their arithmetic intensity mnk/(mk+kn+mn)
+falls towards the memory roof, and the fixed launch cost weighs more against less work; a
+materialised attention's QK^T (k = head_dim) is memory-bound outright. Backward runs two GEMMs
+per forward GEMM (input and weight gradients, same FLOPs, transposed shapes) and moves about
+twice the forward's bytes through elementwise kernels. Flash attention's backward does 2.5x its
+forward's FLOPs (it recomputes the scores).
+
+Bytes moved by the elementwise work of a layer, per token (T_n: tokens a rank's norms see, s/t
+of them with sequence parallelism), are counted from the kernels each model runs:
+- llama (plait, eager PyTorch): RMSNorm in fp32 (x^2, mean, scale, cast, weight: ~7 passes of
+  h), rotary embedding on q and k (~9 passes), the attention output's transpose copy, two
+  residual adds, SiLU and the gate product (5 passes of f/t), and, with bf16 autocast, the
+  casts of matmul inputs and of the layer's fp32 weights to bf16 (each micro-batch).
+- gpt (Megatron-LM with fused kernels): LayerNorm (read + write h), fused bias-GELU (4h/t),
+  two fused bias-dropout-adds (3h + a 1-byte mask), fused scale-mask-softmax and dropout on
+  the b a s^2 scores (the 5as/h of Korthikanti et al.).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from plait.planner.hardware import HardwareProfile
+from plait.planner.workload import Layout, ModelShape
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class DeviceRates:
+    """What one rank gets: on a GPU the whole device; on cpu its share of the node's cores."""
+    matmul: float         # FLOP/s of large GEMMs
+    attention: float      # FLOP/s of fused attention
+    memory: float         # bytes/s streaming
+    launch_s: float       # fixed cost per kernel / eager op
+    peak: float           # FLOP/s, the MFU denominator
+
+
+def device_rates(hw: HardwareProfile, dtype: str, ranks_per_node: int) -> DeviceRates:
+    share = 1.0
+    if hw.kind == "cpu":  # plait gives each rank max(1, cores // ranks) threads; more ranks time-share
+        share = max(1, hw.cores // ranks_per_node) if ranks_per_node <= hw.cores else hw.cores / ranks_per_node
+    return DeviceRates(matmul=hw.matmul_rate(dtype) * share, attention=hw.attention_rate(dtype) * share,
+                       memory=hw.memory_bandwidth * hw.memory_efficiency * share,
+                       launch_s=hw.kernel_latency_s, peak=hw.peak(dtype) * share)
+
+
+@dataclass
+class Cost:
+    """Seconds by kind, and the FLOPs done (hardware FLOPs, recomputation and flash's backward included)."""
+    gemm: float = 0.0
+    attention: float = 0.0
+    memory: float = 0.0
+    comm: float = 0.0
+    flops: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.gemm + self.attention + self.memory + self.comm
+
+    def add(self, other: "Cost", times: float = 1.0) -> "Cost":
+        self.gemm += other.gemm * times
+        self.attention += other.attention * times
+        self.memory += other.memory * times
+        self.comm += other.comm * times
+        self.flops += other.flops * times
+        for key, value in other.parts.items():
+            self.parts[key] = self.parts.get(key, 0.0) + value * times
+        return self
+
+
+class Timer:
+    """Accumulates a Cost from operations, on one rank's rates."""
+
+    def __init__(self, rates: DeviceRates, element_bytes: int) -> None:
+        self.rates, self.e, self.cost = rates, element_bytes, Cost()
+
+    def gemm(self, m: float, n: float, k: float, count: int = 1, batch: float = 1) -> None:
+        flops = 2.0 * m * n * k * batch
+        moved = (m * k + k * n + m * n) * batch * self.e
+        seconds = max(flops / self.rates.matmul, moved / self.rates.memory) + self.rates.launch_s
+        self.cost.gemm += seconds * count
+        self.cost.flops += flops * count
+
+    def attention(self, flops_done: float) -> None:
+        self.cost.attention += flops_done / self.rates.attention + self.rates.launch_s
+        self.cost.flops += flops_done
+
+    def memory(self, nbytes: float, kernels: int = 1) -> None:
+        self.cost.memory += nbytes / self.rates.memory + kernels * self.rates.launch_s
+
+    def comm(self, seconds: float, label: str) -> None:
+        self.cost.comm += seconds
+        self.cost.parts[label] = self.cost.parts.get(label, 0.0) + seconds
+
+
+def residual_bytes(shape: ModelShape, layout: Layout) -> int:
+    """Bytes per element of the residual stream: plait keeps it in the parameters' dtype (fp32
+    under autocast, bf16 once ZeRO holds bf16 parameters); Megatron's GPT runs it in half."""
+    if shape.arch == "gpt":
+        return DTYPE_BYTES[layout.dtype]
+    return 2 if layout.dtype != "float32" and layout.zero >= 1 else 4
+
+
+def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
+    """One transformer layer, one micro-batch, forward, on one tensor-parallel rank."""
+    t, b, s = layout.tp, layout.micro_batch, shape.seq_len
+    h, f, kv = shape.hidden, shape.ffn_hidden, shape.kv_hidden
+    tokens = b * s
+    norm_tokens = tokens / t if layout.sequence_parallel else tokens
+    e, e_res = timer.e, residual_bytes(shape, layout)
+    heads = shape.heads // t
+    if shape.arch == "llama":
+        timer.gemm(tokens, h / t, h)                    # q
+        timer.gemm(tokens, kv / t, h, count=2)          # k, v
+        timer.memory(9 * tokens * (h + kv) / t * e, kernels=8)       # rotary on q and k
+        timer.attention(0.5 * 4 * b * s * s * h / t)    # causal flash: half the score blocks
+        timer.memory(2 * tokens * h / t * e)            # transpose(1, 2).reshape copy
+        timer.gemm(tokens, h, h / t)                    # o_proj
+        timer.gemm(tokens, f / t, h, count=2)           # gate, up
+        timer.memory(5 * tokens * f / t * e, kernels=2)  # silu(gate) * up
+        timer.gemm(tokens, h, f / t)                    # down
+        timer.memory(2 * 7 * norm_tokens * h * 4, kernels=10)          # two RMSNorms in fp32
+        timer.memory(2 * 3 * norm_tokens * h * e_res, kernels=2)       # two residual adds
+        if layout.dtype != "float32":  # autocast: matmul inputs and fp32 weights cast to bf16
+            timer.memory(2 * tokens * h * (4 + e), kernels=2)
+            timer.memory(shape.layer_parameters() / t * (4 + e), kernels=7)
+    else:
+        d = shape.head_dim
+        timer.gemm(tokens, 3 * h / t, h)                # fused qkv
+        timer.gemm(s, s, d, batch=b * heads)            # QK^T
+        timer.memory(2 * b * heads * s * s * e)         # fused scale-mask-softmax
+        timer.memory(b * heads * s * s * (2 * e + 1))   # dropout (1-byte mask)
+        timer.gemm(s, d, s, batch=b * heads)            # probabilities x V
+        timer.gemm(tokens, h, h / t)                    # dense
+        timer.gemm(tokens, f / t, h)                    # fc1
+        timer.memory(2 * tokens * f / t * e)            # fused bias + GELU
+        timer.gemm(tokens, h, f / t)                    # fc2
+        timer.memory(2 * 2 * norm_tokens * h * e, kernels=2)          # two LayerNorms
+        timer.memory(2 * norm_tokens * h * (3 * e + 1), kernels=2)    # two bias-dropout-adds
+
+
+def layer_backward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
+    """Backward of one layer: every GEMM twice (input and weight gradients, transposed shapes,
+    same FLOPs), flash attention 2.5x its forward, elementwise traffic twice the forward's."""
+    probe = Timer(timer.rates, timer.e)
+    layer_forward(probe, shape, layout)
+    forward = probe.cost
+    timer.cost.gemm += 2 * forward.gemm
+    timer.cost.attention += 2.5 * forward.attention
+    timer.cost.memory += 2 * forward.memory
+    flash = (0.5 * 4 * layout.micro_batch * shape.seq_len ** 2 * shape.hidden / layout.tp
+             if shape.arch == "llama" else 0.0)
+    timer.cost.flops += 2 * forward.flops + 0.5 * flash  # flash's backward: 2.5x its forward FLOPs
+
+
+def head_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
+    """Final norm, output projection (vocabulary split over tp) and the cross-entropy."""
+    t, tokens = layout.tp, layout.micro_batch * shape.seq_len
+    h, v = shape.hidden, shape.vocab
+    norm_tokens = tokens / t if layout.sequence_parallel else tokens
+    timer.memory(7 * norm_tokens * h * 4, kernels=5)
+    timer.gemm(tokens, v / t, h)
+    timer.memory(4 * tokens * v / t * 4, kernels=4)  # logits to fp32, max, exp-sum, target pick
+
+
+def head_backward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
+    probe = Timer(timer.rates, timer.e)
+    head_forward(probe, shape, layout)
+    timer.cost.gemm += 2 * probe.cost.gemm
+    timer.cost.memory += probe.cost.memory
+    timer.cost.flops += 2 * probe.cost.flops
+
+
+def embedding_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
+    tokens = layout.micro_batch * shape.seq_len
+    timer.memory(2 * tokens * shape.hidden * residual_bytes(shape, layout), kernels=2)
+
+
+def embedding_backward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
+    """Scatter-add of the rows' gradients into the (vocabulary-sharded) embedding gradient."""
+    tokens = layout.micro_batch * shape.seq_len
+    timer.memory(2 * tokens * shape.hidden * 4 + shape.vocab * shape.hidden / layout.tp * 4, kernels=3)

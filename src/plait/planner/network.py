@@ -1,0 +1,56 @@
+"""Alpha-beta time of one collective on a group of devices.
+
+    t = alpha + factor(op, n) * bytes / bandwidth
+
+``bytes`` is the full logical tensor (the all-reduced tensor, the gathered result, the sent
+message). ``factor`` is the share each device puts on the wire in a ring (as ``plait.comm``
+counts it): all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n, send 1. NCCL picks
+rings for bandwidth and trees for latency, so alpha grows with log2(n), not with n.
+
+Bandwidth depends on where the group lives. A group inside one node runs on NVLink. A group
+spread over nodes with k members on each node stripes its rings over those k members' NICs,
+so it gets min(NVLink, k x NIC) per device: tensor parallel inside a node (k = tp) is fast,
+data parallel across nodes behind tp = 8 gets one NIC per replica. Both are multiplied by the
+profile's ``link_efficiency`` (the bus bandwidth NCCL reaches).
+
+On the ``cpu`` profile ``plait calibrate`` fitted (alpha, bandwidth) per operation of
+plait's own gloo collectives (all-reduce, the all-to-all reduce-scatter, the point-to-point
+all-gather, send/recv), with the same factors, so those are used as measured.
+"""
+from __future__ import annotations
+
+import math
+
+from plait.planner.hardware import HardwareProfile
+
+FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+           "reduce_scatter": lambda n: (n - 1) / n, "send": lambda n: 1.0}
+
+
+def collective_time(hw: HardwareProfile, op: str, nbytes: float, group_size: int, members_per_node: int) -> float:
+    """Seconds for ``op`` over ``group_size`` devices, ``members_per_node`` of them per node."""
+    n = group_size
+    if n <= 1 and op != "send":
+        return 0.0
+    factor = FACTORS[op](max(n, 2))
+    if op in hw.collectives:
+        fit = hw.collectives[op]
+        return fit.latency_s + factor * nbytes / fit.bandwidth
+    inside_node = members_per_node >= n
+    if inside_node:
+        bandwidth, latency = hw.intra_node_bandwidth, hw.intra_node_latency_s
+    else:
+        bandwidth = min(hw.intra_node_bandwidth, members_per_node * hw.inter_node_bandwidth)
+        latency = hw.inter_node_latency_s
+    steps = 1 if op == "send" else math.ceil(math.log2(max(n, 2))) * (2 if op == "all_reduce" else 1)
+    return steps * latency + factor * nbytes / (bandwidth * hw.link_efficiency)
+
+
+def members_per_node(group: str, tp: int, pp: int, dp: int, devices_per_node: int) -> int:
+    """How many members of one tp / pp / dp group share a node, with ranks placed tp innermost,
+    then pp, then dp (plait's rank order: rank = (dp_rank * pp + pp_rank) * tp + tp_rank)."""
+    if group == "tp":
+        return min(tp, devices_per_node)
+    if group == "pp":
+        return max(1, min(pp, devices_per_node // tp))
+    return max(1, min(dp, devices_per_node // (tp * pp)))

@@ -1,0 +1,100 @@
+"""``plait plan``: search the layouts of a job and rank them by predicted throughput.
+
+Candidates: every tp (powers of two up to a node) x pp (divisors of what is left) with dp the
+rest, each ZeRO level, sequence parallelism on or off (tp > 1; loss parallelism always on
+then), micro-batch sizes (powers of two dividing the per-replica batch), the pipeline
+schedules (1F1B, interleaved with 2 or 4 chunks per rank, GPipe) and full recomputation on or
+off. A candidate is rejected with its reason (a size tp does not divide, a batch that does not
+split, a combination plait does not support, out of memory); the rest are ranked by tokens/s
+per device. A first pass prices pipelines with the closed-form bubble; the best candidates are
+then re-predicted exactly by simulating their schedules' action lists.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+
+from plait.planner.hardware import HardwareProfile
+from plait.planner.simulator import LayoutRejected, Prediction, predict
+from plait.planner.workload import Layout, ModelShape
+
+EXACT_CANDIDATES = 24
+
+
+@dataclass
+class PlanResult:
+    best: list[Prediction]
+    rejections: Counter = field(default_factory=Counter)   # reason -> count
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> one layout it rejected
+    considered: int = 0
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    values, value = [], 1
+    while value <= limit:
+        values.append(value)
+        value *= 2
+    return values
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_layouts(shape: ModelShape, gpus: int, gpus_per_node: int, global_batch: int, dtype: str,
+                      max_micro_batch: int = 16):
+    for tp in _powers_of_two(min(gpus, gpus_per_node)):
+        if gpus % tp:
+            continue
+        for pp in _divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            per_replica = global_batch // dp if global_batch % dp == 0 else 1
+            for micro_batch in _powers_of_two(min(max_micro_batch, per_replica)):
+                schedules = [("1f1b", 1)]
+                if pp > 1:
+                    schedules += [("interleaved", 2), ("interleaved", 4), ("gpipe", 1)]
+                for schedule, v in schedules:
+                    for zero in (0, 1, 2, 3):
+                        if dp == 1 and zero:
+                            continue
+                        for sp in ((False, True) if tp > 1 else (False,)):
+                            for recompute in ("none", "full"):
+                                yield Layout(dp=dp, tp=tp, pp=pp, micro_batch=micro_batch,
+                                             global_batch=global_batch, zero=zero, sequence_parallel=sp,
+                                             loss_parallel=tp > 1, recompute=recompute, schedule=schedule,
+                                             virtual_stages=v, dtype=dtype)
+
+
+def plan(shape: ModelShape, hw: HardwareProfile, gpus: int, global_batch: int, gpus_per_node: int | None = None,
+         dtype: str = "bfloat16", top: int = 5) -> PlanResult:
+    per_node = gpus_per_node or hw.devices_per_node
+    result = PlanResult(best=[])
+    fitting: list[Prediction] = []
+
+    def reject(reason: str, layout: Layout) -> None:
+        key = reason.split(":")[0] if reason.startswith("out of memory") else reason
+        result.rejections[key] += 1
+        result.examples.setdefault(key, layout.describe())
+
+    hw = dataclasses.replace(hw, devices_per_node=per_node)
+    for layout in candidate_layouts(shape, gpus, per_node, global_batch, dtype):
+        result.considered += 1
+        try:
+            estimate = predict(shape, layout, hw, exact_pipeline=False)
+        except LayoutRejected as error:
+            reject(str(error), layout)
+            continue
+        if not estimate.fits:
+            reject("out of memory", layout)
+            continue
+        fitting.append(estimate)
+    fitting.sort(key=lambda p: p.step_time_s)
+    exact = []
+    for estimate in fitting[:EXACT_CANDIDATES]:
+        prediction = predict(shape, estimate.layout, hw) if estimate.layout.pp > 1 else estimate
+        if prediction.fits:
+            exact.append(prediction)
+    exact.sort(key=lambda p: p.step_time_s)
+    result.best = exact[:top]
+    return result

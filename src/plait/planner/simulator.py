@@ -1,0 +1,288 @@
+"""Predict one layout: step time, memory per rank, throughput and MFU.
+
+The step is assembled from the pieces of the other modules, the way plait runs it:
+
+1. Per chunk of layers, the forward and backward time of one micro-batch on one rank
+   (``compute.py``) plus the tensor-parallel collectives plait issues inside them, which run
+   in the compute stream (not overlapped): without SP two all-reduces of b s h forward and two
+   backward per layer; with SP two all-gathers and two reduce-scatters each way, plus the two
+   re-gathers of the kept shards in backward. Full recomputation repeats the forward and its
+   collectives inside the backward.
+2. The pipeline: the very action lists plait's executor runs (``pipeline.build_schedule``),
+   simulated with those chunk costs and a point-to-point message time per boundary
+   (``pipeline.simulate``); the bubble comes out of the same code as the executor's order.
+   Without a pipeline this is m x (forward + backward).
+3. Data parallel traffic (``network.py``): plain DP all-reduces fp32 gradients in buckets
+   during the last micro-batch's backward; ZeRO-1 reduce-scatters after backward and
+   all-gathers parameters after the step; ZeRO-2 reduce-scatters each unit in every
+   micro-batch's backward; ZeRO-3 also all-gathers every unit before its forward and again
+   before its backward. On GPUs traffic launched during compute hides behind it (the exposed
+   part is what exceeds the compute); on the cpu profile gloo shares the cores, so all of it
+   adds.
+4. The optimizer: AdamW reads parameter, gradient and moments and writes three of them, a
+   memory-bound 28 bytes per local fp32 element, plus the gradient norm (4 bytes).
+
+Throughput: tokens/s per device = global batch x sequence / step time / devices.
+``mfu`` = model FLOPs (6 per matmul parameter per token plus attention, no recomputation) /
+(step time x devices x peak). ``tflops_per_gpu`` counts the FLOPs the hardware executes in the
+way Megatron-LM reports them: the model FLOPs plus the recomputed forward (for ``arch=gpt``
+exactly Narayanan et al.'s Eq. 3, 96 B s l h^2 (1 + s/6h + V/16lh) with full recomputation,
+72 without). ``model_tflops_per_gpu`` is the same without recomputation.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+from plait.pipeline.schedules import build_schedule, peak_in_flight, simulate
+from plait.pipeline.stage import balanced_split
+from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
+                                   head_backward, head_forward, layer_backward, layer_forward)
+from plait.planner.hardware import HardwareProfile
+from plait.planner.memory import parameter_bytes, rank_memory
+from plait.planner.network import collective_time, members_per_node
+from plait.planner.workload import Layout, ModelShape, check_layout
+
+ADAM_BYTES_PER_ELEMENT = 28 + 4
+DDP_BUCKET_BYTES = 25 * 2 ** 20
+
+
+class LayoutRejected(ValueError):
+    """This layout cannot run; the message says why in one line."""
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    step_time_s: float
+    memory_bytes_per_gpu: float
+    memory_breakdown: dict[str, float]
+    tokens_per_s_per_gpu: float
+    tflops_per_gpu: float
+    model_tflops_per_gpu: float
+    mfu: float
+    fits: bool
+    time_breakdown: dict[str, float] = field(default_factory=dict)
+    bubble_fraction: float = 0.0
+
+    def to_dict(self) -> dict:
+        values = {key: value for key, value in asdict(self).items() if key != "layout"}
+        values["layout"] = asdict(self.layout)
+        values["layout_name"] = self.layout.describe()
+        values["memory_gb_per_gpu"] = self.memory_bytes_per_gpu / 1e9
+        return values
+
+
+def _ranks_per_node(hw: HardwareProfile, layout: Layout) -> int:
+    return layout.world_size if hw.kind == "cpu" else min(layout.world_size, hw.devices_per_node)
+
+
+def chunk_layer_counts(shape: ModelShape, layer_cost: float, head_cost: float, parts: int) -> list[int]:
+    """Layers per pipeline chunk, balanced as plait's stage split does (the head on the last)."""
+    costs = [layer_cost] * shape.layers
+    costs[-1] += head_cost
+    return balanced_split(costs, parts)
+
+
+class StepModel:
+    """The per-micro-batch costs of one layout on one profile (shared by every rank of a stage)."""
+
+    def __init__(self, shape: ModelShape, layout: Layout, hw: HardwareProfile) -> None:
+        self.shape, self.layout, self.hw = shape, layout, hw
+        self.rates = device_rates(hw, layout.dtype, _ranks_per_node(hw, layout))
+        self.e = DTYPE_BYTES[layout.dtype]
+        per_node = hw.devices_per_node if hw.kind == "gpu" else layout.world_size
+        self.members = {g: members_per_node(g, layout.tp, layout.pp, layout.dp, per_node) for g in ("tp", "pp", "dp")}
+        self.layer_f, self.layer_b = self._layer_costs()
+        self.embed_f, self.embed_b, self.head_f, self.head_b = self._edge_costs()
+
+    def collective(self, group: str, op: str, nbytes: float) -> float:
+        size = {"tp": self.layout.tp, "pp": 2, "dp": self.layout.dp}[group]
+        return collective_time(self.hw, op, nbytes, size, self.members[group])
+
+    def _timer(self) -> Timer:
+        return Timer(self.rates, self.e)
+
+    def _layer_costs(self) -> tuple[Cost, Cost]:
+        shape, layout = self.shape, self.layout
+        activation = layout.micro_batch * shape.seq_len * shape.hidden * self.e
+        forward, backward = self._timer(), self._timer()
+        layer_forward(forward, shape, layout)
+        layer_backward(backward, shape, layout)
+        if layout.tp > 1:
+            if layout.sequence_parallel:
+                gather = self.collective("tp", "all_gather", activation)
+                scatter = self.collective("tp", "reduce_scatter", activation)
+                forward.comm(2 * gather + 2 * scatter, "tp")
+                backward.comm(4 * gather + 2 * scatter, "tp")
+            else:
+                reduce = self.collective("tp", "all_reduce", activation)
+                forward.comm(2 * reduce, "tp")
+                backward.comm(2 * reduce, "tp")
+        if layout.recompute == "full":
+            backward.cost.add(forward.cost)
+        return forward.cost, backward.cost
+
+    def _edge_costs(self) -> tuple[Cost, Cost, Cost, Cost]:
+        shape, layout = self.shape, self.layout
+        tokens = layout.micro_batch * shape.seq_len
+        embed_f, embed_b, head_f, head_b = (self._timer() for _ in range(4))
+        embedding_forward(embed_f, shape, layout)
+        embedding_backward(embed_b, shape, layout)
+        head_forward(head_f, shape, layout)
+        head_backward(head_b, shape, layout)
+        if layout.tp > 1:
+            activation = tokens * shape.hidden * self.e
+            op = "reduce_scatter" if layout.sequence_parallel else "all_reduce"
+            embed_f.comm(self.collective("tp", op, activation), "tp")
+            if layout.sequence_parallel:  # the head's input is gathered; its gradient reduce-scattered
+                head_f.comm(self.collective("tp", "all_gather", activation), "tp")
+                head_b.comm(self.collective("tp", "reduce_scatter", activation), "tp")
+            else:  # f before the head: overlapped with the weight-gradient matmul where comm overlaps
+                reduce = self.collective("tp", "all_reduce", activation)
+                hidden = reduce if not self.hw.comm_overlaps_compute else max(0.0, reduce - head_b.cost.gemm / 2)
+                head_b.comm(hidden, "tp")
+            if not layout.loss_parallel:
+                head_f.comm(self.collective("tp", "all_gather", tokens * shape.vocab * self.e), "tp")
+        return embed_f.cost, embed_b.cost, head_f.cost, head_b.cost
+
+    def chunk_costs(self, counts: list[int]) -> tuple[list[Cost], list[Cost]]:
+        forwards, backwards = [], []
+        for index, count in enumerate(counts):
+            f, b = Cost().add(self.layer_f, count), Cost().add(self.layer_b, count)
+            if index == 0:
+                f.add(self.embed_f)
+                b.add(self.embed_b)
+            if index == len(counts) - 1:
+                f.add(self.head_f)
+                b.add(self.head_b)
+            forwards.append(f)
+            backwards.append(b)
+        return forwards, backwards
+
+    def p2p_time(self) -> float:
+        shape, layout = self.shape, self.layout
+        message = layout.micro_batch * shape.seq_len * shape.hidden * self.e
+        if layout.sequence_parallel:  # each tp rank sends its sequence shard
+            message /= layout.tp
+        return self.collective("pp", "send", message)
+
+    def data_parallel(self, params: float, backward_s: float, forward_s: float) -> tuple[float, float]:
+        """(total, exposed) seconds of the dp traffic of a stage holding ``params`` elements
+        (after tp), given one micro-batch's forward and backward compute time."""
+        layout = self.layout
+        if layout.dp == 1:
+            return 0.0, 0.0
+        m = layout.microbatches
+        p_bytes = params * parameter_bytes(layout)
+        overlap = self.hw.comm_overlaps_compute
+        if layout.zero == 0:
+            total = self.collective("dp", "all_reduce", params * 4)
+            last_bucket = self.collective("dp", "all_reduce", min(params * 4, DDP_BUCKET_BYTES))
+            return total, (max(last_bucket, total - backward_s) if overlap else total)
+        gather = self.collective("dp", "all_gather", p_bytes)
+        scatter = self.collective("dp", "reduce_scatter", p_bytes)
+        if layout.zero == 1:
+            return scatter + gather, scatter + gather
+        if layout.zero == 2:
+            total = m * scatter + gather
+            return total, (gather + m * max(0.0, scatter - backward_s) if overlap else total)
+        unit = self.shape.layer_parameters() / layout.tp * parameter_bytes(layout)
+        first_unit = self.collective("dp", "all_gather", unit)
+        total = m * (2 * gather + scatter)
+        if not overlap:
+            return total, total
+        exposed = m * (first_unit + max(0.0, gather - forward_s) + max(0.0, gather + scatter - backward_s))
+        return total, exposed
+
+    def optimizer_time(self, params: float) -> float:
+        layout = self.layout
+        local = params / layout.dp if layout.zero >= 1 else params
+        seconds = local * ADAM_BYTES_PER_ELEMENT / self.rates.memory + 10 * self.rates.launch_s
+        if layout.zero >= 1:  # the updated master shard written back as parameters
+            seconds += local * (4 + parameter_bytes(layout)) / self.rates.memory
+        return seconds
+
+
+@lru_cache(maxsize=256)
+def _schedule(schedule: str, pp: int, microbatches: int, virtual_stages: int):
+    plans = build_schedule(schedule, pp, microbatches, virtual_stages)
+    return plans, tuple(peak_in_flight(plan) for plan in plans)
+
+
+def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeline: bool = True) -> Prediction:
+    """Predict ``layout``; raises LayoutRejected with the reason when it cannot run.
+
+    ``exact_pipeline=False`` (the search's first pass) replaces the schedule simulation by its
+    closed form, m x the slowest rank's work + (p - 1) / v x one stage's forward + backward.
+    """
+    reason = check_layout(shape, layout)
+    if reason:
+        raise LayoutRejected(reason)
+    model = StepModel(shape, layout, hw)
+    pp, v, m = layout.pp, layout.chunks_per_rank, layout.microbatches
+    parts = pp * v
+    counts = chunk_layer_counts(shape, model.layer_f.seconds + model.layer_b.seconds,
+                                model.head_f.seconds + model.head_b.seconds, parts)
+    forwards, backwards = model.chunk_costs(counts)
+    schedule = layout.schedule if pp > 1 else "1f1b"
+    plans, in_flight_per_rank = _schedule(schedule, pp, m, v if pp > 1 else 1)
+    if pp == 1:
+        makespan = m * (forwards[0].seconds + backwards[0].seconds)
+        bubble = 0.0
+    elif not exact_pipeline:
+        per_rank = [sum(forwards[c].seconds + backwards[c].seconds for c in range(r, pp * v, pp)) for r in range(pp)]
+        makespan = m * max(per_rank) + (pp - 1) / v * max(per_rank)
+        bubble = (pp - 1) / (v * m + pp - 1)
+    else:
+        slots = simulate(plans, forward_cost=lambda c: forwards[c].seconds,
+                         backward_cost=lambda c: backwards[c].seconds, comm_cost=model.p2p_time())
+        makespan = max(slot.end for slot in slots)
+        busy = sum(slot.end - slot.start for slot in slots)
+        bubble = 1.0 - busy / (pp * makespan)
+
+    tail, memory = 0.0, None
+    dp_total = 0.0
+    for rank in range(pp):
+        chunks = [rank + k * pp for k in range(v)]
+        layers = sum(counts[c] for c in chunks)
+        first, last = 0 in chunks, parts - 1 in chunks
+        params = layers * shape.layer_parameters() / layout.tp
+        params += (shape.embedding_parameters() / layout.tp if first else 0)
+        params += (shape.head_parameters() / layout.tp if last else 0)
+        fwd = sum(forwards[c].seconds for c in chunks)
+        bwd = sum(backwards[c].seconds for c in chunks)
+        total, exposed = model.data_parallel(params, bwd, fwd)
+        dp_total = max(dp_total, total)
+        tail = max(tail, exposed + model.optimizer_time(params))
+        in_flight = in_flight_per_rank[rank] if pp > 1 else 1
+        # interleaved ranks hold chunks of different micro-batches; charge the largest chunk
+        per_chunk_layers = max(counts[c] for c in chunks)
+        usage = rank_memory(shape, layout, per_chunk_layers, first, last, in_flight, hw.framework_memory_bytes)
+        if v > 1:  # model states of all v chunks, activations of the in-flight chunks
+            states = rank_memory(shape, layout, layers, first, last, 0, 0.0)
+            for key in ("params", "grads", "optimizer"):
+                usage[key] = states[key]
+            usage["total"] = sum(value for key, value in usage.items() if key != "total")
+        if memory is None or usage["total"] > memory["total"]:
+            memory = usage
+    step = makespan + tail
+    world = layout.world_size
+    tokens = layout.global_batch * shape.seq_len
+    model_flops = shape.model_flops_per_token() * tokens
+    if shape.arch == "gpt":
+        executed = shape.megatron_flops(layout.global_batch, recompute=layout.recompute == "full")
+    else:
+        layer_forward_flops = (model_flops - 6 * shape.vocab * shape.hidden * tokens) / 3
+        executed = model_flops + (layer_forward_flops if layout.recompute == "full" else 0.0)
+    compute = sum(c.seconds - c.comm for c in forwards + backwards)
+    breakdown = {"pipeline_makespan": makespan, "dp_and_optimizer_tail": tail, "dp_traffic": dp_total,
+                 "compute_per_microbatch": compute / max(pp, 1),
+                 "tp_comm_per_microbatch": sum(c.comm for c in forwards + backwards) / max(pp, 1),
+                 "p2p_message": model.p2p_time() if pp > 1 else 0.0}
+    return Prediction(
+        layout=layout, step_time_s=step, memory_bytes_per_gpu=memory["total"], memory_breakdown=memory,
+        tokens_per_s_per_gpu=tokens / step / world, tflops_per_gpu=executed / step / world / 1e12,
+        model_tflops_per_gpu=model_flops / step / world / 1e12,
+        mfu=model_flops / (step * world * model.rates.peak),
+        fits=memory["total"] <= hw.memory_bytes, time_breakdown=breakdown, bubble_fraction=bubble)
