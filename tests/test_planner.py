@@ -155,7 +155,7 @@ def test_model_effects_point_the_right_way():
 def test_plan_reports_rejections_with_reasons():
     shape = ModelShape("llama", 768, 12, 12, 12, 2048, 32000, 1024)
     result = plan(shape, load_profile("a100-40gb"), gpus=24, global_batch=36)
-    reasons = " | ".join(result.rejections)
+    reasons = " | ".join(result.examples.values())
     assert "tp 8 does not divide the heads (12)" in reasons
     assert "not divisible by dp" in reasons
     assert result.best and all(p.fits for p in result.best)

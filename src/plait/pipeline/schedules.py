@@ -196,6 +196,19 @@ def peak_in_flight(plan: list[Action]) -> int:
     return peak
 
 
+def in_flight_per_rank(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> list[int]:
+    """``peak_in_flight`` of every rank, read from the same compute order ``build_schedule``
+    uses, without building the send / receive actions (the planner's search calls it often)."""
+    peaks = []
+    for rank in range(pp):
+        live = peak = 0
+        for kind, _, _ in _compute_order(schedule, pp, microbatches, virtual_stages, rank):
+            live += 1 if kind == "F" else -1
+            peak = max(peak, live)
+        peaks.append(peak)
+    return peaks
+
+
 def analytic_bubble(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> float:
     """Idle fraction with equal forward and backward costs: (p-1)/(v m + p - 1)."""
     v = virtual_stages if schedule == "interleaved" else 1

@@ -182,12 +182,13 @@ def _plan(args, shape: ModelShape, hw) -> int:
 
     if args.gpus < 1:
         raise PlannerInputError("--gpus must be >= 1")
-    result = plan(shape, hw, args.gpus, args.global_batch, hw.devices_per_node, args.dtype, args.top)
+    result = plan(shape, hw, args.gpus, args.global_batch, hw.devices_per_node, args.dtype, args.top,
+                  progress=not args.json and sys.stderr.isatty())
     if args.json:
         print(json.dumps({"model": shape.__dict__, "hardware": hw.name, "gpus": args.gpus,
                           "considered": result.considered,
                           "best": [p.to_dict() for p in result.best],
-                          "rejected": [{"reason": r, "count": c, "example": result.examples[r]}
+                          "rejected": [{"kind": r, "count": c, "example": result.examples[r]}
                                        for r, c in result.rejections.most_common()]}, indent=2))
         return 0 if result.best else 1
     print(f"{shape.arch} model, {shape.parameters() / 1e9:.2f}B parameters, seq {shape.seq_len}, global batch "
@@ -199,7 +200,7 @@ def _plan(args, shape: ModelShape, hw) -> int:
         print("no layout fits: every candidate was rejected")
     print("\nrejected:")
     for reason, count in result.rejections.most_common():
-        print(f"  {count:>6} x {reason}  (e.g. {result.examples[reason]})")
+        print(f"  {count:>6} x {result.examples[reason]}")
     return 0 if result.best else 1
 
 

@@ -12,6 +12,7 @@ then re-predicted exactly by simulating their schedules' action lists.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -25,8 +26,8 @@ EXACT_CANDIDATES = 24
 @dataclass
 class PlanResult:
     best: list[Prediction]
-    rejections: Counter = field(default_factory=Counter)   # reason -> count
-    examples: dict[str, str] = field(default_factory=dict)  # reason -> one layout it rejected
+    rejections: Counter = field(default_factory=Counter)   # kind of reason (numbers as N) -> count
+    examples: dict[str, str] = field(default_factory=dict)  # kind -> its first reason and layout
     considered: int = 0
 
 
@@ -67,18 +68,21 @@ def candidate_layouts(shape: ModelShape, gpus: int, gpus_per_node: int, global_b
 
 
 def plan(shape: ModelShape, hw: HardwareProfile, gpus: int, global_batch: int, gpus_per_node: int | None = None,
-         dtype: str = "bfloat16", top: int = 5) -> PlanResult:
+         dtype: str = "bfloat16", top: int = 5, progress: bool = False) -> PlanResult:
     per_node = gpus_per_node or hw.devices_per_node
     result = PlanResult(best=[])
     fitting: list[Prediction] = []
 
     def reject(reason: str, layout: Layout) -> None:
-        key = reason.split(":")[0] if reason.startswith("out of memory") else reason
+        key = re.sub(r"\d+", "N", reason)  # one line per kind of reason, with its first instance
         result.rejections[key] += 1
-        result.examples.setdefault(key, layout.describe())
+        result.examples.setdefault(key, f"{reason}: {layout.describe()}")
 
     hw = dataclasses.replace(hw, devices_per_node=per_node)
-    for layout in candidate_layouts(shape, gpus, per_node, global_batch, dtype):
+    from tqdm import tqdm
+
+    candidates = candidate_layouts(shape, gpus, per_node, global_batch, dtype)
+    for layout in tqdm(candidates, desc="layouts", unit="", disable=not progress, leave=False):
         result.considered += 1
         try:
             estimate = predict(shape, layout, hw, exact_pipeline=False)

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
-from plait.pipeline.schedules import build_schedule, peak_in_flight, simulate
+from plait.pipeline.schedules import build_schedule, in_flight_per_rank, simulate
 from plait.pipeline.stage import balanced_split
 from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
                                    head_backward, head_forward, layer_backward, layer_forward)
@@ -79,9 +79,14 @@ def _ranks_per_node(hw: HardwareProfile, layout: Layout) -> int:
 
 def chunk_layer_counts(shape: ModelShape, layer_cost: float, head_cost: float, parts: int) -> list[int]:
     """Layers per pipeline chunk, balanced as plait's stage split does (the head on the last)."""
-    costs = [layer_cost] * shape.layers
-    costs[-1] += head_cost
-    return balanced_split(costs, parts)
+    return list(_balanced_counts(shape.layers, parts, round(head_cost / layer_cost, 3) if layer_cost else 0.0))
+
+
+@lru_cache(maxsize=4096)
+def _balanced_counts(layers: int, parts: int, head_ratio: float) -> tuple[int, ...]:
+    costs = [1.0] * layers
+    costs[-1] += head_ratio
+    return tuple(balanced_split(costs, parts))
 
 
 class StepModel:
@@ -204,10 +209,14 @@ class StepModel:
         return seconds
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=64)
 def _schedule(schedule: str, pp: int, microbatches: int, virtual_stages: int):
-    plans = build_schedule(schedule, pp, microbatches, virtual_stages)
-    return plans, tuple(peak_in_flight(plan) for plan in plans)
+    return build_schedule(schedule, pp, microbatches, virtual_stages)
+
+
+@lru_cache(maxsize=4096)
+def _in_flight(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> tuple[int, ...]:
+    return tuple(in_flight_per_rank(schedule, pp, microbatches, virtual_stages))
 
 
 def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeline: bool = True) -> Prediction:
@@ -220,13 +229,14 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
     if reason:
         raise LayoutRejected(reason)
     model = StepModel(shape, layout, hw)
-    pp, v, m = layout.pp, layout.chunks_per_rank, layout.microbatches
+    pp, m = layout.pp, layout.microbatches
+    v = layout.chunks_per_rank if pp > 1 else 1
     parts = pp * v
     counts = chunk_layer_counts(shape, model.layer_f.seconds + model.layer_b.seconds,
                                 model.head_f.seconds + model.head_b.seconds, parts)
     forwards, backwards = model.chunk_costs(counts)
     schedule = layout.schedule if pp > 1 else "1f1b"
-    plans, in_flight_per_rank = _schedule(schedule, pp, m, v if pp > 1 else 1)
+    in_flight = _in_flight(schedule, pp, m, v) if pp > 1 else (1,)
     if pp == 1:
         makespan = m * (forwards[0].seconds + backwards[0].seconds)
         bubble = 0.0
@@ -235,7 +245,7 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
         makespan = m * max(per_rank) + (pp - 1) / v * max(per_rank)
         bubble = (pp - 1) / (v * m + pp - 1)
     else:
-        slots = simulate(plans, forward_cost=lambda c: forwards[c].seconds,
+        slots = simulate(_schedule(schedule, pp, m, v), forward_cost=lambda c: forwards[c].seconds,
                          backward_cost=lambda c: backwards[c].seconds, comm_cost=model.p2p_time())
         makespan = max(slot.end for slot in slots)
         busy = sum(slot.end - slot.start for slot in slots)
@@ -255,10 +265,9 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
         total, exposed = model.data_parallel(params, bwd, fwd)
         dp_total = max(dp_total, total)
         tail = max(tail, exposed + model.optimizer_time(params))
-        in_flight = in_flight_per_rank[rank] if pp > 1 else 1
         # interleaved ranks hold chunks of different micro-batches; charge the largest chunk
         per_chunk_layers = max(counts[c] for c in chunks)
-        usage = rank_memory(shape, layout, per_chunk_layers, first, last, in_flight, hw.framework_memory_bytes)
+        usage = rank_memory(shape, layout, per_chunk_layers, first, last, in_flight[rank], hw.framework_memory_bytes)
         if v > 1:  # model states of all v chunks, activations of the in-flight chunks
             states = rank_memory(shape, layout, layers, first, last, 0, 0.0)
             for key in ("params", "grads", "optimizer"):
