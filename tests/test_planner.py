@@ -136,6 +136,16 @@ def test_pipeline_time_comes_from_the_schedule_simulation():
     assert gpipe.memory_breakdown["activations"] > exact.memory_breakdown["activations"]  # m vs p in flight
 
 
+def test_pipeline_split_is_plaits_own():
+    from plait.pipeline.stage import plan_chunks
+    from plait.planner.simulator import chunk_layer_counts
+
+    for preset, pp, v in (("small", 2, 1), ("llama3-8b", 4, 2), ("llama3-405b", 16, 2)):
+        config = get_preset(preset)
+        expected = [len(chunk.layers) for chunk in plan_chunks(config, pp, v, 2048)]
+        assert chunk_layer_counts(ModelShape.from_llama_config(config, 2048), pp * v) == expected, preset
+
+
 def test_model_effects_point_the_right_way():
     shape = ModelShape.from_llama_config(get_preset("llama3-8b"), 4096)
     hw = load_profile("h100-80gb")

@@ -212,6 +212,8 @@ def _calibrate(args) -> int:
     print(f"plait: wrote {path}")
     for dtype, rate in profile.measured_flops.items():
         print(f"  matmul {dtype}: {rate / 1e9:.1f} GFLOP/s per core; attention {profile.measured_attention[dtype] / 1e9:.1f}")
+    print("  kernel-mix efficiency (a real block vs isolated kernels): "
+          + ", ".join(f"{dtype} {value:.2f}" for dtype, value in profile.kernel_mix_efficiency.items()))
     print(f"  memory bandwidth {profile.memory_bandwidth / 1e9:.1f} GB/s per core; "
           f"one eager op {profile.kernel_latency_s * 1e6:.1f} us; {profile.cores} cores")
     for op, fit in profile.collectives.items():

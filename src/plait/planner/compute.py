@@ -51,9 +51,10 @@ def device_rates(hw: HardwareProfile, dtype: str, ranks_per_node: int) -> Device
     share = 1.0
     if hw.kind == "cpu":  # plait gives each rank max(1, cores // ranks) threads; more ranks time-share
         share = max(1, hw.cores // ranks_per_node) if ranks_per_node <= hw.cores else hw.cores / ranks_per_node
-    return DeviceRates(matmul=hw.matmul_rate(dtype) * share, attention=hw.attention_rate(dtype) * share,
-                       memory=hw.memory_bandwidth * hw.memory_efficiency * share,
-                       launch_s=hw.kernel_latency_s, peak=hw.peak(dtype) * share)
+    mix = hw.kernel_mix_efficiency.get(dtype, 1.0)  # cpu: isolated kernels vs. a real block, measured
+    return DeviceRates(matmul=hw.matmul_rate(dtype) * share * mix, attention=hw.attention_rate(dtype) * share * mix,
+                       memory=hw.memory_bandwidth * hw.memory_efficiency * share * mix,
+                       launch_s=hw.kernel_latency_s / mix, peak=hw.peak(dtype) * share)
 
 
 @dataclass

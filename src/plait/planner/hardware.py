@@ -44,9 +44,28 @@ class HardwareError(ValueError):
 
 @dataclass(frozen=True)
 class LinkFit:
-    """t(bytes) = latency + bytes * factor / bandwidth for one collective (factor: ring share)."""
+    """t(bytes) = latency + bytes * factor / bandwidth for one collective (factor: ring share),
+    and, when measured, the points themselves: (bytes, seconds) at the calibration's group size,
+    interpolated between (gloo changes algorithm with the size, which two numbers miss)."""
     latency_s: float
     bandwidth: float  # bytes / s
+    points: tuple[tuple[float, float], ...] = ()
+
+    def seconds(self, nbytes: float, factor: float, calibrated_factor: float) -> float:
+        if not self.points:
+            return self.latency_s + factor * nbytes / self.bandwidth
+        sizes = [size for size, _ in self.points]
+        times = [t for _, t in self.points]
+        # the wire bytes at the calibrated group size that carry the same per-rank volume
+        equivalent = nbytes * factor / calibrated_factor
+        if equivalent <= sizes[0]:
+            return times[0]
+        if equivalent >= sizes[-1]:
+            return times[-1] + (equivalent - sizes[-1]) * calibrated_factor / self.bandwidth
+        for (s0, t0), (s1, t1) in zip(self.points, self.points[1:]):
+            if equivalent <= s1:
+                return t0 + (t1 - t0) * (equivalent - s0) / (s1 - s0)
+        raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,8 @@ class HardwareProfile:
     measured_flops: dict[str, float] = field(default_factory=dict)       # cpu: matmul rate per core
     measured_attention: dict[str, float] = field(default_factory=dict)   # cpu: sdpa rate per core
     collectives: dict[str, LinkFit] = field(default_factory=dict)        # cpu: fitted per op
+    collective_group_size: int = 2                                       # cpu: ranks they were measured on
+    kernel_mix_efficiency: dict[str, float] = field(default_factory=dict)  # cpu: see calibrate.py
     source: str = ""
 
     @property
@@ -99,7 +120,9 @@ class HardwareProfile:
     @classmethod
     def from_json(cls, text: str) -> "HardwareProfile":
         values = json.loads(text)
-        values["collectives"] = {op: LinkFit(**fit) for op, fit in values.get("collectives", {}).items()}
+        values["collectives"] = {op: LinkFit(fit["latency_s"], fit["bandwidth"],
+                                             tuple(tuple(point) for point in fit.get("points", ())))
+                                 for op, fit in values.get("collectives", {}).items()}
         return cls(**values)
 
 

@@ -8,7 +8,7 @@ with it):
     zero 0   4P params + 4P grads + 8P moments          = 16P
     zero 1   pP params + pP grads + 16P/N               (p = 2 for bf16, 4 for fp32)
     zero 2   pP params + 16P/N        (a unit's gradients live only until reduce-scattered)
-    zero 3   16P/N                    (+ two gathered units: the running one and the prefetch)
+    zero 3   16P/N                    (+ gathered units, see ``rank_memory``)
 
 (16P/N = fp32 master 4 + moments 8 + gradient-shard accumulator 4.) Rajbhandari et al.'s
 mixed-precision figures (16P, 4P + 12P/N, 2P + 14P/N, 16P/N) keep no separate gradient shard.
@@ -117,11 +117,20 @@ def rank_memory(shape: ModelShape, layout: Layout, layers: int, first: bool, las
         transient.append(layer_activation_bytes(shape, layout))
     if last:
         transient.append(head_bytes(shape, layout))
-    if layout.zero == 3:  # the running unit and the prefetched one, parameters and gradients
-        unit = shape.layer_parameters() / t * parameter_bytes(layout)
-        transient.append(4 * unit)
+    # ZeRO's per-unit buffers: a unit is a block, or the root (embedding, final norm, head)
+    p = parameter_bytes(layout)
+    block_unit = shape.layer_parameters() / t * p
+    root_unit = ((shape.embedding_parameters() if first else 0) + (shape.head_parameters() if last else 0)) / t * p
+    largest = max(block_unit, root_unit)
+    if layout.zero == 3:
+        # the root stays gathered through forward and backward (not re-gathered, as FSDP), a
+        # block and its prefetched successor are gathered, and the unit being reduced has
+        # its parameters' gradients, their flat copy and the all-to-all receive buffer
+        transient.append(root_unit + 2 * block_unit + 3 * largest)
     elif layout.zero == 2:
-        transient.append(shape.layer_parameters() / t * parameter_bytes(layout))
+        transient.append(3 * largest)  # gradients, flat copy, receive buffer of one unit
+    elif layout.zero == 1:
+        transient.append(largest)  # the reduce-scatter's receive buffer of one unit
     if shape.arch == "llama" and layout.dtype != "float32" and layout.zero == 0:  # autocast's weight copies
         activations += in_flight * 2 * params
     result = dict(states)

@@ -13,9 +13,10 @@ so it gets min(NVLink, k x NIC) per device: tensor parallel inside a node (k = t
 data parallel across nodes behind tp = 8 gets one NIC per replica. Both are multiplied by the
 profile's ``link_efficiency`` (the bus bandwidth NCCL reaches).
 
-On the ``cpu`` profile ``plait calibrate`` fitted (alpha, bandwidth) per operation of
-plait's own gloo collectives (all-reduce, the all-to-all reduce-scatter, the point-to-point
-all-gather, send/recv), with the same factors, so those are used as measured.
+On the ``cpu`` profile ``plait calibrate`` measured plait's own gloo collectives (all-reduce,
+the all-to-all reduce-scatter, the point-to-point all-gather, send/recv) at sizes from 16 KiB
+to 64 MiB and fitted (alpha, bandwidth) with the same factors; the measured points are
+interpolated (same per-rank wire volume), beyond them the fitted bandwidth extends the last.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def collective_time(hw: HardwareProfile, op: str, nbytes: float, group_size: int
         return 0.0
     factor = FACTORS[op](max(n, 2))
     if op in hw.collectives:
-        fit = hw.collectives[op]
-        return fit.latency_s + factor * nbytes / fit.bandwidth
+        calibrated = FACTORS[op](max(hw.collective_group_size, 2))
+        return hw.collectives[op].seconds(nbytes, factor, calibrated)
     inside_node = members_per_node >= n
     if inside_node:
         bandwidth, latency = hw.intra_node_bandwidth, hw.intra_node_latency_s

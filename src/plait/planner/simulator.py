@@ -77,9 +77,13 @@ def _ranks_per_node(hw: HardwareProfile, layout: Layout) -> int:
     return layout.world_size if hw.kind == "cpu" else min(layout.world_size, hw.devices_per_node)
 
 
-def chunk_layer_counts(shape: ModelShape, layer_cost: float, head_cost: float, parts: int) -> list[int]:
-    """Layers per pipeline chunk, balanced as plait's stage split does (the head on the last)."""
-    return list(_balanced_counts(shape.layers, parts, round(head_cost / layer_cost, 3) if layer_cost else 0.0))
+def chunk_layer_counts(shape: ModelShape, parts: int) -> list[int]:
+    """Layers per pipeline chunk as plait's stage split makes them (``pipeline.stage``): balanced
+    by training FLOPs per token, the head's 6 h V charged to the last layer."""
+    h = shape.hidden
+    matmul = h * (h + 2 * shape.kv_hidden) + h * h + (2 if shape.arch == "gpt" else 3) * h * shape.ffn_hidden
+    layer = 6 * matmul + 12 * shape.seq_len * h
+    return list(_balanced_counts(shape.layers, parts, round(6 * shape.hidden * shape.vocab / layer, 6)))
 
 
 @lru_cache(maxsize=4096)
@@ -232,8 +236,7 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
     pp, m = layout.pp, layout.microbatches
     v = layout.chunks_per_rank if pp > 1 else 1
     parts = pp * v
-    counts = chunk_layer_counts(shape, model.layer_f.seconds + model.layer_b.seconds,
-                                model.head_f.seconds + model.head_b.seconds, parts)
+    counts = chunk_layer_counts(shape, parts)
     forwards, backwards = model.chunk_costs(counts)
     schedule = layout.schedule if pp > 1 else "1f1b"
     in_flight = _in_flight(schedule, pp, m, v) if pp > 1 else (1,)
