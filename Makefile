@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/zero.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/checkpoint.py
+	$(BIN)/python benchmarks/planner.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
