@@ -174,6 +174,9 @@ class StepModel:
         message = layout.micro_batch * shape.seq_len * shape.hidden * self.e
         if layout.sequence_parallel:  # each tp rank sends its sequence shard
             message /= layout.tp
+        if self.hw.kind == "gpu" and layout.tp * layout.pp > self.hw.devices_per_node:
+            # some stage boundary crosses nodes, and the slowest boundary paces the pipeline
+            return collective_time(self.hw, "send", message, 2, 1)
         return self.collective("pp", "send", message)
 
     def data_parallel(self, params: float, backward_s: float, forward_s: float) -> tuple[float, float]:
