@@ -211,7 +211,7 @@ def measure(ranks: int, seconds: float, repeats: int = 5) -> tuple[dict, dict[st
                            timeout_s=600)
     finally:
         pool.shutdown()
-    computes = [{k: v for k, v in r["compute"].items()} for r in results]
+    computes = [r["compute"] for r in results]
     compute = {key: ({dtype: statistics.fmean(c[key][dtype] for c in computes) for dtype in computes[0][key]}
                      if isinstance(computes[0][key], dict) else statistics.fmean(c[key] for c in computes))
                for key in computes[0]}

@@ -29,7 +29,7 @@ of them with sequence parallelism), are counted from the kernels each model runs
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from plait.planner.hardware import HardwareProfile
 from plait.planner.workload import Layout, ModelShape
@@ -59,13 +59,11 @@ def device_rates(hw: HardwareProfile, dtype: str, ranks_per_node: int) -> Device
 
 @dataclass
 class Cost:
-    """Seconds by kind, and the FLOPs done (hardware FLOPs, recomputation and flash's backward included)."""
+    """Seconds by kind of work."""
     gemm: float = 0.0
     attention: float = 0.0
     memory: float = 0.0
     comm: float = 0.0
-    flops: float = 0.0
-    parts: dict[str, float] = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -76,9 +74,6 @@ class Cost:
         self.attention += other.attention * times
         self.memory += other.memory * times
         self.comm += other.comm * times
-        self.flops += other.flops * times
-        for key, value in other.parts.items():
-            self.parts[key] = self.parts.get(key, 0.0) + value * times
         return self
 
 
@@ -93,18 +88,15 @@ class Timer:
         moved = (m * k + k * n + m * n) * batch * self.e
         seconds = max(flops / self.rates.matmul, moved / self.rates.memory) + self.rates.launch_s
         self.cost.gemm += seconds * count
-        self.cost.flops += flops * count
 
     def attention(self, flops_done: float) -> None:
         self.cost.attention += flops_done / self.rates.attention + self.rates.launch_s
-        self.cost.flops += flops_done
 
     def memory(self, nbytes: float, kernels: int = 1) -> None:
         self.cost.memory += nbytes / self.rates.memory + kernels * self.rates.launch_s
 
-    def comm(self, seconds: float, label: str) -> None:
+    def comm(self, seconds: float) -> None:
         self.cost.comm += seconds
-        self.cost.parts[label] = self.cost.parts.get(label, 0.0) + seconds
 
 
 def residual_bytes(shape: ModelShape, layout: Layout) -> int:
@@ -162,9 +154,6 @@ def layer_backward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
     timer.cost.gemm += 2 * forward.gemm
     timer.cost.attention += 2.5 * forward.attention
     timer.cost.memory += 2 * forward.memory
-    flash = (0.5 * 4 * layout.micro_batch * shape.seq_len ** 2 * shape.hidden / layout.tp
-             if shape.arch == "llama" else 0.0)
-    timer.cost.flops += 2 * forward.flops + 0.5 * flash  # flash's backward: 2.5x its forward FLOPs
 
 
 def head_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
@@ -182,7 +171,6 @@ def head_backward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
     head_forward(probe, shape, layout)
     timer.cost.gemm += 2 * probe.cost.gemm
     timer.cost.memory += probe.cost.memory
-    timer.cost.flops += 2 * probe.cost.flops
 
 
 def embedding_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:

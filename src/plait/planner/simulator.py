@@ -122,12 +122,12 @@ class StepModel:
             if layout.sequence_parallel:
                 gather = self.collective("tp", "all_gather", activation)
                 scatter = self.collective("tp", "reduce_scatter", activation)
-                forward.comm(2 * gather + 2 * scatter, "tp")
-                backward.comm(4 * gather + 2 * scatter, "tp")
+                forward.comm(2 * gather + 2 * scatter)
+                backward.comm(4 * gather + 2 * scatter)
             else:
                 reduce = self.collective("tp", "all_reduce", activation)
-                forward.comm(2 * reduce, "tp")
-                backward.comm(2 * reduce, "tp")
+                forward.comm(2 * reduce)
+                backward.comm(2 * reduce)
         if layout.recompute == "full":
             backward.cost.add(forward.cost)
         return forward.cost, backward.cost
@@ -143,16 +143,16 @@ class StepModel:
         if layout.tp > 1:
             activation = tokens * shape.hidden * self.e
             op = "reduce_scatter" if layout.sequence_parallel else "all_reduce"
-            embed_f.comm(self.collective("tp", op, activation), "tp")
+            embed_f.comm(self.collective("tp", op, activation))
             if layout.sequence_parallel:  # the head's input is gathered; its gradient reduce-scattered
-                head_f.comm(self.collective("tp", "all_gather", activation), "tp")
-                head_b.comm(self.collective("tp", "reduce_scatter", activation), "tp")
+                head_f.comm(self.collective("tp", "all_gather", activation))
+                head_b.comm(self.collective("tp", "reduce_scatter", activation))
             else:  # f before the head: overlapped with the weight-gradient matmul where comm overlaps
                 reduce = self.collective("tp", "all_reduce", activation)
                 hidden = reduce if not self.hw.comm_overlaps_compute else max(0.0, reduce - head_b.cost.gemm / 2)
-                head_b.comm(hidden, "tp")
+                head_b.comm(hidden)
             if not layout.loss_parallel:
-                head_f.comm(self.collective("tp", "all_gather", tokens * shape.vocab * self.e), "tp")
+                head_f.comm(self.collective("tp", "all_gather", tokens * shape.vocab * self.e))
         return embed_f.cost, embed_b.cost, head_f.cost, head_b.cost
 
     def chunk_costs(self, counts: list[int]) -> tuple[list[Cost], list[Cost]]:
