@@ -6,11 +6,65 @@ The large presets exist for the planner: they are never instantiated in tests.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 
 
 class ConfigError(ValueError):
     """A model configuration that cannot work; the message is one line."""
+
+
+class RopeType(str, enum.Enum):
+    """How the frequency table is scaled; ``default`` is plain RoPE (``rope_scaling`` None)."""
+
+    LINEAR = "linear"
+    LLAMA3 = "llama3"
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A scaled RoPE. ``low_freq_factor``, ``high_freq_factor`` and
+    ``original_max_position_embeddings`` belong to ``llama3`` only."""
+
+    rope_type: RopeType
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "rope_type", RopeType(self.rope_type))
+        except ValueError:
+            raise ConfigError(f"rope scaling: rope_type {self.rope_type!r} is not one of "
+                              f"{', '.join(t.value for t in RopeType)}") from None
+        if not self.factor > 0:
+            raise ConfigError(f"rope scaling: factor must be > 0, got {self.factor}")
+        llama3_fields = (self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings)
+        if self.rope_type is RopeType.LLAMA3:
+            if any(value is None for value in llama3_fields):
+                raise ConfigError("rope scaling llama3 needs low_freq_factor, high_freq_factor and "
+                                  "original_max_position_embeddings")
+            if not self.high_freq_factor > self.low_freq_factor > 0:
+                raise ConfigError(f"rope scaling llama3: needs high_freq_factor > low_freq_factor > 0, got "
+                                  f"{self.high_freq_factor} and {self.low_freq_factor}")
+            if self.original_max_position_embeddings < 1:
+                raise ConfigError("rope scaling llama3: original_max_position_embeddings must be >= 1")
+        elif any(value is not None for value in llama3_fields):
+            raise ConfigError(f"rope scaling {self.rope_type.value}: low_freq_factor, high_freq_factor and "
+                              f"original_max_position_embeddings belong to llama3 only")
+
+    @classmethod
+    def coerce(cls, value: "RopeScaling | dict | None") -> "RopeScaling | None":
+        """A RopeScaling from itself, from its ``to_dict()`` (checkpoint meta JSON), or None."""
+        return cls(**value) if isinstance(value, dict) else value
+
+    def to_dict(self) -> dict:
+        values = {"rope_type": self.rope_type.value, "factor": self.factor}
+        if self.rope_type is RopeType.LLAMA3:
+            values.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
+                          original_max_position_embeddings=self.original_max_position_embeddings)
+        return values
 
 
 @dataclass(frozen=True)
@@ -25,10 +79,12 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # None: plain RoPE (transformers' rope_type "default")
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "rope_scaling", RopeScaling.coerce(self.rope_scaling))
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads"):
             if getattr(self, field) < 1:
@@ -43,6 +99,8 @@ class LlamaConfig:
             raise ConfigError(
                 f"model config: num_attention_heads {self.num_attention_heads} is not divisible by "
                 f"num_key_value_heads {self.num_key_value_heads}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"model config: rope_theta must be > 0, got {self.rope_theta}")
         if self.head_dim % 2:
             raise ConfigError(f"model config: head_dim {self.head_dim} must be even for RoPE")
 
@@ -50,7 +108,10 @@ class LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON values (checkpoint meta, run info); ``LlamaConfig(**to_dict())`` is the same config."""
+        values = dataclasses.asdict(self)
+        values["rope_scaling"] = self.rope_scaling.to_dict() if self.rope_scaling else None
+        return values
 
     # ---- sizes used by the trainer's metrics and by the planner ----
     def num_parameters(self, include_embedding: bool = True) -> int:

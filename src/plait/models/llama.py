@@ -1,7 +1,8 @@
 """A Llama-family decoder in plain PyTorch.
 
 Parameter names and arithmetic match Hugging Face ``LlamaForCausalLM`` (RMSNorm in fp32,
-rotate-half RoPE, SwiGLU, grouped-query attention), so weights map 1:1 by name.
+rotate-half RoPE with default, linear or llama3 frequencies, SwiGLU, grouped-query attention),
+so weights map 1:1 by name.
 
 The model knows nothing of parallelism. Two habits keep it that way:
 - attention derives its local head counts from the projections' output sizes, so a
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.models.config import LlamaConfig
+from plait.models.config import LlamaConfig, RopeScaling
+from plait.models.rope import inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -35,13 +37,14 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """cos/sin tables of rotary position embedding, rotate-half layout.
 
-    inv_freq[i] = theta^(-2i/d); angle(p, i) = p * inv_freq[i], duplicated over both halves.
-    The tables are cached per (length, device, dtype): they cost nothing after the first step.
+    angle(p, i) = p * inv_freq[i], duplicated over both halves; inv_freq (plain or scaled) comes
+    from ``plait.models.rope``. The tables are cached per (length, device, dtype): they cost
+    nothing after the first step.
     """
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None = None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = inverse_frequencies(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -124,7 +127,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def position_tables(self, seq_len: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin for a sequence of ``seq_len``, in the dtype the attention will see."""
