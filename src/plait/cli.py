@@ -105,11 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"{text} (default: {getattr(defaults, field)})")
     export = commands.add_parser(
         "export", help="write a checkpoint as a Hugging Face Llama directory",
-        description="Export a plait checkpoint (written under any layout) as config.json + model.safetensors, "
-                    "loadable by transformers.LlamaForCausalLM.from_pretrained.")
+        description="Export a plait checkpoint (written under any layout) as config.json + model.safetensors "
+                    "(fp32), loadable by transformers.LlamaForCausalLM.from_pretrained. A run that started from "
+                    "a Hugging Face directory also gets back its token ids, generation_config.json, chat "
+                    "template and tokenizer files.")
     export.add_argument("--checkpoint", required=True,
                         help="a checkpoint directory (runs/X/checkpoints/step-N) or a run directory (its newest)")
     export.add_argument("--hf", required=True, help="output directory")
+    export.add_argument("--config-form", choices=("auto", "4", "5"), default="auto",
+                        help="config.json for transformers 4.4x (rope_theta, rope_scaling) or 5.x "
+                             "(rope_parameters); auto: the installed transformers, 5 without one (default: auto)")
     schedule = commands.add_parser(
         "schedule", help="draw a pipeline schedule and print its bubble",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -156,6 +161,7 @@ def schedule_command(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     from plait.checkpoint import latest_checkpoint
     from plait.checkpoint.hf import export_hf
+    from plait.checkpoint.hf_config import ConfigForm
 
     path = args.checkpoint
     if not os.path.exists(os.path.join(path, "COMPLETE")):
@@ -165,12 +171,14 @@ def export_command(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         path = str(newest)
+    form = ConfigForm.installed() if args.config_form == "auto" else ConfigForm(args.config_form)
     try:
-        out = export_hf(path, args.hf)
-    except CheckpointError as error:
+        out = export_hf(path, args.hf, form)
+    except USER_ERRORS as error:
         print(f"plait: error: {error}", file=sys.stderr)
         return 2
-    print(f"plait: exported {path} to {out} (config.json, model.safetensors)")
+    files = ", ".join(sorted(os.listdir(out)))
+    print(f"plait: exported {path} to {out} for transformers {form.value}.x ({files})")
     return 0
 
 
@@ -193,7 +201,7 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
 
     check_supported(cfg)
     dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
-    from plait.checkpoint.hf import is_hf_directory, load_hf_config
+    from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
     model = load_hf_config(cfg.model) if is_hf_directory(cfg.model) else get_preset(cfg.model)
     dims.check_model(model)
     _, _, n_micro = batch_layout(cfg, dims)

@@ -1,42 +1,43 @@
 """Hugging Face Llama import and export.
 
-plait's parameter names are ``LlamaForCausalLM``'s, so the mapping is the identity; only the
-config needs translating. Export writes ``config.json`` + ``model.safetensors`` that
+plait's parameter names are ``LlamaForCausalLM``'s, so the mapping is the identity; the config
+is translated by ``plait.checkpoint.hf_config``. Export writes ``config.json`` +
+``model.safetensors`` (and the source directory's tokenizer and generation files) that
 ``transformers.LlamaForCausalLM.from_pretrained`` loads; import reads a Hugging Face Llama
 directory (single or sharded safetensors, with its ``model.safetensors.index.json``).
 
-    from plait.checkpoint.hf import export_hf, load_hf_config, load_hf_weights
+    from plait.checkpoint.hf import export_hf, load_hf_weights
+    from plait.checkpoint.hf_config import load_hf_config
     export_hf("runs/x/checkpoints/step-00000300", "exported/")   # a plait checkpoint -> HF directory
-    config = load_hf_config("path/to/hf-llama")                   # -> LlamaConfig
-    load_hf_weights(model, "path/to/hf-llama")                    # into an unsharded plait model
+    config = load_hf_config("path/to/hf-llama")                   # -> LlamaConfig, or a one-line ConfigError
+    load_hf_weights(model, "path/to/hf-llama")                    # this rank's part of the weights
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from plait.checkpoint.hf_config import (SOURCE_DIR, SOURCE_FILES, ConfigForm, carried_fields, hf_config_dict,
+                                        read_json)
 from plait.checkpoint.store import CheckpointError, read_full_state, read_meta
 from plait.models import LlamaConfig
 
-_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-              "tie_word_embeddings", "initializer_range")
 
+def export_hf(checkpoint: str | Path, out_dir: str | Path, form: ConfigForm | None = None) -> Path:
+    """A plait checkpoint (any layout) -> a Hugging Face Llama directory (fp32 weights).
 
-def hf_config_dict(config: LlamaConfig) -> dict:
-    values = {field: getattr(config, field) for field in _HF_FIELDS}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32", **values}
-
-
-def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """A plait checkpoint (any layout) -> a Hugging Face Llama directory (fp32 weights)."""
+    config.json is written in ``form`` (default: what the installed transformers reads), RoPE
+    settings included; a run that started from a Hugging Face directory also gets back that
+    directory's token ids, generation config, chat template and tokenizer files."""
     meta = read_meta(checkpoint)
     config = LlamaConfig(**meta["model"])
+    source = Path(checkpoint) / SOURCE_DIR
+    carried = carried_fields(read_json(source / "config.json")) if (source / "config.json").is_file() else {}
     full = read_full_state(checkpoint)
     weights = {name: tensor.contiguous() for (name, kind), tensor in full.items() if kind == "param"}
     if config.tie_word_embeddings:
@@ -44,27 +45,11 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config_dict(config, form, carried), indent=2) + "\n")
+    for name in SOURCE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
     return out
-
-
-def is_hf_directory(path: str | Path) -> bool:
-    return (Path(path) / "config.json").is_file()
-
-
-def load_hf_config(path: str | Path) -> LlamaConfig:
-    path = Path(path)
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}/config.json cannot be read: {error}") from None
-    if raw.get("model_type", "llama") != "llama":
-        raise CheckpointError(f"{path} holds a {raw.get('model_type')!r} model; plait reads Llama models")
-    if raw.get("rope_scaling"):
-        raise CheckpointError(f"{path}: rope_scaling {raw['rope_scaling']} is not supported yet")
-    values = {field: raw[field] for field in _HF_FIELDS if raw.get(field) is not None}
-    values.setdefault("num_key_value_heads", raw.get("num_attention_heads"))
-    return LlamaConfig(**values)
 
 
 def _weight_files(path: Path) -> dict[str, Path]:

@@ -6,6 +6,8 @@ Layout of ``<run>/checkpoints/``::
         meta.json               step, model config, layout, format version
         rank-00003.safetensors  the pieces rank 3 wrote (1-D fp32 tensors)
         rank-00003.json         what each of them is (``Piece``: name, kind, slice)
+        hf_source/              a run started from a Hugging Face directory: its config.json,
+                                tokenizer, generation config and chat template (for the export)
         COMPLETE                written last, after every rank finished
     step-00000050.tmp/          a checkpoint being written (or abandoned by a crash): ignored
 
@@ -30,6 +32,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from plait.checkpoint.hf_config import SOURCE_DIR, copy_source_files
 from plait.checkpoint.pieces import Piece, assemble, collect_pieces, load_full_state
 
 FORMAT_VERSION = 1
@@ -85,6 +88,8 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, keep: int = 2) -> P
                            "sequence_parallel": trainer.cfg.sequence_parallel},
                 "world_size": ctx.world_size}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if trainer.hf_source is not None:
+            copy_source_files(trainer.hf_source, tmp / SOURCE_DIR)
         (tmp / "COMPLETE").write_text("ok\n")
         if final.exists():
             shutil.rmtree(final)

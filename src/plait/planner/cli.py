@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from plait.models import ConfigError
 from plait.planner.hardware import PROFILES, HardwareError, load_profile
 from plait.planner.simulator import LayoutRejected, Prediction, predict
 from plait.planner.workload import ARCHS, RECOMPUTE, SCHEDULES, Layout, ModelShape
@@ -47,7 +48,7 @@ def model_shape(args: argparse.Namespace) -> ModelShape:
     if args.seq_len < 1 or args.global_batch < 1:
         raise PlannerInputError("--seq-len and --global-batch must be >= 1")
     if getattr(args, "model", None):
-        from plait.checkpoint.hf import is_hf_directory, load_hf_config
+        from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
         from plait.models import PRESETS, get_preset
 
         path = args.model
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "simulate":
             return _simulate(args, shape, hw)
         return _plan(args, shape, hw)
-    except (PlannerInputError, HardwareError, LayoutRejected) as error:
+    except (PlannerInputError, HardwareError, LayoutRejected, ConfigError) as error:
         print(f"plait: error: {error}", file=sys.stderr)
         return 2
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from plait.checkpoint.hf import is_hf_directory, load_hf_config, load_hf_weights
+from plait.checkpoint.hf import load_hf_weights
+from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
 from plait.data import BatchSampler, TokenData, validation_batches
 from plait.data_parallel import DataParallel, ZeroDataParallel
 from plait.mesh import LayoutError
@@ -130,8 +132,10 @@ class Trainer:
         self.pipeline = None
         if dims.pp > 1:
             self._setup_pipeline()
-        if is_hf_directory(cfg.model):  # pretrained weights: only this rank's stage and slices are read
-            load_hf_weights(self.model, cfg.model)
+        # The Hugging Face directory the weights come from (its other files go into checkpoints).
+        self.hf_source = Path(cfg.model) if is_hf_directory(cfg.model) else None
+        if self.hf_source is not None:  # pretrained weights: only this rank's stage and slices are read
+            load_hf_weights(self.model, self.hf_source)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(block for _, block in named_blocks(self.model))
         self.data_parallel = None
