@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
@@ -231,9 +232,11 @@ def launch_local_workers(cfg: TrainConfig, argv: Sequence[str]) -> int:
         elastic_launch(config, sys.executable)("-m", "plait", *argv)
     except ChildFailedError as error:
         # The cause: a worker killed by a signal if any (its peers then fail on the lost connection,
-        # sometimes before the agent records the kill), else the earliest failure.
-        killed = sorted((rank, f) for rank, f in error.failures.items() if f.exitcode < 0)
-        rank, failure = killed[0] if killed else error.get_first_failure()
+        # sometimes before the agent records the kill), else the earliest failure. The agent stops
+        # the survivors with SIGTERM, so another signal names the cause first.
+        killed = sorted((f.exitcode == -signal.SIGTERM, rank, f) for rank, f in error.failures.items()
+                        if f.exitcode < 0)
+        _, rank, failure = killed[0] if killed else (None, *error.get_first_failure())
         code = failure.exitcode
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         print(f"plait: error: worker rank {rank} {how} (exit code {code}; its message, if any, is above)",
