@@ -51,7 +51,7 @@ from plait.mesh import ParallelContext, ParallelDims
 from plait.models import LlamaConfig, get_preset
 from plait.testing import WorkerPool
 from plait.train import TrainConfig, Trainer
-from plait.train.trainer import batch_layout, plan_pipeline
+from plait.layout import check_run
 
 # ~35.7M parameters (fp32 model state 16P = 571 MB unsharded); tp 2 and 4 divide heads and FFN.
 MODEL = get_preset("small").replace(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
@@ -175,14 +175,7 @@ def train_config(layout: MeasuredLayout, seq_len: int, global_batch: int, steps:
 
 def check_layout(model: LlamaConfig, layout: MeasuredLayout, seq_len: int, global_batch: int) -> None:
     """Raise the trainer's own one-line error for a layout that cannot run (without processes)."""
-    cfg = train_config(layout, seq_len, global_batch, 1)
-    dims = layout.dims
-    dims.check_model(model)
-    if layout.tp == 1 and (layout.sequence_parallel or layout.loss_parallel):
-        raise ValueError("sequence_parallel and loss_parallel need tp > 1")
-    _, _, n_micro = batch_layout(cfg, dims)
-    if layout.pp > 1:
-        plan_pipeline(cfg, dims, model, n_micro)
+    check_run(train_config(layout, seq_len, global_batch, 1), layout.dims, model)
 
 
 # ---------------------------------------------------------------- one layout, on every rank

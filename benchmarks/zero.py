@@ -58,17 +58,6 @@ def reset_peak_rss() -> None:
         pass
 
 
-def storage_bytes(tensors) -> int:
-    seen, total = set(), 0
-    for tensor in tensors:
-        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in seen and storage.nbytes():
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
-
-
 def memory_of_level(ctx: ParallelContext, zero: int, data: TokenData):
     import gc
     gc.collect()
@@ -79,16 +68,10 @@ def memory_of_level(ctx: ParallelContext, zero: int, data: TokenData):
                       out="unused")
     trainer = Trainer(cfg, ctx, data, MEMORY_MODEL)
     gc.collect()
-    reset_peak_rss()  # leave out construction (the full model is built once, then sharded)
+    reset_peak_rss()  # leave out construction
     trainer.train_step(0)
     peak = current_peak_rss() - base
-    if trainer.zero is not None:
-        state = trainer.zero.state_bytes()
-    else:
-        params = list(trainer.model.parameters())
-        state = {"params": storage_bytes(params),
-                 "grads": storage_bytes(b.buffer for b in trainer.data_parallel.buckets),
-                 "optimizer": storage_bytes(v for s in trainer.optimizer.state.values() for v in s.values())}
+    state = trainer.strategy.state_bytes()
     n_params = sum(p.numel() for p in trainer.model.parameters())
     del trainer
     gc.collect()

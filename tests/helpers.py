@@ -48,16 +48,17 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def train_and_collect(ctx, cfg, data, model_config):
     """Run ``cfg.steps`` training steps on this rank; return the losses, gradient norms, the full
-    (tensor-parallel shards gathered) parameters this rank holds, and the validation loss."""
+    (tensor-parallel shards gathered) parameters this rank holds by their names in the full model
+    (a tied head on a pipeline's last stage as the embedding), and the validation loss."""
+    from plait.models import model_parameters
     from plait.tensor_parallel import full_tensor
     from plait.train import Trainer
 
     trainer = Trainer(cfg, ctx, data, model_config)
     records = [trainer.train_step(step) for step in range(cfg.steps)]
-    if trainer.zero is not None:
-        trainer.zero.materialize()
+    trainer.strategy.materialize()
     tp = ctx.comm("tp")
-    params = {name: full_tensor(param, tp).clone() for name, param in trainer.model.named_parameters()}
+    params = {name: full_tensor(param, tp).clone() for name, param in model_parameters(trainer.model)}
     val = trainer.evaluate() if trainer.val_batches else None
     return [r["loss"] for r in records], [r["grad_norm"] for r in records], params, val
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from plait.cli import main
+from plait.train import TrainConfig
 
 
 @pytest.fixture
@@ -63,13 +64,12 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
      "needs --virtual-stages >= 2"),
     (["--nproc", "2", "--pp", "2", "--model", "tiny", "--microbatches", "4", "--virtual-stages", "4",
       "--schedule", "interleaved"], "cannot split 4 layers into 8 pipeline chunks"),
-    (["--nproc", "2", "--pp", "2", "--model", "tiny", "--microbatches", "4", "--zero", "2"],
-     "--zero 2 with --pp > 1 is not yet supported"),
     (["--nproc", "3", "--global-batch", "16"], "--global-batch 16 is not divisible by dp=3"),
     (["--dp", "3", "--nproc", "2"], "does not equal the world size 2"),
     (["--model", "nope"], "unknown model preset 'nope'"),
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--zero", "3", "--activation-checkpointing"], "--zero 3 with --activation-checkpointing is not yet supported"),
+    (["--nproc", "2", "--pp", "2", "--model", "tiny", "--microbatches", "4", "--pipeline-split", "1,2"],
+     "--pipeline-split needs 2 positive block counts summing to 4"),
     (["--global-batch", "8", "--micro-batch", "3"], "is not divisible by --micro-batch 3"),
     (["--data", "/definitely/not/here", "--model", "tiny", "--steps", "1"], "does not exist"),
 ])
@@ -237,3 +237,23 @@ def test_dead_peer_without_restart_ends_the_run_quickly_with_a_message(text_dir,
     assert launcher.returncode != 0
     assert "was killed by signal 9" in stderr and "plait: error: worker rank" in stderr
     assert "a collective failed" in stderr or "Traceback" not in stderr  # the survivor says why, in one line
+
+
+@pytest.mark.parametrize("args, mode", [([], "none"), (["--activation-checkpointing"], "full"),
+                                        (["--activation-checkpointing", "selective"], "selective"),
+                                        (["--activation-checkpointing", "full"], "full"),
+                                        (["--no-activation-checkpointing"], "none")])
+def test_activation_checkpointing_modes(args, mode):
+    from plait.cli import build_parser, train_config_from_args
+
+    assert train_config_from_args(build_parser().parse_args(["train", *args])).activation_checkpointing == mode
+
+
+def test_activation_checkpointing_in_toml(tmp_path):
+    from plait.train.config import TrainConfigError, load_toml
+
+    for value, mode in (("true", "full"), ("false", "none"), ('"selective"', "selective")):
+        (tmp_path / "c.toml").write_text(f"activation_checkpointing = {value}\n")
+        assert TrainConfig(**load_toml(tmp_path / "c.toml")).activation_checkpointing == mode
+    with pytest.raises(TrainConfigError, match="must be one of none, selective, full"):
+        TrainConfig(activation_checkpointing="partial")

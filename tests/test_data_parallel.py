@@ -82,9 +82,10 @@ def count_buckets_launched_in_backward(ctx: ParallelContext, data):
     inputs, targets = trainer.sampler.shard(0, ctx.dp_rank, 2)
     from plait.train.trainer import token_loss_sum
     token_loss_sum(trainer.model, inputs, targets).backward()
-    launched = sum(bucket.launched for bucket in trainer.data_parallel.buckets)
-    total = len(trainer.data_parallel.buckets)
-    trainer.data_parallel.finish()
+    buckets = trainer.strategy.buckets
+    launched = sum(bucket.launched for bucket in buckets.buckets)
+    total = len(buckets.buckets)
+    buckets.finish()
     return launched, total
 
 

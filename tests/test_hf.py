@@ -16,6 +16,7 @@ from plait.checkpoint.hf_config import load_hf_config
 from plait.cli import main
 from plait.mesh import ParallelContext, ParallelDims
 from plait.models import build_model
+from plait.sharding import shard_of
 from plait.train import Trainer
 from helpers import relative_error, synthetic_data, tiny_config, tiny_model_config
 
@@ -109,8 +110,8 @@ def test_hf_import_reads_this_ranks_slices(tmp_path):
         load_hf_weights(model, tmp_path / "hf")
         full = dict(source.named_parameters())
         for name, param in model.named_parameters():
-            dim = getattr(param, "_plait_shard_dim", None)
-            want = full[name] if dim is None else full[name].chunk(2, dim=dim)[rank]
+            shard = shard_of(param)
+            want = full[name].chunk(2, dim=shard.dim)[rank] if shard.is_split else full[name]
             assert torch.equal(param, want), (rank, name)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from plait.layout import Layout, ModelFacts, check_layout
 from plait.mesh import LayoutError, ParallelContext, ParallelDims
 from plait.models import get_preset
 from plait.testing import DistributedRunError
@@ -24,15 +25,25 @@ def test_coordinates_put_tp_innermost():
     assert dims.coordinates(12).dp == 1 and dims.coordinates(4).pp == 1
 
 
+def _tiny_layout(**layout):
+    check_layout(ModelFacts.of_llama(get_preset("tiny"), 64), Layout(**{"global_batch": 8, **layout}))
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: ParallelDims.from_world_size(4, dp=3), "dp x pp x tp = 3 x 1 x 1 = 3 does not equal the world size 4"),
     (lambda: ParallelDims(dp=0), "--dp must be an integer >= 1"),
     (lambda: ParallelDims.from_world_size(6, pp=4), "world size 6 is not divisible by pp x tp = 4"),
-    (lambda: ParallelDims(tp=3).check_model(get_preset("tiny")), "tp=3 does not divide the model's num_attention_heads"),
-    (lambda: ParallelDims(tp=8).check_model(get_preset("tiny")), "tp=8 does not divide the model's num_key_value_heads"),
-    (lambda: ParallelDims(tp=2).check_model(get_preset("tiny").replace(intermediate_size=385)), "FFN width"),
-    (lambda: ParallelDims(pp=5).check_model(get_preset("tiny")), "pp=5 is larger than the model's 4 layers"),
-    (lambda: ParallelDims(dp=2).check_batch(7, 1), "--global-batch 7 is not divisible by dp=2"),
+    (lambda: _tiny_layout(tp=3), "tp=3 does not divide the model's num_attention_heads"),
+    (lambda: _tiny_layout(tp=8), "tp=8 does not divide the model's num_key_value_heads"),
+    (lambda: check_layout(ModelFacts(8, 4, 385, 1024, 4, 64), Layout(tp=2)), "FFN width"),
+    (lambda: check_layout(ModelFacts(8, 4, 384, 32001, 4, 64), Layout(tp=2)), "vocab_size = 32001"),
+    (lambda: _tiny_layout(pp=5, micro_batch=1), "pp=5 is larger than the model's 4 layers"),
+    (lambda: _tiny_layout(dp=2, global_batch=7), "--global-batch 7 is not divisible by dp=2"),
+    (lambda: _tiny_layout(pp=2, micro_batch=8), "--pp 2 needs at least 2 micro-batches per step, got 1"),
+    (lambda: _tiny_layout(pp=2, micro_batch=2, virtual_stages=2, schedule="1f1b"), "needs --schedule interleaved"),
+    (lambda: _tiny_layout(pp=2, micro_batch=1, virtual_stages=4, schedule="interleaved"),
+     "cannot split 4 layers into 8 pipeline chunks"),
+    (lambda: _tiny_layout(sequence_parallel=True), "need --tp > 1"),
 ])
 def test_layout_errors_are_one_line(build, message):
     with pytest.raises(LayoutError) as error:

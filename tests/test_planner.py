@@ -119,7 +119,7 @@ def _zero_state_bytes(ctx, data, model_config):
         trainer = Trainer(tiny_config(dp=2, zero=zero, steps=1), ctx, data, model_config)
         trainer.train_step(0)  # AdamW's moments exist from the first step on
         params = sum(p.numel() for p in trainer.model.parameters())
-        out.append((zero, trainer.zero.state_bytes(), params))
+        out.append((zero, trainer.strategy.state_bytes(), params))
     return out
 
 
@@ -166,7 +166,7 @@ def test_plan_reports_rejections_with_reasons():
     shape = ModelShape("llama", 768, 12, 12, 12, 2048, 32000, 1024)
     result = plan(shape, load_profile("a100-40gb"), gpus=24, global_batch=36)
     reasons = " | ".join(result.examples.values())
-    assert "tp 8 does not divide the heads (12)" in reasons
+    assert "tp=8 does not divide the model's num_attention_heads = 12" in reasons
     assert "not divisible by dp" in reasons
     assert result.best and all(p.fits for p in result.best)
     times = [p.step_time_s for p in result.best]
@@ -185,7 +185,7 @@ def test_cli_simulate_json_keys_and_one_line_errors(capsys):
     assert main(["simulate", "--model", "llama3-8b", "--seq-len", "8192", "--global-batch", "8",
                  "--tp", "3"]) == 2
     error = capsys.readouterr().err
-    assert error.strip() == "plait: error: tp 3 does not divide the heads (32)"
+    assert error.strip() == "plait: error: tp=3 does not divide the model's num_attention_heads = 32"
     assert main(["simulate", "--hidden", "512", "--seq-len", "128", "--global-batch", "8"]) == 2
     assert "missing --layers, --heads, --vocab" in capsys.readouterr().err
     assert main(["plan", "--model", "llama3-8b", "--gpus", "8", "--seq-len", "4096", "--global-batch", "32",
@@ -212,5 +212,5 @@ def test_calibration_fit_recovers_latency_and_bandwidth():
 
 def test_rejected_layout_raises():
     shape = ModelShape.from_llama_config(get_preset("tiny"), 64)
-    with pytest.raises(LayoutRejected, match="zero 2 with pp > 1"):
-        predict(shape, Layout(dp=2, pp=2, zero=2, global_batch=8), load_profile("a100-80gb"))
+    with pytest.raises(LayoutRejected, match="--pp 2 needs at least 2 micro-batches per step, got 1"):
+        predict(shape, Layout(dp=2, pp=2, zero=2, global_batch=8, micro_batch=4), load_profile("a100-80gb"))

@@ -12,7 +12,7 @@ from torch import nn
 from plait.comm import Collectives
 from plait.mesh import ParallelContext, ParallelDims
 from plait.tensor_parallel import (ColumnParallel, PlanError, RowParallel, full_grad, full_tensor, llama_plan,
-                                   parallelize, sync_partial_grads)
+                                   parallelize)
 from plait.train import IGNORE_INDEX, Trainer
 from plait.train.trainer import token_loss_sum
 from helpers import assert_runs_match, train_and_collect, relative_error, tiny_config, tiny_model_config
@@ -36,7 +36,7 @@ def forward_backward(ctx: ParallelContext, cfg, data, model_config, inputs, targ
         logits = model(inputs)
     loss = token_loss_sum(model, inputs, targets, cfg.label_smoothing)
     loss.backward()
-    sync_partial_grads(model, tp)
+    trainer.strategy.finish()  # sums the sequence-parallel partial gradients over tp
     grads = {name: full_grad(param, tp).clone() for name, param in model.named_parameters()}
     params = {name: full_tensor(param, tp).clone() for name, param in model.named_parameters()}
     return logits, loss.item(), grads, params

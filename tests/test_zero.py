@@ -34,9 +34,9 @@ def one_step_traffic(ctx: ParallelContext, cfg, data, model_config):
     trainer.train_step(0)
     param_bytes = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
     padded, root = param_bytes, 0
-    if trainer.zero is not None:
-        padded = sum(u.padded * u.flat.element_size() for u in trainer.zero.units)
-        root = sum(u.padded * u.flat.element_size() for u in trainer.zero.units if u.module is None)
+    if cfg.zero:
+        padded = sum(u.padded * u.flat.element_size() for u in trainer.strategy.units)
+        root = sum(u.padded * u.flat.element_size() for u in trainer.strategy.units if u.module is None)
     return ({key: (r.calls, r.wire) for key, r in ctx.counter.records.items() if key[2] in ("grads", "params")},
             padded, root)
 

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from plait.checkpoint import CheckpointError
 from plait.data import DataError
+from plait.layout import Recompute
 from plait.mesh import LayoutError, ParallelDims
 from plait.models import PRESETS, ConfigError, get_preset
 from plait.train.config import DTYPES, TrainConfig, TrainConfigError, load_toml
@@ -75,7 +76,6 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
 TRAIN_SWITCHES: list[tuple[str, str, str]] = [
     ("sequence-parallel", "sequence_parallel", "with --tp: norms and residuals on sequence shards (activation memory / tp)"),
     ("loss-parallel", "loss_parallel", "with --tp: cross-entropy on vocabulary-sharded logits, never gathered"),
-    ("activation-checkpointing", "activation_checkpointing", "recompute each block's activations in backward"),
     ("timeline", "timeline", "with --pp: write the last step's measured per-rank timeline "
                              "(<out>/timeline.json for Perfetto / chrome://tracing, and timeline.png)"),
     ("resume", "resume", "continue from the newest complete checkpoint in --out"),
@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, field, text in TRAIN_SWITCHES:
         train.add_argument(f"--{flag}", dest=field, action=argparse.BooleanOptionalAction,
                            help=f"{text} (default: {getattr(defaults, field)})")
+    recompute = train.add_mutually_exclusive_group()
+    recompute.add_argument("--activation-checkpointing", dest="activation_checkpointing", nargs="?", const="full",
+                           choices=[mode.value for mode in Recompute], metavar="{none,selective,full}",
+                           help="recompute each block's activations in backward: full (keep the block's input; "
+                                "the bare flag), selective (keep the matmul outputs, recompute attention, norms "
+                                f"and elementwise ops) or none (default: {defaults.activation_checkpointing})")
+    recompute.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_const",
+                           const="none", help="same as --activation-checkpointing none")
     export = commands.add_parser(
         "export", help="write a checkpoint as a Hugging Face Llama directory",
         description="Export a plait checkpoint (written under any layout) as config.json + model.safetensors "
@@ -197,17 +205,12 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     """Everything checkable without data or processes, so a bad flag fails in one line, once."""
-    from plait.train.run import check_supported
-    from plait.train.trainer import batch_layout, plan_pipeline
-
-    check_supported(cfg)
-    dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
     from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
+    from plait.layout import check_run
+
+    dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
     model = load_hf_config(cfg.model) if is_hf_directory(cfg.model) else get_preset(cfg.model)
-    dims.check_model(model)
-    _, _, n_micro = batch_layout(cfg, dims)
-    if dims.pp > 1:
-        plan_pipeline(cfg, dims, model, n_micro)
+    check_run(cfg, dims, model)
 
 
 def under_launcher() -> bool:

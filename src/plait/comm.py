@@ -185,10 +185,10 @@ class Collectives:
         self._count("broadcast", tag, size, Fraction(size))
         dist.broadcast(tensor, group_src=src_group_rank, group=self.group)
 
-    def send(self, tensor: torch.Tensor, peer: int, tag: int):
+    def send(self, tensor: torch.Tensor, peer: int, tag: int, what: str = "activations"):
         """Asynchronous point-to-point send to group rank ``peer``; returns the work handle.
-        Counted on the sender only (``B`` bytes); the matching ``recv`` counts nothing."""
-        self._count("send", "activations", _nbytes(tensor), Fraction(_nbytes(tensor)))
+        Counted on the sender only (``B`` bytes, under ``what``); the matching ``recv`` counts nothing."""
+        self._count("send", what, _nbytes(tensor), Fraction(_nbytes(tensor)))
         return dist.isend(tensor, group_dst=peer, group=self.group, tag=tag)
 
     def recv(self, tensor: torch.Tensor, peer: int, tag: int) -> None:

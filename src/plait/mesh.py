@@ -22,13 +22,9 @@ import torch
 import torch.distributed as dist
 
 from plait.comm import Collectives, TrafficCounter
-from plait.models.config import LlamaConfig
+from plait.layout import LayoutError
 
 DIM_NAMES = ("dp", "pp", "tp")
-
-
-class LayoutError(ValueError):
-    """A parallel layout that cannot run; the message is one line."""
 
 
 class Coordinates(NamedTuple):
@@ -72,30 +68,6 @@ class ParallelDims:
         if self.world_size != world_size:
             raise LayoutError(f"dp x pp x tp = {self.dp} x {self.pp} x {self.tp} = {self.world_size} "
                               f"does not equal the world size {world_size}")
-
-    def check_model(self, config: LlamaConfig) -> None:
-        """Every size the tensor- and pipeline-parallel split must divide."""
-        for what, size in (("num_attention_heads", config.num_attention_heads),
-                           ("num_key_value_heads", config.num_key_value_heads),
-                           ("intermediate_size (FFN width)", config.intermediate_size)):
-            if size % self.tp:
-                raise LayoutError(f"tp={self.tp} does not divide the model's {what} = {size}")
-        if self.pp > config.num_hidden_layers:
-            raise LayoutError(f"pp={self.pp} is larger than the model's {config.num_hidden_layers} layers")
-
-    def check_batch(self, global_batch: int, micro_batch: int) -> None:
-        if global_batch < 1 or micro_batch < 1:
-            raise LayoutError(f"--global-batch and --micro-batch must be >= 1, got {global_batch} and {micro_batch}")
-        if global_batch % self.dp:
-            raise LayoutError(f"--global-batch {global_batch} is not divisible by dp={self.dp}")
-        per_rank = global_batch // self.dp
-        if per_rank % micro_batch:
-            raise LayoutError(f"the per-rank batch {per_rank} (global batch {global_batch} / dp {self.dp}) "
-                              f"is not divisible by --micro-batch {micro_batch}")
-
-    def check_sequence(self, seq_len: int, sequence_parallel: bool) -> None:
-        if sequence_parallel and seq_len % self.tp:
-            raise LayoutError(f"--sequence-parallel needs --seq-len {seq_len} divisible by tp={self.tp}")
 
     def coordinates(self, rank: int) -> Coordinates:
         tp_rank = rank % self.tp

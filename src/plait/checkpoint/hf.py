@@ -26,6 +26,7 @@ from plait.checkpoint.hf_config import (SOURCE_DIR, SOURCE_FILES, ConfigForm, ca
                                         read_json)
 from plait.checkpoint.store import CheckpointError, read_full_state, read_meta
 from plait.models import LlamaConfig
+from plait.sharding import shard_of
 
 
 def export_hf(checkpoint: str | Path, out_dir: str | Path, form: ConfigForm | None = None) -> Path:
@@ -52,7 +53,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, form: ConfigForm | No
     return out
 
 
-def _weight_files(path: Path) -> dict[str, Path]:
+def weight_files(path: Path) -> dict[str, Path]:
     """parameter name -> the safetensors file holding it (sharded checkpoints via their index)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -67,32 +68,16 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 @torch.no_grad()
 def load_hf_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Copy a Hugging Face Llama's weights into a plait model, by name, reading only what this
-    rank holds: the parameters of its pipeline stage, and of a tensor-parallel parameter only
-    its slice (``safetensors`` slices the file; the rest is never read)."""
-    path = Path(path)
-    files = _weight_files(path)
-    handles: dict[Path, object] = {}
+    """Copy a Hugging Face Llama's weights into a (possibly tensor-parallel) plait model, by name,
+    reading only what each parameter holds: of a tensor-parallel parameter only its part."""
+    from plait.checkpoint.sources import HFSource
+    from plait.models import model_parameters
+
+    source = HFSource(path)
     try:
-        for name, param in model.named_parameters():
-            if name not in files:
-                raise CheckpointError(f"{path} has no weight {name}")
-            file = files[name]
-            if file not in handles:
-                handles[file] = safe_open(str(file), framework="pt")
-            dim = getattr(param, "_plait_shard_dim", None)
-            if dim is None:
-                tensor = handles[file].get_tensor(name)
-            else:
-                part = handles[file].get_slice(name)
-                size = param.shape[dim]
-                start = getattr(param, "_plait_shard_index", 0) * size
-                index = tuple(slice(start, start + size) if d == dim else slice(None)
-                              for d in range(len(part.get_shape())))
-                tensor = part[index]
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model "
-                                      f"{tuple(param.shape)}")
-            param.copy_(tensor.to(param.dtype))
+        for name, param in model_parameters(model):
+            shard = shard_of(param)
+            values = source.read(name, shard, shard.full_shape(tuple(param.shape)))
+            param.copy_(values.view(param.shape).to(param.dtype))
     finally:
-        handles.clear()
+        source.close()

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from plait.checkpoint.hf_config import SOURCE_DIR, copy_source_files
-from plait.checkpoint.pieces import Piece, assemble, collect_pieces, load_full_state
+from plait.checkpoint.pieces import Piece, assemble
 
 FORMAT_VERSION = 1
 
@@ -76,7 +76,7 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, keep: int = 2) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(ctx)
-    pieces = collect_pieces(trainer)
+    pieces = trainer.strategy.state_pieces()
     tensors = {piece.key: data.contiguous() for piece, data in pieces}
     name = f"rank-{ctx.rank:05d}"
     save_file(tensors, str(tmp / f"{name}.safetensors"))
@@ -131,11 +131,17 @@ def read_full_state(path: str | Path, names: set[str] | None = None) -> dict[tup
 
 
 def load_checkpoint(trainer, path: str | Path) -> int:
-    """Load a checkpoint written under any layout into ``trainer``; returns its step."""
+    """Load a checkpoint written under any layout into ``trainer``; returns its step. Each rank
+    reads only the ranges of the pieces that overlap what it holds."""
+    from plait.checkpoint.sources import CheckpointSource
+
     meta = read_meta(path)
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
     check_model_config(meta, trainer.model_config)
-    names = {name for name, _ in trainer.model.named_parameters()}
-    load_full_state(trainer, read_full_state(path, names), meta["step"])
+    source = CheckpointSource(path)
+    try:
+        trainer.strategy.load_state(source, int(meta["step"]))
+    finally:
+        source.close()
     return int(meta["step"])

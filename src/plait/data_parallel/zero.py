@@ -1,8 +1,10 @@
 """Sharded data parallelism: ZeRO-1, ZeRO-2 and ZeRO-3 (FSDP-style units).
 
-Parameters are grouped into *units*: each transformer block, plus a root unit with everything
-else (embedding, final norm, head). A unit's parameters are laid end to end in one flat vector,
-padded to a multiple of the dp size n; dp rank r owns the slice [r S, (r+1) S), S = padded / n.
+Parameters are grouped into *units*: each transformer block, a weight tied across pipeline
+stages (alone, so both stages lay it out alike), and a root unit with everything else
+(embedding, final norm, head). A unit's parameters are laid end to end in one flat vector,
+padded to a multiple of the dp size n; dp rank r owns the slice [r S, (r+1) S), S = padded / n
+(``FlatLayout``, the one place that says which part of which parameter a shard holds).
 Each rank keeps, for its slices only, the fp32 master copy and the AdamW moments.
 
     level  params (full)      grads (full)           per-step traffic (ring, per rank)
@@ -13,21 +15,30 @@ Each rank keeps, for its slices only, the fp32 master copy and the AdamW moments
 (P in bytes of the parameters as communicated; (n-1)/n factors per the Collectives convention.)
 
 Gradient reduction: each rank's loss is already divided by the global token count, so the
-reduce-scatter *sums* over dp (see ddp.py). ZeRO-1 reduce-scatters once per step after the last
-micro-batch; ZeRO-2/3 reduce-scatter each unit as soon as its gradients are complete, on every
-micro-batch, and accumulate into the fp32 gradient shard (full gradients never outlive a unit).
+reduce-scatter *sums* over dp (see replicated.py). ZeRO-1 reduce-scatters once per step after
+the last micro-batch; ZeRO-2/3 reduce-scatter each unit as soon as its gradients are complete,
+on every micro-batch, and accumulate into the fp32 gradient shard (full gradients never outlive
+a unit).
 
 ZeRO-3 keeps a unit's full parameters in one flat buffer whose storage is resized to zero when
 the unit is not in use (as FSDP does): parameters and the tensors autograd saved stay valid
-views, and are refilled before use. Forward: gather unit i (prefetching unit i+1), run it, free
-it. Backward: a hook on the unit's output gathers it again (prefetching unit i-1); when its
-gradients are complete they are reduce-scattered and the parameters freed.
+views, and are refilled before use. Forward: gather block i (prefetching the next block of the
+same pipeline chunk), run it, free it. Backward: a hook on the block's output gathers it again
+(prefetching the previous block of the chunk); when its gradients are complete they are
+reduce-scattered and the parameters freed. A block under activation checkpointing recomputes
+inside its own backward, after that gather: recomputation costs no extra traffic. The resident
+units (root, tied) are gathered by the first module of the step that needs them and freed when
+the step's gradients are complete. Under a pipeline the same rules apply per micro-batch.
+
+Construction: parameters may be on the meta device. ``load_parameters`` allocates only what
+the level keeps (levels 1/2: the full flat buffer; level 3: the master shards) and reads from
+the source exactly those values, one parameter at a time.
 
 Mixed precision (``param_dtype=bfloat16``): parameters and gradients are bf16 in the model and
 on the wire; master shards, moments and the gradient shard accumulator are fp32.
 
 Clipping counts each element once: squares of this rank's gradient shard (elements replicated
-over tp counted on tp rank 0 only) summed over dp and tp.
+over tp counted on tp rank 0 only, a tied weight on the first stage only) summed over dp, tp, pp.
 """
 from __future__ import annotations
 
@@ -36,114 +47,188 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from plait.checkpoint.pieces import KINDS, Piece
 from plait.comm import Collectives
+from plait.data_parallel.strategy import (DataParallelStrategy, ParameterInfo, ParameterSource, TiedWeights,
+                                          clip_scale, describe_parameters, reduce_squares)
+from plait.sharding import swap_parameter_data
+from plait.tensor_parallel.plan import sum_partial_grads
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Tensors of ``sizes`` elements laid end to end, padded to a multiple of ``parts``."""
+
+    sizes: tuple[int, ...]
+    parts: int
+
+    @property
+    def offsets(self) -> list[int]:
+        offsets, offset = [], 0
+        for size in self.sizes:
+            offsets.append(offset)
+            offset += size
+        return offsets
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def padded(self) -> int:
+        return -(-self.numel // self.parts) * self.parts
+
+    @property
+    def shard_size(self) -> int:
+        return self.padded // self.parts
+
+    def overlaps(self, rank: int) -> list[tuple[int, int, int, int]]:
+        """(tensor index, lo, hi, at): elements [lo, hi) of that tensor's flattening lie at
+        [at, at + hi - lo) of shard ``rank``; tensors outside the shard are left out."""
+        start, size = rank * self.shard_size, self.shard_size
+        found = []
+        for index, (offset, numel) in enumerate(zip(self.offsets, self.sizes)):
+            lo, hi = max(offset, start), min(offset + numel, start + size)
+            if lo < hi:
+                found.append((index, lo - offset, hi - offset, lo - start))
+        return found
 
 
 @dataclass
 class _Unit:
     name: str
-    module: nn.Module | None
-    params: list[nn.Parameter]
-    offsets: list[int]
-    numel: int
-    shard_size: int
-    master: nn.Parameter                       # fp32 [shard_size], what the optimizer steps
-    decay_ranges: list[tuple[int, int]]        # shard ranges where weight decay applies (matrices)
-    norm_ranges: list[tuple[int, int]]         # shard ranges this rank counts in the gradient norm
-    partial_ranges: list[tuple[int, int]]      # shard ranges whose grads are partial over tp (SP norms)
-    flat: torch.Tensor                         # full parameters, param dtype (ZeRO-3: storage freed when idle)
-    grad_shard: torch.Tensor                   # fp32 [shard_size]
-    flat_grad: torch.Tensor | None = None      # ZeRO-1: full gradients (params' .grad are views)
+    module: nn.Module | None                   # a block; None: resident (root, tied) within a step
+    infos: list[ParameterInfo]
+    layout: FlatLayout
+    tied: bool = False
+    master: nn.Parameter | None = None          # fp32 [shard_size], what the optimizer steps
+    decay_ranges: list[tuple[int, int]] = field(default_factory=list)    # matrices: weight decay
+    norm_ranges: list[tuple[int, int]] = field(default_factory=list)     # counted in the gradient norm
+    partial_ranges: list[tuple[int, int]] = field(default_factory=list)  # grads partial over tp (SP norms)
+    flat: torch.Tensor | None = None            # full parameters, param dtype (ZeRO-3: storage freed when idle)
+    grad_shard: torch.Tensor | None = None      # fp32 [shard_size]
+    flat_grad: torch.Tensor | None = None       # ZeRO-1: full gradients (params' .grad are views)
     ready: int = 0
     pending_reduce: list = field(default_factory=list)
     gather_work: object | None = None
     gathered: bool = True
 
     @property
+    def params(self) -> list[nn.Parameter]:
+        return [info.param for info in self.infos]
+
+    @property
     def padded(self) -> int:
-        return self.flat.numel()
+        return self.layout.padded
+
+    @property
+    def shard_size(self) -> int:
+        return self.layout.shard_size
 
 
-class ZeroDataParallel:
-    """ZeRO level 1, 2 or 3 over ``dp``; owns the AdamW state of this rank's shards."""
+class Sharded(DataParallelStrategy):
+    """ZeRO level 1, 2 or 3 over ``dp``; owns the AdamW state of this rank's shards.
 
-    def __init__(self, model: nn.Module, units: list[tuple[str, nn.Module | None]], dp: Collectives,
-                 tp: Collectives, level: int, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float, param_dtype: torch.dtype = torch.float32,
-                 pp: Collectives | None = None) -> None:
+    ``chunks``: the rank's decoder blocks as (name, module), grouped by pipeline chunk (one group
+    without a pipeline): each block is a unit, prefetched within its group. ``entries``: the
+    modules whose forward needs the resident units (embedding, final norm, head)."""
+
+    def __init__(self, model: nn.Module, named: list[tuple[str, nn.Parameter]],
+                 chunks: list[list[tuple[str, nn.Module]]], entries: list[nn.Module], dp: Collectives,
+                 tp: Collectives, pp: Collectives, level: int, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float, device: torch.device, param_dtype: torch.dtype = torch.float32,
+                 tied: TiedWeights | None = None) -> None:
         if level not in (1, 2, 3):
             raise ValueError(f"ZeRO level must be 1, 2 or 3, got {level}")
-        self.model, self.dp, self.tp, self.level = model, dp, tp, level
-        self.pp = pp  # pipeline stages hold different parameters: the gradient norm sums over them
-        self.param_dtype = param_dtype
+        self.model, self.dp, self.tp, self.pp, self.level, self.tied = model, dp, tp, pp, level, tied
+        self.device, self.param_dtype = device, param_dtype
         self.weight_decay = weight_decay
-        self.sync = True
-        self.units = self._build_units(model, units)
-        self.optimizer = torch.optim.AdamW([u.master for u in self.units], lr=lr, betas=betas, eps=eps,
-                                           weight_decay=0.0, fused=True)
-        self._hooks = []
+        self.hyper = dict(lr=lr, betas=betas, eps=eps)
+        self.entries = entries
+        self.chunks: list[list[_Unit]] = []
+        self.units = self._plan_units(describe_parameters(named, tied), chunks)
+        self.optimizer: torch.optim.AdamW | None = None
+        self._hooks: list = []
+
+    # ------------------------------------------------------------------ construction
+    def _plan_units(self, infos: list[ParameterInfo], chunks: list[list[tuple[str, nn.Module]]]) -> list[_Unit]:
+        by_id = {id(info.param): info for info in infos}
+        claimed: set[int] = set()
+        units: list[_Unit] = []
+
+        def take(params) -> list[ParameterInfo]:
+            mine = [by_id[id(p)] for p in params if id(p) in by_id and id(p) not in claimed]
+            claimed.update(id(info.param) for info in mine)
+            return mine
+
+        for group in chunks:
+            chunk_units = []
+            for name, module in group:
+                members = take(module.parameters())
+                if members:
+                    chunk_units.append(_Unit(name, module, members, self._layout(members)))
+            self.chunks.append(chunk_units)
+            units += chunk_units
+        if self.tied is not None:
+            members = take([self.tied.param])
+            units.append(_Unit("tied", None, members, self._layout(members), tied=True))
+        rest = take(info.param for info in infos)
+        if rest:
+            units.append(_Unit("root", None, rest, self._layout(rest)))
+        return units
+
+    def _layout(self, members: list[ParameterInfo]) -> FlatLayout:
+        return FlatLayout(tuple(info.param.numel() for info in members), self.dp.size)
+
+    @torch.no_grad()
+    def load_parameters(self, source: ParameterSource) -> None:
+        """Allocate what this level keeps and read this rank's values of it from ``source``."""
+        rank = self.dp.rank
+        for unit in self.units:
+            layout = unit.layout
+            unit.master = nn.Parameter(torch.zeros(layout.shard_size, dtype=torch.float32, device=self.device))
+            unit.grad_shard = torch.zeros(layout.shard_size, dtype=torch.float32, device=self.device)
+            # ZeRO-3 never holds the full unit at rest: its storage is released right after the views exist
+            unit.flat = (torch.empty if self.level == 3 else torch.zeros)(layout.padded, dtype=self.param_dtype,
+                                                                         device=self.device)
+            in_shard = {index: (lo, hi, at) for index, lo, hi, at in layout.overlaps(rank)}
+            for index, (info, offset) in enumerate(zip(unit.infos, layout.offsets)):
+                if self.level < 3:  # one read of the full local values: the flat buffer and the master slice
+                    values = source.read(info.name, info.shard, info.full_shape).to(self.device, torch.float32)
+                    unit.flat[offset:offset + values.numel()] = values.to(self.param_dtype)
+                if index not in in_shard:
+                    continue
+                lo, hi, at = in_shard[index]
+                if self.level == 3:  # only this rank's range is ever read
+                    values = source.read(info.name, info.shard, info.full_shape, flat_range=(lo, hi))
+                    unit.master[at:at + hi - lo] = values.to(self.device, torch.float32)
+                else:
+                    unit.master[at:at + hi - lo] = values[lo:hi]
+                local = (at, at + hi - lo)
+                if len(info.full_shape) >= 2:
+                    unit.decay_ranges.append(local)
+                if info.counted:
+                    unit.norm_ranges.append(local)
+                if info.shard.partial_grad:
+                    unit.partial_ranges.append(local)
+            for info, offset in zip(unit.infos, layout.offsets):  # the model now views the flat buffer
+                view = unit.flat[offset:offset + info.param.numel()].view(info.param.shape)
+                swap_parameter_data(info.param, view)
+            if self.level == 1:
+                unit.flat_grad = torch.zeros(layout.padded, dtype=self.param_dtype, device=self.device)
+                for info, offset in zip(unit.infos, layout.offsets):
+                    info.param.grad = unit.flat_grad[offset:offset + info.param.numel()].view_as(info.param)
+        hyper = self.hyper
+        self.optimizer = torch.optim.AdamW([u.master for u in self.units], lr=hyper["lr"], betas=hyper["betas"],
+                                           eps=hyper["eps"], weight_decay=0.0, fused=True)
         for unit in self.units:
             for param in unit.params:
                 self._hooks.append(param.register_post_accumulate_grad_hook(
                     lambda p, unit=unit: self._on_grad_ready(unit)))
-        if level == 3:
+        if self.level == 3:
             self._install_gather_hooks()
             for unit in self.units:
                 self._free(unit)
-
-    # ------------------------------------------------------------------ construction
-    def _build_units(self, model: nn.Module, units: list[tuple[str, nn.Module | None]]) -> list[_Unit]:
-        claimed: set[int] = set()
-        groups: list[tuple[str, nn.Module | None, list[nn.Parameter]]] = []
-        for name, module in units:
-            if module is None:
-                continue
-            params = [p for p in module.parameters() if id(p) not in claimed]
-            claimed.update(id(p) for p in params)
-            groups.append((name, module, params))
-        rest = [p for p in model.parameters() if id(p) not in claimed]
-        if rest:
-            groups.append(("root", None, rest))
-        n, rank = self.dp.size, self.dp.rank
-        built = []
-        for name, module, params in groups:
-            numel = sum(p.numel() for p in params)
-            padded = -(-numel // n) * n
-            shard = padded // n
-            start = rank * shard
-            device = params[0].device
-            flat = torch.zeros(padded, dtype=self.param_dtype, device=device)
-            master = torch.zeros(shard, dtype=torch.float32, device=device)
-            decay, counted, partial = [], [], []
-            offsets, offset = [], 0
-            for param in params:
-                size = param.numel()
-                values = param.detach().reshape(-1)
-                flat[offset:offset + size] = values.to(self.param_dtype)
-                # the part of this parameter that falls in this rank's shard, in shard coordinates
-                lo, hi = max(offset, start), min(offset + size, start + shard)
-                if lo < hi:
-                    master[lo - start:hi - start] = values[lo - offset:hi - offset].float()
-                    local = (lo - start, hi - start)
-                    if param.dim() >= 2:
-                        decay.append(local)
-                    if hasattr(param, "_plait_shard_dim") or self.tp.rank == 0:
-                        counted.append(local)
-                    if getattr(param, "_plait_tp_partial_grad", False):
-                        partial.append(local)
-                param.data = flat[offset:offset + size].view_as(param)  # the model now views the flat buffer
-                offsets.append(offset)
-                offset += size
-            unit = _Unit(name=name, module=module, params=params, offsets=offsets, numel=numel, shard_size=shard,
-                         master=nn.Parameter(master), decay_ranges=decay, norm_ranges=counted,
-                         partial_ranges=partial, flat=flat,
-                         grad_shard=torch.zeros(shard, dtype=torch.float32, device=device))
-            if self.level == 1:
-                unit.flat_grad = torch.zeros(padded, dtype=self.param_dtype, device=device)
-                for param, off in zip(params, offsets):
-                    param.grad = unit.flat_grad[off:off + param.numel()].view_as(param)
-            built.append(unit)
-        return built
 
     # ------------------------------------------------------------------ ZeRO-3 gather / free
     def _gather(self, unit: _Unit, async_op: bool = False) -> None:
@@ -170,22 +255,24 @@ class ZeroDataParallel:
         unit.flat.untyped_storage().resize_(0)
         unit.gathered = False
 
+    def _gather_resident(self) -> None:
+        for unit in self.units:
+            if unit.module is None:
+                self._gather(unit)
+
     def _install_gather_hooks(self) -> None:
-        blocks = [u for u in self.units if u.module is not None]
-        root = next((u for u in self.units if u.module is None), None)
-        # The root unit (embedding, final norm, head) stays gathered from the first forward of a
-        # micro-batch until its gradients are reduced. Training calls the decoder (model.model)
-        # and the head's loss directly, evaluation calls model(): hook both entry points.
-        if root is not None:
-            for entry in {self.model, getattr(self.model, "model", self.model)}:
-                entry.register_forward_pre_hook(lambda _m, _a: self._gather(root))
-        for index, unit in enumerate(blocks):
-            following = blocks[index + 1] if index + 1 < len(blocks) else None
-            preceding = blocks[index - 1] if index > 0 else None
-            unit.module.register_forward_pre_hook(
-                lambda _m, _a, unit=unit, nxt=following: self._pre_forward(unit, nxt))
-            unit.module.register_forward_hook(
-                lambda _m, _a, output, unit=unit, prev=preceding: self._post_forward(unit, prev, output))
+        # Resident units stay gathered from the first forward that needs them until the step's
+        # gradients are reduced (FSDP keeps its root the same way).
+        for entry in self.entries:
+            self._hooks.append(entry.register_forward_pre_hook(lambda _m, _a: self._gather_resident()))
+        for group in self.chunks:
+            for index, unit in enumerate(group):
+                following = group[index + 1] if index + 1 < len(group) else None
+                preceding = group[index - 1] if index > 0 else None
+                self._hooks.append(unit.module.register_forward_pre_hook(
+                    lambda _m, _a, unit=unit, nxt=following: self._pre_forward(unit, nxt)))
+                self._hooks.append(unit.module.register_forward_hook(
+                    lambda _m, _a, output, unit=unit, prev=preceding: self._post_forward(unit, prev, output)))
 
     def _pre_forward(self, unit: _Unit, following: _Unit | None) -> None:
         self._gather(unit)
@@ -209,15 +296,15 @@ class ZeroDataParallel:
         if self.level == 1:
             return  # reduced once per step in finish(), after the last micro-batch
         unit.ready += 1
-        if unit.ready < len(unit.params):
+        if unit.ready < len(unit.infos):
             return
         unit.ready = 0
         first = unit.params[0].grad
         flat_grad = torch.empty(unit.padded, dtype=first.dtype, device=first.device)
-        for param, offset in zip(unit.params, unit.offsets):  # one copy into the padded buffer
+        for param, offset in zip(unit.params, unit.layout.offsets):  # one copy into the padded buffer
             flat_grad[offset:offset + param.numel()].copy_(param.grad.reshape(-1))
             param.grad = None  # full gradients do not outlive their unit
-        flat_grad[unit.numel:].zero_()
+        flat_grad[unit.layout.numel:].zero_()
         self._complete_reductions()  # at most one unit's reduction in flight: bounded memory
         reduced = torch.empty(unit.shard_size, dtype=flat_grad.dtype, device=flat_grad.device)
         work = self.dp.reduce_scatter(reduced, flat_grad, tag="grads", async_op=True)
@@ -237,7 +324,8 @@ class ZeroDataParallel:
         """After the step's last backward: this rank's fp32 gradient shards hold the gradient.
 
         ZeRO-1 reduce-scatters the accumulated full gradients here; ZeRO-2/3 only complete the
-        reductions they launched during backward. Then the SP partial gradients are synced.
+        reductions they launched during backward. Then the SP partial gradients are summed over
+        tp and a weight tied across stages over its two stages.
         """
         if self.level == 1:
             for unit in self.units:
@@ -249,34 +337,21 @@ class ZeroDataParallel:
             unit.ready = 0
             if self.level == 3 and unit.module is None and unit.gathered:
                 self._free(unit)
-        self._sync_partial_grads()
-
-    def _sync_partial_grads(self) -> None:
-        """SP norm weights: their (dp-reduced) gradient shards are partial over tp."""
-        if self.tp.size == 1:
-            return
         views = [u.grad_shard[a:b] for u in self.units for a, b in u.partial_ranges]
-        if not views:
-            return
-        flat = torch.cat(views)
-        self.tp.all_reduce(flat, tag="sp_partial_grads")
-        offset = 0
-        for view in views:
-            view.copy_(flat[offset:offset + view.numel()])
-            offset += view.numel()
+        sum_partial_grads(views, self.tp)
+        for unit in self.units:
+            if unit.tied:
+                self.tied.sum_between_stages(unit.grad_shard)
 
     # ------------------------------------------------------------------ optimizer
     def clip_grad_norm(self, max_norm: float) -> float:
-        squares = torch.zeros((), dtype=torch.float64, device=self.units[0].flat.device)
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for unit in self.units:
             for a, b in unit.norm_ranges:
                 squares += torch.linalg.vector_norm(unit.grad_shard[a:b], dtype=torch.float64).square()
-        for comm in (self.dp, self.tp, self.pp):
-            if comm is not None:
-                comm.all_reduce(squares, tag="grad_norm")
-        norm = squares.sqrt()
+        norm = reduce_squares(squares, self.dp, self.tp, self.pp).sqrt()
         if max_norm > 0:
-            scale = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+            scale = float(clip_scale(norm, max_norm))
             for unit in self.units:
                 unit.grad_shard.mul_(scale)
         return float(norm)
@@ -293,8 +368,10 @@ class ZeroDataParallel:
         self.optimizer.step()
         if self.level < 3:  # everyone needs the updated full parameters
             for unit in self.units:
-                shard = unit.master.detach().to(self.param_dtype)
-                self.dp.all_gather(unit.flat, shard, tag="params")
+                self._all_gather_master(unit)
+
+    def _all_gather_master(self, unit: _Unit) -> None:
+        self.dp.all_gather(unit.flat, unit.master.detach().to(self.param_dtype), tag="params")
 
     def zero_grad(self) -> None:
         for unit in self.units:
@@ -309,6 +386,40 @@ class ZeroDataParallel:
         if self.level == 3:
             for unit in self.units:
                 self._gather(unit)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_pieces(self) -> list[tuple[Piece, torch.Tensor]]:
+        pieces = []
+        for unit in self.units:
+            state = self.optimizer.state.get(unit.master, {})
+            sources = {"param": unit.master.detach(), **{k: state[k] for k in KINDS[1:] if k in state}}
+            for index, lo, hi, at in unit.layout.overlaps(self.dp.rank):
+                info = unit.infos[index]
+                if not info.counted:
+                    continue
+                for kind, flat in sources.items():
+                    piece = Piece.of(info.name, kind, info.shard, tuple(info.param.shape), lo, hi)
+                    pieces.append((piece, flat[at:at + hi - lo].detach().float().cpu().clone()))
+        return pieces
+
+    @torch.no_grad()
+    def load_state(self, source: ParameterSource, step: int) -> None:
+        moments = step > 0 and source.has("exp_avg")
+        for unit in self.units:
+            state = {kind: torch.zeros(unit.shard_size, dtype=torch.float32, device=self.device)
+                     for kind in KINDS[1:]} if moments else {}
+            for index, lo, hi, at in unit.layout.overlaps(self.dp.rank):
+                info = unit.infos[index]
+                for kind, target in (("param", unit.master), *state.items()):
+                    values = source.read(info.name, info.shard, info.full_shape, kind, flat_range=(lo, hi))
+                    target[at:at + hi - lo] = values.to(self.device, torch.float32)
+            if moments:
+                self.optimizer.state[unit.master] = {
+                    "step": torch.tensor(float(step), dtype=torch.float32, device=self.device), **state}
+            if self.level < 3:  # the full flat buffer is live: the model reads it
+                self._all_gather_master(unit)
+            elif unit.gathered:
+                self._free(unit)  # refilled from the new master shard at its next use
 
     # ------------------------------------------------------------------ accounting
     def state_bytes(self) -> dict[str, int]:

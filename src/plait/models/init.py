@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from plait.models.config import LlamaConfig
-from plait.models.llama import LlamaForCausalLM
+from plait.models.llama import LlamaForCausalLM, RotaryEmbedding
 
 _NORM_SUFFIXES = ("norm.weight", "layernorm.weight")
 # Residual-branch outputs get std / sqrt(2 * layers) (GPT-2): each block adds two of them.
@@ -50,3 +50,20 @@ def build_model(config: LlamaConfig, seed: int = 0, device: torch.device | str =
     model = LlamaForCausalLM(config)
     init_parameters(model, config, seed)
     return model.to(device)
+
+
+def build_meta_model(config: LlamaConfig) -> LlamaForCausalLM:
+    """The model with every parameter on the meta device (shapes, no memory): parallel plans
+    and pipeline cuts apply to it, then each rank materialises only its own pieces. The RoPE
+    tables (a few numbers, not parameters) are real."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+    return model
+
+
+def model_parameters(model: LlamaForCausalLM) -> list[tuple[str, nn.Parameter]]:
+    """(name in the full model, parameter) of what ``model`` holds. A tied head kept without its
+    embedding (a pipeline's last stage) goes by the embedding's name, as in Hugging Face files."""
+    aliases = {"lm_head.weight": "model.embed_tokens.weight"} if model.config.tie_word_embeddings else {}
+    return [(aliases.get(name, name), param) for name, param in model.named_parameters()]

@@ -84,8 +84,8 @@ def _compute_order(schedule: str, pp: int, m: int, v: int, rank: int) -> list[tu
     return order
 
 
-def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> list[list[Action]]:
-    """Per pipeline rank, the ordered actions of one step (compute plus sends / receives)."""
+def check_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> None:
+    """Raise a one-line ScheduleError when ``build_schedule`` cannot build these sizes."""
     if schedule not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if pp < 1 or microbatches < 1 or virtual_stages < 1:
@@ -98,6 +98,11 @@ def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: in
                                 f"to be a multiple of pp={pp}")
     elif schedule == "1f1b" and virtual_stages != 1:
         raise ScheduleError("--virtual-stages > 1 needs --schedule interleaved (or gpipe), not 1f1b")
+
+
+def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> list[list[Action]]:
+    """Per pipeline rank, the ordered actions of one step (compute plus sends / receives)."""
+    check_schedule(schedule, pp, microbatches, virtual_stages)
     last_chunk = pp * virtual_stages - 1
     plans = []
     for rank in range(pp):

@@ -4,10 +4,10 @@ from plait.tensor_parallel.layers import (ColumnParallelLinear, ParallelLMHead, 
                                           VocabParallelEmbedding)
 from plait.tensor_parallel.plan import (ColumnParallel, ParallelHead, PlanError, PrepareInput, RowParallel,
                                         SequenceParallelNorm, VocabParallel, full_grad, full_tensor, llama_plan,
-                                        parallelize, sync_partial_grads)
+                                        parallelize, sum_partial_grads)
 from plait.tensor_parallel.sequence import keep_sequence_shards
 
 __all__ = ["ColumnParallel", "ColumnParallelLinear", "ParallelHead", "ParallelLMHead", "PlanError", "PrepareInput",
            "RowParallel", "RowParallelLinear", "SequenceParallelNorm", "VocabParallel", "VocabParallelEmbedding",
-           "full_grad", "full_tensor", "keep_sequence_shards", "llama_plan", "parallelize", "sync_partial_grads",
+           "full_grad", "full_tensor", "keep_sequence_shards", "llama_plan", "parallelize", "sum_partial_grads",
            "vocab_parallel_cross_entropy_sum"]

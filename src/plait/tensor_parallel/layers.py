@@ -13,9 +13,9 @@ Notation: a linear layer computes Y = X A^T with A = weight [out, in]; t = tenso
   look up zeros, and the partial rows are summed like a row-parallel output.
 
 Every parameter keeps its name ("weight", "bias"), so checkpoints and plans see the same
-names as the unsharded model. Sharded parameters carry ``_plait_shard_dim`` (the dim split
-over tp); replicated parameters whose gradient is a per-rank partial sum (norm weights under
-SP, a row-parallel bias under SP) carry ``_plait_tp_partial_grad``.
+names as the unsharded model, and records which part of the full tensor it is in its
+``TensorShard`` (``plait.sharding``); replicated parameters whose gradient is a per-rank partial
+sum (a row-parallel bias under SP) are marked ``partial_grad`` there.
 """
 from __future__ import annotations
 
@@ -25,15 +25,10 @@ from torch import nn
 
 from plait.comm import (Collectives, copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp,
                         reduce_scatter_sequence)
+from plait.sharding import TensorShard, set_shard
 
 INPUT_MODES = ("copy", "gather_sequence", "none")
 OUTPUT_MODES = ("all_reduce", "reduce_scatter_sequence")
-
-
-def shard(tensor: torch.Tensor, dim: int, comm: Collectives) -> torch.Tensor:
-    """This rank's contiguous 1/t slice of ``tensor`` along ``dim`` (a copy)."""
-    size = tensor.shape[dim] // comm.size
-    return tensor.narrow(dim, comm.rank * size, size).clone()
 
 
 def prepare_input(x: torch.Tensor, mode: str, comm: Collectives) -> torch.Tensor:
@@ -94,10 +89,10 @@ class _CopyThenLinear(torch.autograd.Function):
 
 
 def _sharded_parameter(full: torch.Tensor, dim: int, comm: Collectives) -> nn.Parameter:
-    param = nn.Parameter(shard(full.detach(), dim, comm))
-    param._plait_shard_dim = dim  # which slice of the full tensor this is: part `index` of `count` along `dim`
-    param._plait_shard_index = comm.rank
-    param._plait_shard_count = comm.size
+    """This rank's part of ``full`` along ``dim`` (a copy; on the meta device, no memory)."""
+    shard = TensorShard(dim, comm.rank, comm.size)
+    param = nn.Parameter(shard.local(full.detach()).clone())
+    set_shard(param, shard)
     return param
 
 
@@ -136,8 +131,9 @@ class RowParallelLinear(nn.Module):
         self.bias = None
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().clone())
-            if output_mode == "reduce_scatter_sequence":
-                self.bias._plait_tp_partial_grad = True  # added on each rank's sequence shard
+            # under SP the bias is added on each rank's sequence shard: its gradient is partial
+            set_shard(self.bias, TensorShard.replicated(comm.rank, comm.size,
+                                                        partial_grad=output_mode == "reduce_scatter_sequence"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = reduce_output(F.linear(x, self.weight), self.output_mode, self.comm)

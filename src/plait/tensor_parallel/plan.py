@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from plait.comm import Collectives, _gather_dim
+from plait.sharding import TensorShard, set_shard, shard_of
 from plait.tensor_parallel.layers import (INPUT_MODES, OUTPUT_MODES, ColumnParallelLinear, ParallelLMHead,
                                           RowParallelLinear, VocabParallelEmbedding, prepare_input)
 
@@ -124,7 +125,7 @@ class SequenceParallelNorm:
         if not params:
             raise PlanError(f"module {name!r} has no parameters for SequenceParallelNorm")
         for param in params:
-            param._plait_tp_partial_grad = True
+            set_shard(param, TensorShard.replicated(comm.rank, comm.size, partial_grad=True))
         return module
 
 
@@ -188,27 +189,27 @@ def parallelize(model: nn.Module, comm: Collectives, plan: Plan) -> nn.Module:
             if module.get_parameter(param_name).shape != first.shape:
                 raise PlanError(f"tied parameters {names[0]!r} and {other!r} are sharded differently")
             setattr(module, param_name, first)
+    for param in model.parameters():  # the rest is whole on every tp rank: say so, with the tp rank
+        if not shard_of(param).is_split and not shard_of(param).partial_grad:
+            set_shard(param, TensorShard.replicated(comm.rank, comm.size))
     return model
 
 
-def sync_partial_grads(model: nn.Module, comm: Collectives) -> None:
-    """All-reduce (one message) the gradients marked ``_plait_tp_partial_grad`` over tp."""
-    if comm.size == 1:
+def sum_partial_grads(tensors: list[torch.Tensor], comm: Collectives) -> None:
+    """Sum over tp, in one message, gradients that are per-rank partial sums (SP norm weights)."""
+    if comm.size == 1 or not tensors:
         return
-    grads = [p.grad for p in model.parameters() if getattr(p, "_plait_tp_partial_grad", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     comm.all_reduce(flat, tag="sp_partial_grads")
     offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
+    for tensor in tensors:
+        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
 
 
 def _unshard(tensor: torch.Tensor, param: nn.Parameter, comm: Collectives) -> torch.Tensor:
-    dim = getattr(param, "_plait_shard_dim", None)
-    return tensor if dim is None or comm.size == 1 else _gather_dim(tensor, comm, dim, "gather_state")
+    shard = shard_of(param)
+    return _gather_dim(tensor, comm, shard.dim, "gather_state") if shard.is_split else tensor
 
 
 def full_tensor(param: nn.Parameter, comm: Collectives) -> torch.Tensor:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from plait.layout import Recompute
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -55,7 +57,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     dtype: str = "bfloat16"              # compute dtype under autocast; master weights stay fp32
-    activation_checkpointing: bool = False
+    activation_checkpointing: str | bool = "none"  # none, selective or full (true: full, false: none)
     timeline: bool = False               # pipeline: write the last step's measured timeline
     # evaluation and output
     eval_every: int = 50                 # 0 disables periodic validation
@@ -87,8 +89,10 @@ class TrainConfig:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.zero not in (0, 1, 2, 3):
             raise TrainConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
-        if self.zero == 3 and self.activation_checkpointing:
-            raise TrainConfigError("--zero 3 with --activation-checkpointing is not yet supported")
+        try:
+            self.activation_checkpointing = Recompute.parse(self.activation_checkpointing).value
+        except ValueError as error:
+            raise TrainConfigError(str(error)) from None
         if self.schedule not in ("gpipe", "1f1b", "interleaved"):
             raise TrainConfigError(f"--schedule must be gpipe, 1f1b or interleaved, got {self.schedule!r}")
         if self.microbatches is not None and self.microbatches < 1 or self.virtual_stages < 1:

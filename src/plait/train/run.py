@@ -11,15 +11,9 @@ from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from plait.data import load_token_data
 from plait.mesh import ParallelContext, init_distributed
 from plait.runtime import configure_threads, tune_cpu_allocator
-from plait.train.config import TrainConfig, TrainConfigError
+from plait.train.config import TrainConfig
 from plait.train.metrics import MetricsLogger
 from plait.train.trainer import Trainer
-
-
-def check_supported(cfg: TrainConfig) -> None:
-    """Layouts whose issues have not landed yet fail up front, clearly."""
-    if (cfg.sequence_parallel or cfg.loss_parallel) and cfg.tp == 1:
-        raise TrainConfigError("--sequence-parallel and --loss-parallel need --tp > 1")
 
 
 def load_data_once(cfg: TrainConfig, ctx: ParallelContext, model_vocab: int | None = None):
@@ -59,7 +53,6 @@ def write_timeline(trainer: Trainer, ctx: ParallelContext, out_dir: Path) -> Non
 
 
 def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[dict[str, Any]]:
-    check_supported(cfg)
     configure_threads(cfg.threads)
     tune_cpu_allocator()
     ctx = ctx or init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s)

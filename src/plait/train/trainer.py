@@ -13,29 +13,28 @@ per-micro-batch or per-rank means, which would weight tokens unequally.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from plait.checkpoint.hf import load_hf_weights
 from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
+from plait.checkpoint.sources import HFSource, InitSource
 from plait.data import BatchSampler, TokenData, validation_batches
-from plait.data_parallel import DataParallel, ZeroDataParallel
-from plait.mesh import LayoutError
+from plait.data_parallel import DataParallelStrategy, Replicated, Sharded, TiedWeights
+from plait.layout import LayoutError, check_run, layout_of
+from plait.mesh import ParallelContext
+from plait.models import LlamaConfig, build_meta_model, get_preset, model_parameters
 from plait.pipeline import (PipelineExecutor, ScheduleError, StageError, build_schedule, keep_stage,
                             named_blocks, plan_chunks)
-from plait.mesh import ParallelContext
-from plait.models import LlamaConfig, build_model, get_preset
-from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize, sync_partial_grads
+from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize
 from plait.train.config import TrainConfig
 from plait.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from plait.train.metrics import measure_matmul_peak, peak_memory_bytes
-from plait.train.optim import build_adamw, clip_grad_norm, learning_rate
+from plait.train.optim import learning_rate
+from plait.train.recompute import apply_recomputation
 
 VOCAB_MULTIPLE = 64  # pad the embedding so tensor-parallel splits of the vocabulary stay even
 
@@ -55,26 +54,8 @@ def model_config_for(cfg: TrainConfig, data_vocab_size: int) -> LlamaConfig:
     return get_preset(cfg.model).replace(vocab_size=vocab)
 
 
-def batch_layout(cfg: TrainConfig, dims) -> tuple[int, int, int]:
-    """(per-rank batch, micro-batch size, micro-batches per step) of ``cfg`` on ``dims``, checked."""
-    per_rank = cfg.global_batch // dims.dp if cfg.global_batch % dims.dp == 0 else 0
-    if cfg.microbatches and per_rank % cfg.microbatches:
-        raise LayoutError(f"the per-rank batch {per_rank} is not divisible by --microbatches {cfg.microbatches}")
-    micro_batch = cfg.micro_batch or (per_rank // cfg.microbatches if cfg.microbatches else per_rank)
-    dims.check_batch(cfg.global_batch, max(1, micro_batch))
-    dims.check_sequence(cfg.seq_len, cfg.sequence_parallel)
-    return per_rank, micro_batch, per_rank // micro_batch
-
-
 def plan_pipeline(cfg: TrainConfig, dims, model_config: LlamaConfig, n_micro: int):
-    """(chunks, per-rank schedules) of a valid pipeline layout, or a one-line LayoutError."""
-    if model_config.tie_word_embeddings:
-        raise LayoutError("tied embeddings across pipeline stages (--pp > 1) are not yet supported")
-    if cfg.zero >= 2:
-        raise LayoutError(f"--zero {cfg.zero} with --pp > 1 is not yet supported (use --zero 0 or 1)")
-    if n_micro < dims.pp:
-        raise LayoutError(f"--pp {dims.pp} needs at least {dims.pp} micro-batches per step, got {n_micro} "
-                          f"(set --microbatches)")
+    """(chunks, per-rank schedules) of a pipeline layout that ``check_layout`` accepted."""
     split = [int(part) for part in cfg.pipeline_split.split(",")] if cfg.pipeline_split else None
     try:
         plans = build_schedule(cfg.schedule, dims.pp, n_micro, cfg.virtual_stages)
@@ -82,16 +63,6 @@ def plan_pipeline(cfg: TrainConfig, dims, model_config: LlamaConfig, n_micro: in
     except (ScheduleError, StageError) as error:
         raise LayoutError(str(error)) from None
     return chunks, plans
-
-
-def apply_activation_checkpointing(blocks: Iterable[nn.Module]) -> None:
-    """Recompute each block's activations in backward instead of keeping them.
-
-    The block's ``forward`` is wrapped in place, so parameter names and the model's code are
-    unchanged.
-    """
-    for block in blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -123,34 +94,26 @@ class Trainer:
         self.ctx = ctx
         self.model_config = model_config or model_config_for(cfg, data.vocab_size)
         dims = ctx.dims
-        dims.check_model(self.model_config)
-        self.per_rank_batch, self.micro_batch, self.n_micro = batch_layout(cfg, dims)
+        check_run(cfg, dims, self.model_config)
+        self.layout = layout_of(cfg, dims)
+        self.per_rank_batch, self.micro_batch = self.layout.per_rank_batch, self.layout.micro_batch
+        self.n_micro = self.layout.microbatches
 
-        self.model = build_model(self.model_config, cfg.seed, ctx.device)
-        if dims.tp > 1:  # slice the full, layout-invariant model: every layout starts identical
+        # Built on the meta device, cut to this rank's stage and tensor-parallel parts, and only
+        # then given values: no rank ever holds the full model (plait.checkpoint.sources).
+        self.model = build_meta_model(self.model_config)
+        if dims.tp > 1:
             parallelize(self.model, ctx.comm("tp"), llama_plan(cfg.sequence_parallel, cfg.loss_parallel))
         self.pipeline = None
+        chunk_blocks = [[(f"model.layers.{i}", block) for i, block in named_blocks(self.model)]]
         if dims.pp > 1:
-            self._setup_pipeline()
+            chunk_blocks = self._setup_pipeline()
+        apply_recomputation((block for group in chunk_blocks for _, block in group), self.layout.recompute)
         # The Hugging Face directory the weights come from (its other files go into checkpoints).
         self.hf_source = Path(cfg.model) if is_hf_directory(cfg.model) else None
-        if self.hf_source is not None:  # pretrained weights: only this rank's stage and slices are read
-            load_hf_weights(self.model, self.hf_source)
-        if cfg.activation_checkpointing:
-            apply_activation_checkpointing(block for _, block in named_blocks(self.model))
-        self.data_parallel = None
-        self.zero = None
-        self.optimizer = None
-        if cfg.zero:  # sharded optimizer state (and grads, params); it owns the optimizer
-            units = [(f"model.layers.{i}", layer) for i, layer in named_blocks(self.model)]
-            param_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-            self.zero = ZeroDataParallel(self.model, units, ctx.comm("dp"), ctx.comm("tp"), cfg.zero, cfg.lr,
-                                         (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, param_dtype,
-                                         pp=ctx.comm("pp"))
-        else:
-            if dims.dp > 1:
-                self.data_parallel = DataParallel(self.model, ctx.comm("dp"), int(cfg.bucket_mb * 2 ** 20))
-            self.optimizer = build_adamw(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+        self.strategy = self._data_parallel_strategy(chunk_blocks)
+        source = HFSource(self.hf_source) if self.hf_source is not None else InitSource(self.model_config, cfg.seed)
+        self.strategy.load_parameters(source)
 
         self.sampler = BatchSampler(data.train, cfg.seq_len, cfg.global_batch, cfg.seed)
         self.val_batches = []
@@ -161,8 +124,31 @@ class Trainer:
         self.peak_flops = (cfg.peak_tflops * 1e12 if cfg.peak_tflops
                            else measure_matmul_peak(self.compute_dtype, ctx.device))
 
-    def _setup_pipeline(self) -> None:
-        """Keep this rank's chunks of blocks and build the executors of its schedule."""
+    def _tied_weights(self) -> TiedWeights | None:
+        """A tied embedding across pipeline stages: the first stage's table, the last's head."""
+        ctx, pp = self.ctx, self.ctx.dims.pp
+        if pp == 1 or not self.model_config.tie_word_embeddings or ctx.pp_rank not in (0, pp - 1):
+            return None
+        param = self.model.model.embed_tokens.weight if ctx.pp_rank == 0 else self.model.lm_head.weight
+        return TiedWeights(param, ctx.comm("pp"), peer=pp - 1 - ctx.pp_rank, owner=ctx.pp_rank == 0)
+
+    def _data_parallel_strategy(self, chunk_blocks) -> DataParallelStrategy:
+        cfg, ctx = self.cfg, self.ctx
+        named = model_parameters(self.model)
+        common = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                      device=ctx.device, tied=self._tied_weights())
+        comms = (ctx.comm("dp"), ctx.comm("tp"), ctx.comm("pp"))
+        if cfg.zero == 0:
+            return Replicated(self.model, named, *comms, bucket_bytes=int(cfg.bucket_mb * 2 ** 20), **common)
+        decoder = self.model.model
+        entries = [m for m in (decoder.embed_tokens, decoder.norm, self.model.lm_head) if m is not None]
+        param_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        return Sharded(self.model, named, chunk_blocks, entries, *comms, level=cfg.zero, param_dtype=param_dtype,
+                       **common)
+
+    def _setup_pipeline(self) -> list[list[tuple[str, nn.Module]]]:
+        """Keep this rank's chunks of blocks and build the executors of its schedule; returns the
+        rank's blocks grouped by chunk."""
         cfg, ctx, dims = self.cfg, self.ctx, self.ctx.dims
         chunks, plans = plan_pipeline(cfg, dims, self.model_config, self.n_micro)
         mine = keep_stage(self.model, chunks, ctx.pp_rank, dims.pp)
@@ -187,6 +173,8 @@ class Trainer:
 
         self.pipeline = executor(plans[ctx.pp_rank], self.n_micro)
         self._eval_executor = lambda m: executor(build_schedule("gpipe", dims.pp, m, cfg.virtual_stages)[ctx.pp_rank], m)
+        layers = self.model.model.layers
+        return [[(f"model.layers.{i}", layers[str(i)]) for i in chunk.layers] for chunk in mine]
 
     def _autocast(self):
         if self.compute_dtype == torch.float32:
@@ -214,15 +202,13 @@ class Trainer:
         n_micro = self.n_micro
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         if self.pipeline is not None:
-            if self.data_parallel is not None:
-                self.data_parallel.sync = False  # all buckets go out in finish(), after the schedule
+            self.strategy.communicate_in_backward(False)  # all buckets go out in finish(), after the schedule
             micro_inputs = list(inputs.to(ctx.device).split(self.micro_batch))
             micro_targets = list(targets.to(ctx.device).split(self.micro_batch))
             local_loss_sum += self.pipeline.run(micro_inputs, micro_targets, n_targets)
             n_micro = 0  # the schedule did every micro-batch
         for index in range(n_micro):
-            if self.data_parallel is not None:
-                self.data_parallel.sync = index == n_micro - 1  # communicate on the last micro-batch only
+            self.strategy.communicate_in_backward(index == n_micro - 1)  # replicated: once, on the last
             rows = slice(index * self.micro_batch, (index + 1) * self.micro_batch)
             x = inputs[rows].to(ctx.device, non_blocking=True)
             y = targets[rows].to(ctx.device, non_blocking=True)
@@ -230,12 +216,7 @@ class Trainer:
                 loss_sum = token_loss_sum(self.model, x, y, cfg.label_smoothing)
             (loss_sum / n_targets).backward()
             local_loss_sum += loss_sum.detach()
-        if self.zero is not None:
-            self.zero.finish()  # includes the sequence-parallel partial gradients
-        else:
-            if self.data_parallel is not None:
-                self.data_parallel.finish()
-            sync_partial_grads(self.model, ctx.comm("tp"))  # sequence-parallel norm weights
+        self.strategy.finish()  # dp-reduced, SP partial and tied gradients summed
         (loss_sum_all,) = ctx.comm("pp").all_reduce_scalars([float(local_loss_sum)], tag="metrics")
         (loss_sum_all,) = ctx.comm("dp").all_reduce_scalars([loss_sum_all], tag="metrics")
         return loss_sum_all, n_targets
@@ -247,19 +228,9 @@ class Trainer:
         """
         cfg = self.cfg
         lr = learning_rate(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
-        if self.zero is not None:
-            grad_norm = self.zero.clip_grad_norm(cfg.grad_clip)
-            self.zero.step(lr)
-            self.zero.zero_grad()
-            return grad_norm, lr
-        grad_norm = clip_grad_norm(self.model.parameters(), cfg.grad_clip, self.ctx.comm("tp"), self.ctx.comm("pp"))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        if self.data_parallel is not None:
-            self.data_parallel.zero_grad()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.strategy.clip_grad_norm(cfg.grad_clip)
+        self.strategy.step(lr)
+        self.strategy.zero_grad()
         return grad_norm, lr
 
     def train_step(self, step: int) -> dict[str, Any]:
