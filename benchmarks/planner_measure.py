@@ -34,8 +34,6 @@ share of all cores); a layout measured on a busy machine is measured again (``--
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import statistics
 import sys
@@ -50,8 +48,9 @@ from plait.data import TokenData
 from plait.mesh import ParallelContext, ParallelDims
 from plait.models import LlamaConfig, get_preset
 from plait.testing import WorkerPool
-from plait.train import TrainConfig, Trainer
 from plait.layout import check_run
+from plait.train import TrainConfig, Trainer
+from plait.train.metrics import release_free_memory, reset_resident_peak, resident_bytes, resident_peak_bytes
 
 # ~35.7M parameters (fp32 model state 16P = 571 MB unsharded); tp 2 and 4 divide heads and FFN.
 MODEL = get_preset("small").replace(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
@@ -102,41 +101,6 @@ DEFAULT_LAYOUTS: list[MeasuredLayout] = [
 ]
 
 
-# ---------------------------------------------------------------- per-process memory
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def current_rss() -> int:
-    return _status_bytes("VmRSS:")
-
-
-def current_peak_rss() -> int:
-    return _status_bytes("VmHWM:")
-
-
-def reset_peak_rss() -> None:
-    """Set the peak resident size (VmHWM) to the current resident size (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def release_free_memory() -> None:
-    """Collect garbage and return glibc's free heap pages to the OS."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def process_cpu_seconds() -> float:
     """CPU time (user + system, all threads) of this process."""
     times = os.times()
@@ -185,15 +149,15 @@ def _measure_rank(ctx: ParallelContext, model: LlamaConfig, layout: MeasuredLayo
     data = synthetic_tokens(model.vocab_size)
     cfg = train_config(layout, seq_len, global_batch, warmup_steps + timed_steps)
     release_free_memory()
-    reset_peak_rss()
-    baseline = current_rss()  # this process before the trainer exists
+    reset_resident_peak()
+    baseline = resident_bytes()  # this process before the trainer exists
     trainer = Trainer(cfg, ctx, data, model)
     try:
         for step in range(warmup_steps):
             trainer.train_step(step)
         release_free_memory()
-        reset_peak_rss()
-        persistent = current_rss() - baseline  # parameters, gradients, optimizer state, buffers
+        reset_resident_peak()
+        persistent = resident_bytes() - baseline  # parameters, gradients, optimizer state, buffers
         times = []
         dist.barrier()
         machine_busy, own_cpu, wall = machine_busy_seconds(), process_cpu_seconds(), time.perf_counter()
@@ -202,7 +166,7 @@ def _measure_rank(ctx: ParallelContext, model: LlamaConfig, layout: MeasuredLayo
             start = time.perf_counter()
             trainer.train_step(step)
             times.append(time.perf_counter() - start)
-        peak = current_peak_rss() - baseline
+        peak = resident_peak_bytes() - baseline
         dist.barrier()
         machine_busy = machine_busy_seconds() - machine_busy
         own_cpu, wall = process_cpu_seconds() - own_cpu, time.perf_counter() - wall

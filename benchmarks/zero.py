@@ -31,6 +31,7 @@ from plait.mesh import ParallelContext, ParallelDims
 from plait.models import get_preset
 from plait.testing import WorkerPool
 from plait.train import TrainConfig, Trainer
+from plait.train.metrics import reset_resident_peak, resident_peak_bytes
 
 MEMORY_MODEL = get_preset("small").replace(hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
                                            num_attention_heads=8, num_key_value_heads=8)
@@ -42,35 +43,19 @@ def synthetic_tokens(vocab: int, n_tokens: int = 400_000) -> TokenData:
     return TokenData(train=tokens[:-10_000], val=tokens[-10_000:], vocab_size=vocab, eos_id=None, tokenizer=None)
 
 
-def current_peak_rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # resets VmHWM (peak RSS) to the current RSS
-    except OSError:
-        pass
-
-
 def memory_of_level(ctx: ParallelContext, zero: int, data: TokenData):
     import gc
     gc.collect()
-    reset_peak_rss()
-    base = current_peak_rss()  # this process before the trainer exists
+    reset_resident_peak()
+    base = resident_peak_bytes()  # this process before the trainer exists
     cfg = TrainConfig(model="small", steps=2, global_batch=8, micro_batch=1, seq_len=256, dtype="float32",
                       zero=zero, eval_every=0, progress=False, tensorboard=False, plot=False, peak_tflops=1.0,
                       out="unused")
     trainer = Trainer(cfg, ctx, data, MEMORY_MODEL)
     gc.collect()
-    reset_peak_rss()  # leave out construction
+    reset_resident_peak()  # leave out construction
     trainer.train_step(0)
-    peak = current_peak_rss() - base
+    peak = resident_peak_bytes() - base
     state = trainer.strategy.state_bytes()
     n_params = sum(p.numel() for p in trainer.model.parameters())
     del trainer

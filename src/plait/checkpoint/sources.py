@@ -3,7 +3,7 @@
 Each source answers ``read(name, shard, full_shape, kind, flat_range)``: the fp32 values of this
 rank's tensor-parallel part ``shard`` of the full tensor ``name``, flattened, and with
 ``flat_range`` only [lo, hi) of that (a ZeRO shard). A rank's strategy asks for exactly what it
-keeps, one parameter at a time:
+keeps, one parameter at a time, and copies the answer into place before the next question:
 
 - ``InitSource``: plait's layout-invariant initialisation. The full tensor is generated from
   its (seed, name) generator and cut to the part: at most one full parameter exists at a time.
@@ -43,7 +43,7 @@ class InitSource:
             raise CheckpointError(f"a fresh initialisation has no {kind} for {name}")
         local = shard.local(initial_value(name, full_shape, self.config, self.seed))
         lo, hi = flat_range or (0, local.numel())
-        return flat_slice(local, lo, hi).clone()
+        return flat_slice(local, lo, hi)  # may view the full tensor: callers copy it and let go
 
 
 class HFSource:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from plait.models.config import LlamaConfig
-from plait.models.llama import LlamaForCausalLM, RotaryEmbedding
+from plait.models.llama import LlamaForCausalLM
 
 _NORM_SUFFIXES = ("norm.weight", "layernorm.weight")
 # Residual-branch outputs get std / sqrt(2 * layers) (GPT-2): each block adds two of them.
@@ -56,10 +56,7 @@ def build_meta_model(config: LlamaConfig) -> LlamaForCausalLM:
     """The model with every parameter on the meta device (shapes, no memory): parallel plans
     and pipeline cuts apply to it, then each rank materialises only its own pieces. The RoPE
     tables (a few numbers, not parameters) are real."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.model.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-    return model
+    return LlamaForCausalLM(config, device="meta")  # (not torch.device("meta") as a mode: it imports dynamo)
 
 
 def model_parameters(model: LlamaForCausalLM) -> list[tuple[str, nn.Parameter]]:

@@ -22,9 +22,9 @@ from plait.models.rope import inverse_frequencies
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF does)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,14 +69,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
         h, hd = config.hidden_size, config.head_dim
         self.head_dim = hd
-        self.q_proj = nn.Linear(h, config.num_attention_heads * hd, bias=False)
-        self.k_proj = nn.Linear(h, config.num_key_value_heads * hd, bias=False)
-        self.v_proj = nn.Linear(h, config.num_key_value_heads * hd, bias=False)
-        self.o_proj = nn.Linear(config.num_attention_heads * hd, h, bias=False)
+        self.q_proj = nn.Linear(h, config.num_attention_heads * hd, bias=False, device=device)
+        self.k_proj = nn.Linear(h, config.num_key_value_heads * hd, bias=False, device=device)
+        self.v_proj = nn.Linear(h, config.num_key_value_heads * hd, bias=False, device=device)
+        self.o_proj = nn.Linear(config.num_attention_heads * hd, h, bias=False, device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -97,24 +97,24 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
         h, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, f, bias=False)
-        self.up_proj = nn.Linear(h, f, bias=False)
-        self.down_proj = nn.Linear(f, h, bias=False)
+        self.gate_proj = nn.Linear(h, f, bias=False, device=device)
+        self.up_proj = nn.Linear(h, f, bias=False, device=device)
+        self.down_proj = nn.Linear(f, h, bias=False, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, device)
+        self.mlp = LlamaMLP(config, device)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
@@ -122,11 +122,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # On the meta device there are no values to initialise, and the meta kernel of the
+        # embedding's normal_ init would import torch._dynamo (2 s per process): skip it.
+        table = torch.empty(config.vocab_size, config.hidden_size, device=device) \
+            if torch.device(device or "cpu").type == "meta" else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, _weight=table)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, device) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def position_tables(self, seq_len: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,13 +148,16 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Decoder + language-model head. ``forward(input_ids) -> logits [batch, seq, vocab]``."""
+    """Decoder + language-model head. ``forward(input_ids) -> logits [batch, seq, vocab]``.
 
-    def __init__(self, config: LlamaConfig) -> None:
+    ``device`` places the parameters (``"meta"``: shapes only); the RoPE tables, which are not
+    parameters, are always real."""
+
+    def __init__(self, config: LlamaConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = LlamaModel(config, device)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -1,0 +1,200 @@
+"""Models no rank holds: ZeRO-3 with recomputation, ZeRO-2/3 and tied embeddings with pipelines,
+selective recomputation, construction of only a rank's pieces. Each equals one process."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+
+from plait.mesh import ParallelContext, ParallelDims
+from plait.models import get_preset, model_parameters
+from plait.train import Trainer
+from helpers import assert_runs_match, tiny_config, tiny_model_config, train_and_collect
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference(data, model_config):
+    return train_and_collect(ParallelContext.single(), tiny_config(micro_batch=1), data, model_config)
+
+
+@pytest.fixture(scope="module")
+def tied_config():
+    return tiny_model_config(num_hidden_layers=8, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def tied_reference(data, tied_config):
+    return train_and_collect(ParallelContext.single(), tiny_config(micro_batch=1), data, tied_config)
+
+
+@pytest.mark.parametrize("dims, recompute, extra", [
+    (ParallelDims(dp=2), "full", {}),
+    (ParallelDims(dp=2), "selective", {}),
+    (ParallelDims(dp=2, tp=2), "selective", {"sequence_parallel": True, "loss_parallel": True}),
+], ids=["dp2-zero3-full", "dp2-zero3-selective", "dp2-tp2-sp-zero3-selective"])
+def test_zero3_with_recomputation_matches_one_process(pool, data, model_config, reference, dims, recompute, extra):
+    cfg = tiny_config(micro_batch=2, zero=3, tp=dims.tp, activation_checkpointing=recompute, **extra)
+    assert_runs_match(pool.run(train_and_collect, dims, cfg, data, model_config), reference, TOLERANCE)
+
+
+@pytest.mark.parametrize("zero, schedule", [(2, "1f1b"), (3, "1f1b"), (2, "interleaved"), (3, "interleaved")])
+def test_zero2_and_zero3_with_pipelines_match_one_process(pool, data, model_config, reference, zero, schedule):
+    cfg = tiny_config(micro_batch=None, microbatches=4, zero=zero, schedule=schedule,
+                      virtual_stages=2 if schedule == "interleaved" else 1)
+    results = pool.run(train_and_collect, ParallelDims(dp=2, pp=2), cfg, data, model_config, timeout_s=240)
+    assert_runs_match(results, reference, TOLERANCE)
+
+
+@pytest.mark.parametrize("dims, zero", [(ParallelDims(pp=2), 0), (ParallelDims(dp=2, pp=2), 1)],
+                         ids=["pp2", "dp2-pp2-zero1"])
+def test_tied_embeddings_with_pipelines_match_one_process(pool, data, tied_config, tied_reference, dims, zero):
+    """The first stage's table and the last stage's head stay one weight: both end equal to it."""
+    cfg = tiny_config(micro_batch=None, microbatches=4, zero=zero)
+    results = pool.run(train_and_collect, dims, cfg, data, tied_config, timeout_s=240)
+    assert_runs_match(results, tied_reference, TOLERANCE)
+    holders = [rank for rank, (_, _, params, _) in enumerate(results) if "model.embed_tokens.weight" in params]
+    assert len(holders) == 2 * dims.dp  # the first and the last stage of every replica
+
+
+def first_step_gradients(ctx, cfg, data, model_config):
+    trainer = Trainer(cfg, ctx, data, model_config)
+    trainer.compute_gradients(0)
+    return {name: param.grad.clone() for name, param in model_parameters(trainer.model)}
+
+
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_recomputation_gives_the_gradients_without_it(data, model_config, recompute):
+    plain = first_step_gradients(ParallelContext.single(), tiny_config(), data, model_config)
+    again = first_step_gradients(ParallelContext.single(), tiny_config(activation_checkpointing=recompute), data,
+                                 model_config)
+    for name, grad in plain.items():
+        assert torch.equal(again[name], grad), name
+
+
+def zero3_traffic(ctx, cfg, data, model_config):
+    trainer = Trainer(cfg, ctx, data, model_config)
+    ctx.counter.reset()
+    trainer.train_step(0)
+    units = trainer.strategy.units
+    blocks = sum(u.padded * u.flat.element_size() for u in units if u.module is not None)
+    root = sum(u.padded * u.flat.element_size() for u in units if u.module is None)
+    records = {key: (r.calls, r.wire) for key, r in ctx.counter.records.items() if key[2] in ("grads", "params")}
+    return records, blocks, root
+
+
+@pytest.mark.parametrize("recompute", ["none", "full", "selective"])
+def test_zero3_traffic_is_unchanged_by_recomputation(pool, data, recompute):
+    """A recomputed block recomputes inside its own backward, after the gather that backward needs:
+    3x the blocks' bytes + 2x the root's, whatever the recomputation."""
+    dp = 2
+    cfg = tiny_config(zero=3, micro_batch=4, activation_checkpointing=recompute)
+    for records, blocks, root in pool.run(zero3_traffic, ParallelDims(dp=dp), cfg, data, tiny_model_config()):
+        total = sum((wire for _, wire in records.values()), Fraction(0))
+        assert total == Fraction(dp - 1, dp) * (3 * blocks + 2 * root), records
+        assert records[("dp", "all_gather", "params")][0] == 2 * 4 + 1
+
+
+def test_zero3_pipeline_traffic_per_micro_batch(pool, data, model_config):
+    """Under a pipeline, ZeRO-3 gathers a block for each micro-batch's forward and backward and
+    reduce-scatters its gradients each time; the root (embedding / norm, head) is gathered once
+    per step and reduce-scattered after each micro-batch's backward (as ZeRO-2 does)."""
+    dp, m = 2, 4
+    cfg = tiny_config(micro_batch=None, microbatches=m, zero=3)
+    for records, blocks, root in pool.run(zero3_traffic, ParallelDims(dp=dp, pp=2), cfg, data, model_config):
+        total = sum((wire for _, wire in records.values()), Fraction(0))
+        assert total == Fraction(dp - 1, dp) * (3 * m * blocks + (1 + m) * root), records
+        assert records[("dp", "all_gather", "params")][0] == 2 * m * 4 + 1  # 4 blocks per stage
+
+
+# ------------------------------------------------------------------ construction without the full model
+def constructed_pieces(ctx, cfg, data, model_config):
+    """This rank's parameter pieces right after construction (what a checkpoint would write)."""
+    trainer = Trainer(cfg, ctx, data, model_config)
+    return [(piece, values) for piece, values in trainer.strategy.state_pieces() if piece.kind == "param"]
+
+
+def assert_pieces_are_the_full_model(results, full: dict[str, torch.Tensor]) -> None:
+    """Every piece equals its part of the full tensor, and the pieces cover each element once."""
+    from plait.sharding import TensorShard
+
+    covered = {name: 0 for name in full}
+    for pieces in results:
+        for piece, values in pieces:
+            part = TensorShard(piece.tp_dim, piece.tp_index, piece.tp_count).local(full[piece.name])
+            assert torch.equal(part.reshape(-1)[piece.start:piece.end], values), piece
+            covered[piece.name] += piece.end - piece.start
+    assert covered == {name: tensor.numel() for name, tensor in full.items()}
+
+
+@pytest.mark.parametrize("dims, extra, tied", [
+    (ParallelDims(dp=2), {"zero": 3}, False),
+    (ParallelDims(tp=2, pp=2), {"microbatches": 2, "micro_batch": None}, True),
+    (ParallelDims(dp=2, tp=2), {"zero": 1, "sequence_parallel": True}, False),
+    (ParallelDims(dp=2, pp=2), {"zero": 3, "microbatches": 2, "micro_batch": None}, True),
+], ids=["dp2-zero3", "tp2-pp2-tied", "dp2-tp2-zero1", "dp2-pp2-zero3-tied"])
+def test_every_layout_constructs_the_same_model(pool, data, dims, extra, tied):
+    """Built on the meta device, each rank materialises only its pieces; together they are exactly
+    the model one process builds whole (``build_model``, an independent code path)."""
+    from plait.models import build_model
+
+    model_config = tiny_model_config(num_hidden_layers=8, tie_word_embeddings=tied)
+    cfg = tiny_config(tp=dims.tp, pp=dims.pp, **extra)
+    full = {name: param.detach() for name, param in build_model(model_config, seed=cfg.seed).named_parameters()}
+    assert_pieces_are_the_full_model(pool.run(constructed_pieces, dims, cfg, data, model_config), full)
+
+
+def test_hf_weights_read_into_zero3_shards(pool, data, tmp_path):
+    """From a Hugging Face directory, ZeRO-3 x tp ranks read just their ranges of the file."""
+    import transformers
+    from safetensors.torch import load_file
+
+    model_config = tiny_model_config()
+    hf = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(hf).save_pretrained(tmp_path)
+    full = load_file(str(tmp_path / "model.safetensors"))
+    cfg = tiny_config(model=str(tmp_path), zero=3, tp=2)
+    assert_pieces_are_the_full_model(pool.run(constructed_pieces, ParallelDims(dp=2, tp=2), cfg, data, None), full)
+    assert model_config.num_hidden_layers == hf.num_hidden_layers
+
+
+def construction_peak(ctx, cfg, data, model_config):
+    """Peak resident bytes added while building the trainer, against this rank's own pieces, the
+    largest full parameter, and (as a control) building the whole model."""
+    from plait.models import build_model
+    from plait.train.metrics import release_free_memory, reset_resident_peak, resident_peak_bytes
+
+    def added_peak(build):
+        release_free_memory()  # what was freed before does not hide new pages
+        reset_resident_peak()
+        base = resident_peak_bytes()
+        built = build()
+        return built, resident_peak_bytes() - base
+
+    Trainer(cfg, ctx, data, tiny_model_config())  # code paths (meta device, optimizer, hooks) load once
+    trainer, constructed = added_peak(lambda: Trainer(cfg, ctx, data, model_config))
+    own = sum(trainer.strategy.state_bytes().values())
+    largest = max(p.numel() for p in trainer.model.parameters()) * 4  # tp = 1: local shapes are full
+    del trainer
+    whole, whole_peak = added_peak(lambda: build_model(model_config))
+    return constructed, own, largest, whole_peak, sum(p.numel() for p in whole.parameters()) * 4
+
+
+def test_construction_peak_is_own_pieces_plus_one_parameter(pool, data):
+    """ZeRO-3 on 4 ranks: building the trainer adds at most the rank's shards (master and gradient
+    shard) and one full parameter, where building the whole model adds all of it."""
+    model_config = get_preset("tiny").replace(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                                              num_attention_heads=8, num_key_value_heads=4, vocab_size=16384)
+    cfg = tiny_config(zero=3, micro_batch=1, global_batch=4)
+    # RSS, not live bytes: glibc keeps a freed parameter's pages for the next allocation, so an
+    # earlier (smaller) full parameter can still be resident when the largest one is generated
+    slack = 40 * 2 ** 20
+    for constructed, own, largest, whole_peak, whole in pool.run(construction_peak, ParallelDims(dp=4), cfg, data,
+                                                                 model_config):
+        assert constructed <= own + largest + slack, (constructed / 2 ** 20, own / 2 ** 20, largest / 2 ** 20)
+        assert whole_peak >= whole, (whole_peak / 2 ** 20, whole / 2 ** 20)  # the control: the old way
+        assert own + largest + slack < whole
