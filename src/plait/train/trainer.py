@@ -85,6 +85,18 @@ def hidden_loss_sum(model: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return linear_cross_entropy_sum(hidden, head.weight, targets, label_smoothing)
 
 
+def evaluation_share(batches: list[tuple[torch.Tensor, torch.Tensor]], dp: int,
+                     dp_rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Validation batch i goes to dp rank i mod dp. Every rank runs as many forwards as the
+    busiest one (ZeRO-3 gathers parameters in each forward, a collective all dp ranks must
+    join): the short ranks add copies of a batch whose targets are all ignored (loss 0, 0 tokens)."""
+    mine = [batch for index, batch in enumerate(batches) if index % dp == dp_rank]
+    if batches:
+        x, y = batches[0]
+        mine += [(x, torch.full_like(y, IGNORE_INDEX))] * (-(-len(batches) // dp) - len(mine))
+    return mine
+
+
 class Trainer:
     """Owns the model, optimizer and data order of one rank; ``train_step(k)`` runs step k."""
 
@@ -257,10 +269,11 @@ class Trainer:
         """Mean token loss over the fixed validation batches, shared out over dp ranks."""
         total = torch.zeros((), dtype=torch.float64)
         count = 0
-        dp, dp_rank = self.ctx.dims.dp, self.ctx.dp_rank
-        mine = [batch for index, batch in enumerate(self.val_batches) if index % dp == dp_rank]
-        if self.pipeline is not None:  # a forward-only GPipe pass; the last stage has the loss
-            mine = [(x, y) for x, y in mine if x.shape[0] == self.micro_batch]
+        batches = self.val_batches
+        if self.pipeline is not None:  # a forward-only GPipe pass of full micro-batches
+            batches = [(x, y) for x, y in batches if x.shape[0] == self.micro_batch]
+        mine = evaluation_share(batches, self.ctx.dims.dp, self.ctx.dp_rank)
+        if self.pipeline is not None:  # the last stage has the loss
             if mine:
                 inputs = [x.to(self.ctx.device) for x, _ in mine]
                 targets = [y.to(self.ctx.device) for _, y in mine]
