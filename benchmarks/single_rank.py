@@ -17,7 +17,7 @@ import time
 import torch
 
 from plait.models import build_model, get_preset
-from plait.runtime import tune_cpu_allocator
+from plait.runtime import gemm_context, tune_cpu_allocator
 from plait.loss import linear_cross_entropy_sum
 from plait.train.optim import build_adamw
 
@@ -75,9 +75,10 @@ def time_interleaved(runs: dict, inputs, targets, dtype, steps) -> dict[str, tup
     for step in range(steps + 1):  # step 0 warms caches and allocators up
         for name, (loss_fn, model) in runs.items():
             start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                loss = loss_fn(model, inputs, targets)
-            loss.backward()
+            with gemm_context(torch.device("cpu"), dtype):  # both models: plait's trainer's products
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    loss = loss_fn(model, inputs, targets)
+                loss.backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
             if step:

@@ -110,6 +110,7 @@ def speed_contestants(ctx: ParallelContext, data: TokenData, steps: int, dtype: 
     from torch.nn.parallel import DistributedDataParallel
 
     from plait.models import build_model
+    from plait.runtime import gemm_context
 
     base = dict(model="small", steps=steps + 1, global_batch=8, seq_len=256, dtype=dtype, eval_every=0,
                 progress=False, tensorboard=False, plot=False, peak_tflops=1.0, out="unused", grad_clip=1.0)
@@ -131,10 +132,12 @@ def speed_contestants(ctx: ParallelContext, data: TokenData, steps: int, dtype: 
 
     def torch_step(model, optimizer, step):
         inputs, targets = plait0.sampler.shard(step, ctx.dp_rank, ctx.dims.dp)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        loss.backward()
+        # the products run as plait's trainer runs them (widened to fp32 where this CPU emulates bf16)
+        with gemm_context(ctx.device, compute_dtype):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

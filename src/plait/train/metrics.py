@@ -67,12 +67,38 @@ def release_free_memory() -> None:
         pass
 
 
+class MemoryWatch:
+    """Peak memory of this rank per phase: resident set on the CPU (what the OS charges the
+    process, torch and Python included), allocated bytes on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peaks: dict[str, int] = {"base": self._now()}
+        self._restart()
+
+    def _now(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else resident_bytes()
+
+    def _restart(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_resident_peak()
+
+    def end_phase(self, name: str) -> int:
+        """The peak since the previous phase ended; starts the next phase."""
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else resident_peak_bytes()
+        self.peaks[name] = peak
+        self._restart()
+        return peak
+
+
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 0.3, size: int = 1024) -> float:
     """Achieved FLOP/s of a square matmul on this rank: the denominator of MFU.
 
-    Timed as a linear layer computes it, x W^T (``F.linear``): on CPUs without bf16 matrix
-    instructions torch's bf16 ``a @ b`` of two row-major matrices takes a slow path (measured
-    here: 3.3 s for 1024^3, against 0.19 s for ``F.linear``), which no layer of the model uses."""
+    Timed as a linear layer computes it, x W^T (``F.linear``). The trainer calls it inside
+    ``plait.runtime.gemm_context``, so that on CPUs whose bf16 products are emulated it times the
+    widened fp32 products the model's layers run too."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     for _ in range(2):

@@ -12,7 +12,7 @@ from plait.data import load_token_data
 from plait.mesh import ParallelContext, init_distributed
 from plait.runtime import configure_threads, tune_cpu_allocator
 from plait.train.config import TrainConfig
-from plait.train.metrics import MetricsLogger
+from plait.train.metrics import MemoryWatch, MetricsLogger
 from plait.train.trainer import Trainer
 
 
@@ -52,12 +52,31 @@ def write_timeline(trainer: Trainer, ctx: ParallelContext, out_dir: Path) -> Non
           f"(measured idle {100 * bubble:.1f}%)", flush=True)
 
 
+def write_memory_report(memory: MemoryWatch, ctx: ParallelContext, out_dir: Path) -> None:
+    """Every rank's peak memory while constructing and while training, in <out>/memory.json."""
+    mine = {"rank": ctx.rank, **memory.peaks}
+    ranks = [mine]
+    if ctx.world_size > 1:
+        ranks = [None] * ctx.world_size
+        dist.all_gather_object(ranks, mine)
+    if not ctx.is_logging_rank:
+        return
+    kind = "allocated CUDA memory" if ctx.device.type == "cuda" else "resident memory (process peak)"
+    (out_dir / "memory.json").write_text(json.dumps({"measure": kind, "bytes": ranks}, indent=2) + "\n")
+    gb = {phase: max(rank[phase] for rank in ranks) / 1e9 for phase in ("construction", "training")}
+    total = sum(max(rank["construction"], rank["training"]) for rank in ranks) / 1e9
+    print(f"plait: peak {kind} per rank: {gb['construction']:.2f} GB constructing, {gb['training']:.2f} GB "
+          f"training (all ranks: {total:.2f} GB); see {out_dir}/memory.json", flush=True)
+
+
 def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[dict[str, Any]]:
     configure_threads(cfg.threads)
-    tune_cpu_allocator()
+    tune_cpu_allocator(keep_freed=cfg.zero < 3)  # ZeRO-3: resident memory follows live memory
     ctx = ctx or init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s)
     data = load_data_once(cfg, ctx)
+    memory = MemoryWatch(ctx.device)
     trainer = Trainer(cfg, ctx, data)
+    memory.end_phase("construction")
     out_dir = Path(cfg.out)
     start = 0
     latest = latest_checkpoint(out_dir) if cfg.resume else None
@@ -96,6 +115,8 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
     finally:
         if logger is not None:
             logger.close(plot=cfg.plot and bool(history))
+    memory.end_phase("training")
+    write_memory_report(memory, ctx, out_dir)
     if cfg.timeline and trainer.pipeline is not None and history:
         write_timeline(trainer, ctx, out_dir)
     if logger is not None and not history:

@@ -27,6 +27,7 @@ from plait.data_parallel import DataParallelStrategy, Replicated, Sharded, TiedW
 from plait.layout import LayoutError, check_run, layout_of
 from plait.mesh import ParallelContext
 from plait.models import LlamaConfig, build_meta_model, get_preset, model_parameters
+from plait.runtime import gemm_context
 from plait.pipeline import (PipelineExecutor, ScheduleError, StageError, build_schedule, keep_stage,
                             named_blocks, plan_chunks)
 from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize
@@ -133,8 +134,11 @@ class Trainer:
             self.val_batches = validation_batches(data.val, cfg.seq_len, self.micro_batch, cfg.eval_batches)
         self.compute_dtype = DTYPE_BY_NAME[cfg.dtype]
         self.flops_per_token = self.model_config.flops_per_token(cfg.seq_len)
-        self.peak_flops = (cfg.peak_tflops * 1e12 if cfg.peak_tflops
-                           else measure_matmul_peak(self.compute_dtype, ctx.device))
+        if cfg.peak_tflops:
+            self.peak_flops = cfg.peak_tflops * 1e12
+        else:  # timed as the model's products run
+            with gemm_context(ctx.device, self.compute_dtype):
+                self.peak_flops = measure_matmul_peak(self.compute_dtype, ctx.device)
 
     def _tied_weights(self) -> TiedWeights | None:
         """A tied embedding across pipeline stages: the first stage's table, the last's head."""
@@ -247,7 +251,8 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Any]:
         start = time.perf_counter()
-        loss_sum, n_targets = self.compute_gradients(step)
+        with gemm_context(self.ctx.device, self.compute_dtype):  # forward and backward
+            loss_sum, n_targets = self.compute_gradients(step)
         grad_norm, lr = self.apply_update(step)
         elapsed = time.perf_counter() - start
         tokens = self.cfg.global_batch * self.cfg.seq_len
@@ -267,6 +272,10 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss over the fixed validation batches, shared out over dp ranks."""
+        with gemm_context(self.ctx.device, self.compute_dtype):
+            return self._evaluate()
+
+    def _evaluate(self) -> float:
         total = torch.zeros((), dtype=torch.float64)
         count = 0
         batches = self.val_batches
