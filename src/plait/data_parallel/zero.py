@@ -299,13 +299,15 @@ class Sharded(DataParallelStrategy):
         if unit.ready < len(unit.infos):
             return
         unit.ready = 0
+        # the previous unit's reduction completes (its buffers freed) before this one's are made:
+        # at most one unit's flat gradient and receive buffer exist besides the fresh gradients
+        self._complete_reductions()
         first = unit.params[0].grad
         flat_grad = torch.empty(unit.padded, dtype=first.dtype, device=first.device)
         for param, offset in zip(unit.params, unit.layout.offsets):  # one copy into the padded buffer
             flat_grad[offset:offset + param.numel()].copy_(param.grad.reshape(-1))
             param.grad = None  # full gradients do not outlive their unit
         flat_grad[unit.layout.numel:].zero_()
-        self._complete_reductions()  # at most one unit's reduction in flight: bounded memory
         reduced = torch.empty(unit.shard_size, dtype=flat_grad.dtype, device=flat_grad.device)
         work = self.dp.reduce_scatter(reduced, flat_grad, tag="grads", async_op=True)
         unit.pending_reduce.append((work, reduced, flat_grad))
