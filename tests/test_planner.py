@@ -214,3 +214,19 @@ def test_rejected_layout_raises():
     shape = ModelShape.from_llama_config(get_preset("tiny"), 64)
     with pytest.raises(LayoutRejected, match="--pp 2 needs at least 2 micro-batches per step, got 1"):
         predict(shape, Layout(dp=2, pp=2, zero=2, global_batch=8, micro_batch=4), load_profile("a100-80gb"))
+
+
+# torchtitan's published FSDP2 throughput on 64 A100-80GB (docs/performance.md of pytorch/torchtitan,
+# commit 0413364): (preset, sequence, local batch, recomputation, tokens/s per GPU)
+TORCHTITAN_A100 = [("llama3-8b", 8192, 1, "selective", 2973), ("llama3-70b", 8192, 1, "full", 331),
+                   ("llama2-13b", 4096, 2, "none", 2162), ("llama2-13b", 4096, 2, "selective", 1904),
+                   ("llama2-70b", 4096, 2, "full", 353)]
+
+
+@pytest.mark.parametrize("preset, seq, batch, recompute, published", TORCHTITAN_A100)
+def test_zero3_predictions_match_published_fsdp_throughput(preset, seq, batch, recompute, published):
+    """ZeRO-3 over 64 A100s, as FSDP2 runs Llama 2 / 3 in torchtitan: within 15% of what it reports."""
+    shape = ModelShape.from_llama_config(get_preset(preset), seq)
+    layout = Layout(dp=64, zero=3, micro_batch=batch, global_batch=64 * batch, recompute=recompute)
+    predicted = predict(shape, layout, load_profile("a100-80gb")).tokens_per_s_per_gpu
+    assert 0.85 <= predicted / published <= 1.15, predicted / published

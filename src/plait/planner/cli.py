@@ -106,7 +106,8 @@ def add_commands(commands) -> None:
     simulate.add_argument("--schedule", default="1f1b", choices=SCHEDULES, help="pipeline schedule (default: 1f1b)")
     simulate.add_argument("--virtual-stages", type=int, default=1, help="chunks per pipeline rank (interleaved)")
     simulate.add_argument("--recompute", default="none", choices=RECOMPUTE,
-                          help="activation recomputation: none, or full (every block) (default: none)")
+                          help="activation recomputation of every block: none, selective (keep the matmul "
+                               "outputs) or full (keep the block's input) (default: none)")
     simulate.add_argument("--sequence-parallel", action="store_true", help="with --tp: norms on sequence shards")
     simulate.add_argument("--loss-parallel", action=argparse.BooleanOptionalAction, default=True,
                           help="with --tp: vocabulary-sharded cross-entropy (default: on)")
@@ -127,6 +128,7 @@ def _format_prediction(p: Prediction) -> str:
         f"layout          {p.layout.describe()}  ({p.layout.world_size} devices)",
         f"memory per GPU  {p.memory_bytes_per_gpu / 1e9:.2f} GB ({'fits' if p.fits else 'DOES NOT FIT'}): "
         + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in b.items() if k != "total"),
+        f"construction    {p.construction_bytes_per_gpu / 1e9:.2f} GB per GPU (own pieces + one full parameter)",
         f"step time       {p.step_time_s:.4g} s (pipeline bubble {100 * p.bubble_fraction:.1f}%)",
         f"tokens/s/GPU    {p.tokens_per_s_per_gpu:,.1f}",
         f"TFLOP/s/GPU     {p.tflops_per_gpu:.4g} executed (recompute counted), {p.model_tflops_per_gpu:.4g} model",

@@ -27,6 +27,15 @@ e = bytes of the matmul dtype):
   Norm terms are divided by t under SP.
 - full recomputation keeps only each block's input (s b h, /t under SP), plus one block's
   full activations while it is recomputed.
+- selective recomputation (plait's policy: the outputs of every matmul are kept, all else is
+  recomputed) keeps per token the block's input, q, k, v (h e / t + 2 kv e / t), the attention
+  and MLP output projections before their reduction (2 h e: a row-parallel partial sum is
+  [b, s, h] on every tp rank), gate and up (2 f e / t); and, like full, one block's full
+  activations while it is recomputed. Neither keeps autocast's weight copies (recomputed too).
+
+Construction (``construction_bytes``): a rank materialises only its own pieces, one
+parameter at a time: what its strategy keeps at rest before the first step (no moments yet)
+plus the largest full parameter in fp32, the one being generated or read.
 
 Pipelines multiply by the micro-batches in flight on the rank, read from the schedule's
 action lists (1F1B: at most pp; GPipe: all m). The head keeps its logits (b s V / t in the
@@ -81,6 +90,38 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout) -> float:
     return s * b * (norms + attention + mlp)
 
 
+def selective_bytes(shape: ModelShape, layout: Layout) -> float:
+    """What selective recomputation keeps per layer and micro-batch: matmul outputs and the input."""
+    if shape.arch == "gpt":  # Korthikanti et al.: the attention core's 5 a s / h term is dropped
+        t, e = layout.tp, DTYPE_BYTES[layout.dtype]
+        per = 34 / t if layout.sequence_parallel else 10 + 24 / t
+        return shape.seq_len * layout.micro_batch * shape.hidden * per * e / 2
+    t, e = layout.tp, DTYPE_BYTES[layout.dtype]
+    h, f, kv = shape.hidden, shape.ffn_hidden, shape.kv_hidden
+    outputs = e * ((h + 2 * kv + 2 * f) / t + 2 * h)
+    return shape.seq_len * layout.micro_batch * outputs + checkpoint_bytes(shape, layout)
+
+
+def kept_per_layer(shape: ModelShape, layout: Layout) -> float:
+    """Activation bytes one layer keeps for backward, per micro-batch, under ``layout.recompute``."""
+    if layout.recompute == "full":
+        return checkpoint_bytes(shape, layout)
+    if layout.recompute == "selective":
+        return selective_bytes(shape, layout)
+    return layer_activation_bytes(shape, layout)
+
+
+def construction_bytes(params: float, largest: float, layout: Layout) -> float:
+    """Peak bytes while a rank builds its part of the model: its states before the first step
+    (no AdamW moments yet) plus one full fp32 parameter being generated or read."""
+    if layout.zero == 0:  # parameters, and with dp > 1 the gradient buckets; moments come later
+        at_rest = 4 * params * (2 if layout.dp > 1 else 1)
+    else:  # the flat buffers this level keeps (model_state_bytes) less the moments, plus the master shard
+        states = model_state_bytes(params, layout)
+        at_rest = states["params"] + states["grads"] + 4 * params / layout.dp
+    return at_rest + 4 * largest
+
+
 def checkpoint_bytes(shape: ModelShape, layout: Layout) -> float:
     """What full recomputation keeps per layer and micro-batch: the block's input."""
     sp = layout.tp if layout.sequence_parallel else 1
@@ -98,29 +139,38 @@ def head_bytes(shape: ModelShape, layout: Layout) -> float:
     return tokens * v / t * e + tokens * v * (e + 3 * 4)
 
 
-def rank_memory(shape: ModelShape, layout: Layout, layers: int, first: bool, last: bool, in_flight: int,
-                framework_bytes: float) -> dict[str, float]:
-    """Peak bytes of one rank holding ``layers`` blocks (the embedding if ``first``, the head if
-    ``last``), with ``in_flight`` micro-batches' activations kept at the peak."""
+def stage_parameters(shape: ModelShape, layout: Layout, layers: int, first: bool, last: bool) -> float:
+    """Elements one rank holds: its blocks, the embedding on the first stage, the head (and the
+    final norm) on the last; a tied table is held by both the first and the last stage."""
     t = layout.tp
     params = layers * shape.layer_parameters() / t
     if first:
         params += shape.embedding_parameters() / t
     if last:
         params += shape.head_parameters() / t
+        if shape.tied and not first:
+            params += shape.vocab * shape.hidden / t
+    return params
+
+
+def rank_memory(shape: ModelShape, layout: Layout, layers: int, first: bool, last: bool, in_flight: int,
+                framework_bytes: float) -> dict[str, float]:
+    """Peak bytes of one rank holding ``layers`` blocks (the embedding if ``first``, the head if
+    ``last``), with ``in_flight`` micro-batches' activations kept at the peak."""
+    t = layout.tp
+    params = stage_parameters(shape, layout, layers, first, last)
     states = model_state_bytes(params, layout)
-    recompute = layout.recompute == "full"
-    per_layer = checkpoint_bytes(shape, layout) if recompute else layer_activation_bytes(shape, layout)
-    activations = in_flight * layers * per_layer
+    recompute = layout.recompute != "none"
+    activations = in_flight * layers * kept_per_layer(shape, layout)
     transient = []
-    if recompute:
+    if recompute:  # one block's activations exist while it is recomputed
         transient.append(layer_activation_bytes(shape, layout))
     if last:
         transient.append(head_bytes(shape, layout))
     # ZeRO's per-unit buffers: a unit is a block, or the root (embedding, final norm, head)
     p = parameter_bytes(layout)
     block_unit = shape.layer_parameters() / t * p
-    root_unit = ((shape.embedding_parameters() if first else 0) + (shape.head_parameters() if last else 0)) / t * p
+    root_unit = (stage_parameters(shape, layout, 0, first, last)) * p
     largest = max(block_unit, root_unit)
     if layout.zero == 3:
         # the root stays gathered through forward and backward (not re-gathered, as FSDP), a
@@ -131,8 +181,8 @@ def rank_memory(shape: ModelShape, layout: Layout, layers: int, first: bool, las
         transient.append(3 * largest)  # gradients, flat copy, receive buffer of one unit
     elif layout.zero == 1:
         transient.append(largest)  # the reduce-scatter's receive buffer of one unit
-    if shape.arch == "llama" and layout.dtype != "float32" and layout.zero == 0:  # autocast's weight copies
-        activations += in_flight * 2 * params
+    if shape.arch == "llama" and layout.dtype != "float32" and layout.zero == 0 and not recompute:
+        activations += in_flight * 2 * params  # autocast's bf16 weight copies, kept for backward
     result = dict(states)
     result.update(activations=activations, transient=max(transient, default=0.0), framework=framework_bytes)
     result["total"] = sum(result.values())

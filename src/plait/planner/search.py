@@ -60,7 +60,7 @@ def candidate_layouts(shape: ModelShape, gpus: int, gpus_per_node: int, global_b
                         if dp == 1 and zero:
                             continue
                         for sp in ((False, True) if tp > 1 else (False,)):
-                            for recompute in ("none", "full"):
+                            for recompute in ("none", "selective", "full"):
                                 yield Layout(dp=dp, tp=tp, pp=pp, micro_batch=micro_batch,
                                              global_batch=global_batch, zero=zero, sequence_parallel=sp,
                                              loss_parallel=tp > 1, recompute=recompute, schedule=schedule,

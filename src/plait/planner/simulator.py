@@ -7,7 +7,7 @@ The step is assembled from the pieces of the other modules, the way plait runs i
    in the compute stream (not overlapped): without SP two all-reduces of b s h forward and two
    backward per layer; with SP two all-gathers and two reduce-scatters each way, plus the two
    re-gathers of the kept shards in backward. Full recomputation repeats the forward and its
-   collectives inside the backward.
+   collectives inside the backward; selective repeats all of it but the GEMMs.
 2. The pipeline: the very action lists plait's executor runs (``pipeline.build_schedule``),
    simulated with those chunk costs and a point-to-point message time per boundary
    (``pipeline.simulate``); the bubble comes out of the same code as the executor's order.
@@ -39,7 +39,7 @@ from plait.pipeline.stage import balanced_split
 from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
                                    head_backward, head_forward, layer_backward, layer_forward)
 from plait.planner.hardware import HardwareProfile
-from plait.planner.memory import parameter_bytes, rank_memory
+from plait.planner.memory import construction_bytes, parameter_bytes, rank_memory, stage_parameters
 from plait.planner.network import collective_time, members_per_node
 from plait.planner.workload import Layout, ModelShape, check_layout
 
@@ -64,12 +64,14 @@ class Prediction:
     fits: bool
     time_breakdown: dict[str, float] = field(default_factory=dict)
     bubble_fraction: float = 0.0
+    construction_bytes_per_gpu: float = 0.0  # peak while building the rank's part of the model
 
     def to_dict(self) -> dict:
         values = {key: value for key, value in asdict(self).items() if key != "layout"}
         values["layout"] = asdict(self.layout)
         values["layout_name"] = self.layout.describe()
         values["memory_gb_per_gpu"] = self.memory_bytes_per_gpu / 1e9
+        values["construction_gb_per_gpu"] = self.construction_bytes_per_gpu / 1e9
         return values
 
 
@@ -130,6 +132,9 @@ class StepModel:
                 backward.comm(2 * reduce)
         if layout.recompute == "full":
             backward.cost.add(forward.cost)
+        elif layout.recompute == "selective":  # all but the matmuls again (their collectives too)
+            backward.cost.add(Cost(attention=forward.cost.attention, memory=forward.cost.memory,
+                                   comm=forward.cost.comm))
         return forward.cost, backward.cost
 
     def _edge_costs(self) -> tuple[Cost, Cost, Cost, Cost]:
@@ -207,6 +212,14 @@ class StepModel:
         exposed = m * (first_unit + max(0.0, gather - forward_s) + max(0.0, gather + scatter - backward_s))
         return total, exposed
 
+    def tied_exchange_time(self) -> float:
+        """The first and the last stage swap the tied table's gradient (its dp shard under ZeRO)."""
+        layout = self.layout
+        grad = self.shape.vocab * self.shape.hidden / layout.tp * 4
+        if layout.zero >= 1:
+            grad /= layout.dp
+        return self.collective("pp", "send", grad)
+
     def optimizer_time(self, params: float) -> float:
         layout = self.layout
         local = params / layout.dp if layout.zero >= 1 else params
@@ -258,19 +271,22 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
         bubble = 1.0 - busy / (pp * makespan)
 
     tail, memory = 0.0, None
-    dp_total = 0.0
+    dp_total, construction = 0.0, 0.0
+    # the largest parameter, generated whole before its part is kept
+    largest = max(shape.hidden * shape.ffn_hidden, shape.hidden * shape.hidden, shape.vocab * shape.hidden)
     for rank in range(pp):
         chunks = [rank + k * pp for k in range(v)]
         layers = sum(counts[c] for c in chunks)
         first, last = 0 in chunks, parts - 1 in chunks
-        params = layers * shape.layer_parameters() / layout.tp
-        params += (shape.embedding_parameters() / layout.tp if first else 0)
-        params += (shape.head_parameters() / layout.tp if last else 0)
+        params = stage_parameters(shape, layout, layers, first, last)
         fwd = sum(forwards[c].seconds for c in chunks)
         bwd = sum(backwards[c].seconds for c in chunks)
         total, exposed = model.data_parallel(params, bwd, fwd)
+        if shape.tied and pp > 1 and (first or last):  # the table's gradient, summed between the stages
+            exposed += model.tied_exchange_time()
         dp_total = max(dp_total, total)
         tail = max(tail, exposed + model.optimizer_time(params))
+        construction = max(construction, construction_bytes(params, largest, layout) + hw.framework_memory_bytes)
         # interleaved ranks hold chunks of different micro-batches; charge the largest chunk
         per_chunk_layers = max(counts[c] for c in chunks)
         usage = rank_memory(shape, layout, per_chunk_layers, first, last, in_flight[rank], hw.framework_memory_bytes)
@@ -285,11 +301,14 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
     world = layout.world_size
     tokens = layout.global_batch * shape.seq_len
     model_flops = shape.model_flops_per_token() * tokens
+    attention_forward = 4 * shape.layers * shape.seq_len * shape.hidden * tokens  # QK^T and PV, not halved
     if shape.arch == "gpt":
         executed = shape.megatron_flops(layout.global_batch, recompute=layout.recompute == "full")
     else:
         layer_forward_flops = (model_flops - 6 * shape.vocab * shape.hidden * tokens) / 3
         executed = model_flops + (layer_forward_flops if layout.recompute == "full" else 0.0)
+    if layout.recompute == "selective":  # the attention core runs again in backward
+        executed += attention_forward
     compute = sum(c.seconds - c.comm for c in forwards + backwards)
     breakdown = {"pipeline_makespan": makespan, "dp_and_optimizer_tail": tail, "dp_traffic": dp_total,
                  "compute_per_microbatch": compute / max(pp, 1),
@@ -300,4 +319,5 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
         tokens_per_s_per_gpu=tokens / step / world, tflops_per_gpu=executed / step / world / 1e12,
         model_tflops_per_gpu=model_flops / step / world / 1e12,
         mfu=model_flops / (step * world * model.rates.peak),
-        fits=memory["total"] <= hw.memory_bytes, time_breakdown=breakdown, bubble_fraction=bubble)
+        fits=max(memory["total"], construction) <= hw.memory_bytes, time_breakdown=breakdown,
+        bubble_fraction=bubble, construction_bytes_per_gpu=construction)
