@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: train test bench clean
+.PHONY: train test test-large bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# big models (medium, 528M parameters, on 8 ranks): slower than `make test`, not part of it
+test-large: $(STAMP)
+	$(BIN)/python -m pytest -m large $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/single_rank.py

@@ -220,3 +220,43 @@ def test_zero3_evaluates_an_uneven_share_of_batches(pool, data, model_config, di
     for count, loss in results:
         assert count == 3
         assert loss == pytest.approx(single[1], rel=1e-6)
+
+
+def piece_checksums(ctx, cfg, data, model_config):
+    """(piece, sum, index-weighted sum) in float64 of this rank's constructed pieces: the values
+    stay on the workers (528M parameters), only their checksums travel."""
+    checksums = []
+    for piece, values in constructed_pieces(ctx, cfg, data, model_config):
+        values = values.double()
+        weights = torch.arange(piece.start, piece.end, dtype=torch.float64)
+        checksums.append((piece, float(values.sum()), float((values * weights).sum())))
+    return checksums
+
+
+@pytest.mark.large
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("dims, extra", [
+    (ParallelDims(dp=8), {"zero": 3, "micro_batch": 1}),
+    (ParallelDims(tp=2, pp=2), {"microbatches": 2, "micro_batch": None}),
+], ids=["dp8-zero3", "tp2-pp2"])
+def test_medium_constructs_the_same_model_on_every_layout(pool, data, dims, extra):
+    """`medium` (528M) built piece by piece on 8 ZeRO-3 ranks, and on tp2 x pp2, has the values of
+    the model one process builds whole: checksums of every piece against the same of its part."""
+    from plait.models import build_model
+    from plait.sharding import TensorShard
+
+    model_config = get_preset("medium").replace(vocab_size=tiny_model_config().vocab_size)
+    cfg = tiny_config(model="medium", dtype="bfloat16", global_batch=8, seq_len=16, tp=dims.tp, pp=dims.pp,
+                      **extra)
+    results = pool.run(piece_checksums, dims, cfg, data, model_config, timeout_s=1500)
+    full = {name: param.detach() for name, param in build_model(model_config, seed=cfg.seed).named_parameters()}
+    covered = {name: 0 for name in full}
+    for checksums in results:
+        for piece, total, weighted in checksums:
+            part = TensorShard(piece.tp_dim, piece.tp_index, piece.tp_count).local(full[piece.name])
+            expected = part.reshape(-1)[piece.start:piece.end].double()
+            weights = torch.arange(piece.start, piece.end, dtype=torch.float64)
+            assert total == pytest.approx(float(expected.sum()), rel=1e-12, abs=1e-9), piece
+            assert weighted == pytest.approx(float((expected * weights).sum()), rel=1e-12, abs=1e-6), piece
+            covered[piece.name] += piece.end - piece.start
+    assert covered == {name: tensor.numel() for name, tensor in full.items()}

@@ -149,6 +149,12 @@ PRESETS: dict[str, LlamaConfig] = {
     "small": LlamaConfig(vocab_size=8192, hidden_size=384, intermediate_size=1024,
                          num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,
                          max_position_embeddings=2048),
+    # ~0.53B parameters with the default 8192-token vocabulary: more than a rank of this 24 GiB,
+    # 2-core machine can train replicated (8 ranks x 16 bytes per parameter, about 68 GB); trains
+    # with --zero 3 on 8 ranks (benchmarks/large_model.py).
+    "medium": LlamaConfig(vocab_size=8192, hidden_size=1536, intermediate_size=4096,
+                          num_hidden_layers=20, num_attention_heads=12, num_key_value_heads=4,
+                          max_position_embeddings=2048),
     # GPT-2-small shape with Llama blocks (~134M untied): the benchmark model.
     "llama-125m": LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                               num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
