@@ -13,9 +13,9 @@ and measures from outside the workers: every 0.2 s it reads each worker's peak r
 (VmHWM in /proc) and reports their sum, the memory of the job (target: at most 14 GB here, where
 replicated training would need 8 x 16P, about 68 GB). Each rank also records its own peaks while
 constructing and while training (``<out>/memory.json``); both are set against the formulas of
-plait's ZeRO-3 (P parameters, N = 8 ranks): construction = own pieces (fp32 master and gradient
-shards, 8P/N) + one full fp32 parameter; training = 16P/N + the gathered units and their
-gradients (``plait.planner.memory.rank_memory``), each above the rank's memory before the
+plait's ZeRO-3 (P parameters, N = 8 ranks): construction = own pieces (fp32 master shards,
+4P/N) + one full fp32 parameter; training = 14P/N (fp32 master and moments, the bf16 gradient
+shards of one micro-batch) + the gathered units and their gradients (``plait.planner.memory.rank_memory``), each above the rank's memory before the
 trainer existed (Python, torch, the data).
 
 Part recompute trains the same model three ways in one process, steps alternating between
@@ -129,8 +129,8 @@ def print_train(result: dict) -> None:
     print(f"\n`medium`: {expected['params'] / 1e6:.1f}M parameters, {world} ranks, ZeRO-3, full recomputation, bf16")
     print(f"sum of the workers' peak resident memory (from outside): **{total / gb:.2f} GB** "
           f"(target <= 14 GB; replicated 16P x {world} = {16 * expected['params'] * world / gb:.1f} GB)")
-    print("\n| rank | before (GB) | constructing: peak - before (GB) | formula 8P/N + 4 max (GB) | "
-          "training: peak - before (GB) | formula 16P/N + units (GB) |")
+    print("\n| rank | before (GB) | constructing: peak - before (GB) | formula 4P/N + 4 max (GB) | "
+          "training: peak - before (GB) | formula 14P/N + units (GB) |")
     print("|---|---|---|---|---|---|")
     for rank in result["ranks"]:
         base = rank["base"]

@@ -4,11 +4,13 @@
     python benchmarks/zero.py --part memory   # zero 0..3 at dp=4, ~50M parameters, fp32
     python benchmarks/zero.py --part speed    # dp=2: plait zero 3 vs FSDP2, plait zero 0 vs DDP
 
-Memory: each level trains one step on dp=4 ranks; we report this rank's parameter, gradient and
-optimizer-state bytes (every storage that holds them) and the process's peak resident memory
-during the step, beside the formula of plait's implementation in fp32 (P parameters, N ranks):
-zero 0: 16P; zero 1: 8P + 16P/N; zero 2: 4P + 16P/N; zero 3: 16P/N (bytes). With bf16
-parameters the paper's mixed-precision constants apply instead (16P, 4P + 12P/N, ...).
+Memory: each level trains one step on dp=4 ranks, then runs the next step's backward; we report
+this rank's parameter, gradient and optimizer-state bytes then (every storage that holds them:
+their peak, the gradient shards existing from their reduction to the step) and the process's
+peak resident memory during the first step, beside the formula of plait's implementation in
+fp32 (P parameters, N ranks): zero 0: 16P; zero 1: 8P + 16P/N; zero 2: 4P + 16P/N; zero 3: 16P/N
+(bytes). With bf16 parameters the full buffers take 2 bytes per element, and so does the
+gradient shard where one reduction per step leaves it bf16 (``plait.planner.memory``).
 
 Speed: the same model and batches, dp=2, steps alternating between the contestants within
 one pair of processes (so machine drift hits all alike); median step time. PyTorch's side:
@@ -56,6 +58,7 @@ def memory_of_level(ctx: ParallelContext, zero: int, data: TokenData):
     reset_resident_peak()  # leave out construction
     trainer.train_step(0)
     peak = resident_peak_bytes() - base
+    trainer.compute_gradients(1)  # states at their peak: moments, and gradient shards before the step
     state = trainer.strategy.state_bytes()
     n_params = sum(p.numel() for p in trainer.model.parameters())
     del trainer

@@ -185,8 +185,9 @@ def construction_peak(ctx, cfg, data, model_config):
 
 
 def test_construction_peak_is_own_pieces_plus_one_parameter(pool, data):
-    """ZeRO-3 on 4 ranks: building the trainer adds at most the rank's shards (master and gradient
-    shard) and one full parameter, where building the whole model adds all of it."""
+    """ZeRO-3 on 4 ranks: building the trainer adds at most the rank's master shards (gradient
+    shards come with the first reduction) and one full parameter, where building the whole model
+    adds all of it."""
     model_config = get_preset("tiny").replace(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                                               num_attention_heads=8, num_key_value_heads=4, vocab_size=16384)
     cfg = tiny_config(zero=3, micro_batch=1, global_batch=4)

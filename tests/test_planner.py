@@ -98,10 +98,12 @@ def test_activation_formula_matches_what_plait_saves():
 
 
 def test_model_states_match_plait_zero(pool, data, model_config):
-    """The planner's model-state bytes per rank equal what plait's ZeRO holds (dp=2, fp32)."""
+    """The planner's model-state bytes per rank equal what plait's ZeRO holds (dp=2) between
+    the last backward and the step, fp32 and bf16, one micro-batch per rank and two."""
     results = pool.run(_zero_state_bytes, _dims(dp=2), data, model_config, timeout_s=120)
-    for zero, measured, params in results[0]:
-        predicted = model_state_bytes(params, Layout(dp=2, zero=zero, dtype="float32"))
+    for zero, dtype, micro, measured, params in results[0]:
+        predicted = model_state_bytes(params, Layout(dp=2, zero=zero, dtype=dtype, micro_batch=micro,
+                                                     global_batch=4))
         assert sum(measured.values()) == pytest.approx(sum(predicted.values()), rel=0.01), zero
 
 
@@ -115,11 +117,13 @@ def _zero_state_bytes(ctx, data, model_config):
     from plait.train import Trainer
 
     out = []
-    for zero in (1, 2, 3):
-        trainer = Trainer(tiny_config(dp=2, zero=zero, steps=1), ctx, data, model_config)
+    for zero, dtype, micro in [(z, d, m) for z in (1, 2, 3) for d in ("float32", "bfloat16") for m in (1, 2)]:
+        cfg = tiny_config(dp=2, zero=zero, steps=2, dtype=dtype, global_batch=4, micro_batch=micro)
+        trainer = Trainer(cfg, ctx, data, model_config)
         trainer.train_step(0)  # AdamW's moments exist from the first step on
+        trainer.compute_gradients(1)  # the peak: gradient shards exist from their reduction to the step
         params = sum(p.numel() for p in trainer.model.parameters())
-        out.append((zero, trainer.strategy.state_bytes(), params))
+        out.append((zero, dtype, micro, trainer.strategy.state_bytes(), params))
     return out
 
 

@@ -17,8 +17,11 @@ Each rank keeps, for its slices only, the fp32 master copy and the AdamW moments
 Gradient reduction: each rank's loss is already divided by the global token count, so the
 reduce-scatter *sums* over dp (see replicated.py). ZeRO-1 reduce-scatters once per step after
 the last micro-batch; ZeRO-2/3 reduce-scatter each unit as soon as its gradients are complete,
-on every micro-batch, and accumulate into the fp32 gradient shard (full gradients never outlive
-a unit).
+on every micro-batch (full gradients never outlive a unit). A unit's gradient shard exists from
+its first reduction of the step to the optimizer step: it is that reduction's output as it
+arrived (bf16 under mixed precision) and becomes an fp32 accumulator only when a second
+micro-batch adds to it. With one micro-batch per rank and step, a bf16 run so holds 2 bytes
+of gradient per shard element, not 4, with the same values (``_accumulate``).
 
 ZeRO-3 keeps a unit's full parameters in one flat buffer whose storage is resized to zero when
 the unit is not in use (as FSDP does): parameters and the tensors autograd saved stay valid
@@ -35,7 +38,8 @@ the level keeps (levels 1/2: the full flat buffer; level 3: the master shards) a
 the source exactly those values, one parameter at a time.
 
 Mixed precision (``param_dtype=bfloat16``): parameters and gradients are bf16 in the model and
-on the wire; master shards, moments and the gradient shard accumulator are fp32.
+on the wire; master shards and moments are fp32, and so is the gradient shard once it
+accumulates; the step widens each unit's shard to fp32 in turn (one unit's fp32 copy at a time).
 
 Clipping counts each element once: squares of this rank's gradient shard (elements replicated
 over tp counted on tp rank 0 only, a tied weight on the first stage only) summed over dp, tp, pp.
@@ -106,7 +110,7 @@ class _Unit:
     norm_ranges: list[tuple[int, int]] = field(default_factory=list)     # counted in the gradient norm
     partial_ranges: list[tuple[int, int]] = field(default_factory=list)  # grads partial over tp (SP norms)
     flat: torch.Tensor | None = None            # full parameters, param dtype (ZeRO-3: storage freed when idle)
-    grad_shard: torch.Tensor | None = None      # fp32 [shard_size]
+    grad_shard: torch.Tensor | None = None      # [shard_size] from the unit's first reduction to the step
     flat_grad: torch.Tensor | None = None       # ZeRO-1: full gradients (params' .grad are views)
     ready: int = 0
     pending_reduce: list = field(default_factory=list)
@@ -148,6 +152,7 @@ class Sharded(DataParallelStrategy):
         self.chunks: list[list[_Unit]] = []
         self.units = self._plan_units(describe_parameters(named, tied), chunks)
         self.optimizer: torch.optim.AdamW | None = None
+        self._grad_scale = 1.0
         self._hooks: list = []
 
     # ------------------------------------------------------------------ construction
@@ -187,7 +192,6 @@ class Sharded(DataParallelStrategy):
         for unit in self.units:
             layout = unit.layout
             unit.master = nn.Parameter(torch.zeros(layout.shard_size, dtype=torch.float32, device=self.device))
-            unit.grad_shard = torch.zeros(layout.shard_size, dtype=torch.float32, device=self.device)
             # ZeRO-3 never holds the full unit at rest: its storage is released right after the views exist
             unit.flat = (torch.empty if self.level == 3 else torch.zeros)(layout.padded, dtype=self.param_dtype,
                                                                          device=self.device)
@@ -319,11 +323,21 @@ class Sharded(DataParallelStrategy):
             for work, reduced, _ in unit.pending_reduce:
                 if work is not None:
                     work.wait()
-                unit.grad_shard += reduced.float()
+                self._accumulate(unit, reduced)
             unit.pending_reduce.clear()
 
+    @staticmethod
+    def _accumulate(unit: _Unit, reduced: torch.Tensor) -> None:
+        """The first reduction of a step is the gradient shard as it arrived (bf16 stays bf16:
+        an fp32 copy would hold the same values in twice the bytes); a second one, from another
+        micro-batch, turns the shard into an fp32 accumulator."""
+        if unit.grad_shard is None:
+            unit.grad_shard = reduced
+        else:
+            unit.grad_shard = unit.grad_shard.float().add_(reduced.float())
+
     def finish(self) -> None:
-        """After the step's last backward: this rank's fp32 gradient shards hold the gradient.
+        """After the step's last backward: this rank's gradient shards hold the gradient.
 
         ZeRO-1 reduce-scatters the accumulated full gradients here; ZeRO-2/3 only complete the
         reductions they launched during backward. Then the SP partial gradients are summed over
@@ -333,10 +347,12 @@ class Sharded(DataParallelStrategy):
             for unit in self.units:
                 reduced = torch.empty(unit.shard_size, dtype=unit.flat_grad.dtype, device=unit.flat.device)
                 self.dp.reduce_scatter(reduced, unit.flat_grad, tag="grads")
-                unit.grad_shard += reduced.float()
+                self._accumulate(unit, reduced)
         self._complete_reductions()
         for unit in self.units:
             unit.ready = 0
+            if unit.grad_shard is None:  # no parameter of the unit took part in this step's loss
+                unit.grad_shard = torch.zeros(unit.shard_size, dtype=self.param_dtype, device=self.device)
             if self.level == 3 and unit.module is None and unit.gathered:
                 self._free(unit)
         views = [u.grad_shard[a:b] for u in self.units for a, b in u.partial_ranges]
@@ -352,22 +368,28 @@ class Sharded(DataParallelStrategy):
             for a, b in unit.norm_ranges:
                 squares += torch.linalg.vector_norm(unit.grad_shard[a:b], dtype=torch.float64).square()
         norm = reduce_squares(squares, self.dp, self.tp, self.pp).sqrt()
-        if max_norm > 0:
-            scale = float(clip_scale(norm, max_norm))
-            for unit in self.units:
-                unit.grad_shard.mul_(scale)
+        # applied in fp32 as each unit steps (a bf16 shard scaled in place would round)
+        self._grad_scale = float(clip_scale(norm, max_norm)) if max_norm > 0 else 1.0
         return float(norm)
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
+        """AdamW on each unit's master shard in turn: a bf16 gradient shard is widened to fp32
+        one unit at a time, so the step holds one unit's fp32 gradient, not the rank's."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         for unit in self.units:
-            unit.master.grad = unit.grad_shard
             if self.weight_decay:  # decoupled decay on matrices only, before the Adam update (as AdamW)
                 for a, b in unit.decay_ranges:
                     unit.master[a:b].mul_(1.0 - lr * self.weight_decay)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+            grad = unit.grad_shard.float()
+            if self._grad_scale != 1.0:
+                grad.mul_(self._grad_scale)
+            unit.master.grad = grad
+            self.optimizer.step()  # steps only the parameters that have a gradient: this unit's
+            unit.master.grad = None
+            unit.grad_shard = None
+        self._grad_scale = 1.0
         if self.level < 3:  # everyone needs the updated full parameters
             for unit in self.units:
                 self._all_gather_master(unit)
@@ -377,7 +399,7 @@ class Sharded(DataParallelStrategy):
 
     def zero_grad(self) -> None:
         for unit in self.units:
-            unit.grad_shard.zero_()
+            unit.grad_shard = None
             unit.master.grad = None
             if unit.flat_grad is not None:
                 unit.flat_grad.zero_()

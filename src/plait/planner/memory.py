@@ -6,12 +6,14 @@ and gradients fp32 without ZeRO, in the parameter dtype -- bf16 under ``--dtype 
 with it):
 
     zero 0   4P params + 4P grads + 8P moments          = 16P
-    zero 1   pP params + pP grads + 16P/N               (p = 2 for bf16, 4 for fp32)
-    zero 2   pP params + 16P/N        (a unit's gradients live only until reduce-scattered)
-    zero 3   16P/N                    (+ gathered units, see ``rank_memory``)
+    zero 1   pP params + pP grads + (12 + g)P/N         (p = 2 for bf16, 4 for fp32)
+    zero 2   pP params + (12 + g)P/N  (a unit's gradients live only until reduce-scattered)
+    zero 3   (12 + g)P/N              (+ gathered units, see ``rank_memory``)
 
-(16P/N = fp32 master 4 + moments 8 + gradient-shard accumulator 4.) Rajbhandari et al.'s
-mixed-precision figures (16P, 4P + 12P/N, 2P + 14P/N, 16P/N) keep no separate gradient shard.
+(12P/N = fp32 master 4 + moments 8; gP/N the gradient shard, which exists from a unit's first
+reduction to the step: g = p with one reduction per step (ZeRO-1, or one micro-batch per rank
+and step), the reduction's output as it arrived, else g = 4, an fp32 accumulator.) Rajbhandari et al.'s mixed-precision figures
+(16P, 4P + 12P/N, 2P + 14P/N, 16P/N) keep no separate gradient shard.
 
 Activations kept for backward, per layer and micro-batch (t = tp, s = sequence, b = micro-batch,
 e = bytes of the matmul dtype):
@@ -59,7 +61,8 @@ def model_state_bytes(params: float, layout: Layout) -> dict[str, float]:
     n, p = layout.dp, parameter_bytes(layout)
     if layout.zero == 0:
         return {"params": 4 * params, "grads": 4 * params, "optimizer": 8 * params}
-    sharded = {"optimizer": 12 * params / n, "grad_shard": 4 * params / n}
+    g = p if layout.zero == 1 or layout.microbatches <= 1 else 4  # ZeRO-1 reduces once per step
+    sharded = {"optimizer": 12 * params / n, "grad_shard": g * params / n}
     if layout.zero == 1:
         return {"params": p * params, "grads": p * params + sharded["grad_shard"], "optimizer": sharded["optimizer"]}
     if layout.zero == 2:
@@ -116,9 +119,10 @@ def construction_bytes(params: float, largest: float, layout: Layout) -> float:
     (no AdamW moments yet) plus one full fp32 parameter being generated or read."""
     if layout.zero == 0:  # parameters, and with dp > 1 the gradient buckets; moments come later
         at_rest = 4 * params * (2 if layout.dp > 1 else 1)
-    else:  # the flat buffers this level keeps (model_state_bytes) less the moments, plus the master shard
-        states = model_state_bytes(params, layout)
-        at_rest = states["params"] + states["grads"] + 4 * params / layout.dp
+    else:  # the flat buffers this level keeps (no gradient shard before a reduction), the master shard
+        p = parameter_bytes(layout)
+        at_rest = (p * params if layout.zero <= 2 else 0.0) + (p * params if layout.zero == 1 else 0.0) \
+            + 4 * params / layout.dp
     return at_rest + 4 * largest
 
 
