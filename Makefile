@@ -16,8 +16,9 @@ $(STAMP): $(BIN)/python requirements-dev.txt pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# ends with the trained model's greedy continuation of a fixed prompt: what it learned
 train: $(STAMP)
-	$(BIN)/plait train $(ARGS)
+	$(BIN)/plait train --sample "def " $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -243,7 +243,7 @@ def test_bpe_is_cached_and_keyed_by_vocab_size(tmp_path, monkeypatch):
 def test_build_tokenizer_errors(tmp_path):
     corpus = open_text_corpus(str(write_text(tmp_path / "a.txt", "text")))
     assert isinstance(build_tokenizer("byte", None), ByteTokenizer)
-    with pytest.raises(DataError, match="unknown tokenizer"):
+    with pytest.raises(DataError, match="tokenizer wordpiece does not exist"):
         build_tokenizer("wordpiece", corpus, cache_dir=tmp_path)
     with pytest.raises(DataError, match="at least 300"):
         build_tokenizer("bpe", corpus, vocab_size=299, cache_dir=tmp_path)

@@ -33,7 +33,9 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
                               "(config.json + safetensors) to start from"),
     ("--data", "data", str, "'stdlib' (this Python's standard library sources), a text file, a directory "
                             "of text files, or a .bin of uint16 token ids (.u32.bin: uint32)"),
-    ("--tokenizer", "tokenizer", str, "'bpe' (byte-level BPE trained on the corpus and cached) or 'byte'"),
+    ("--tokenizer", "tokenizer", str, "how text data becomes token ids: 'bpe' (a byte-level BPE trained on the "
+                                      "corpus and cached), 'byte', or a Hugging Face tokenizer (a tokenizer.json "
+                                      "or a directory holding one; default: --model DIR's own, else bpe)"),
     ("--vocab-size", "vocab_size", int, "BPE vocabulary size"),
     ("--nproc", "nproc", int, "local worker processes to launch (ignored under torchrun)"),
     ("--dp", "dp", int, "data-parallel size (default: world size / (pp x tp))"),
@@ -68,6 +70,8 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-restarts", "max_restarts", int, "with --nproc: when a worker dies, restart all workers up to this "
                                             "many times; they resume from the newest checkpoint (torchrun: "
                                             "--max-restarts)"),
+    ("--sample", "sample", str, "at the end, print the trained model's greedy continuation of this prompt "
+                                "(48 tokens; one process; else use plait generate --model OUT)"),
     ("--peak-tflops", "peak_tflops", float, "per-rank peak TFLOP/s for MFU (default: measured matmul rate)"),
     ("--bucket-mb", "bucket_mb", float, "data-parallel gradient bucket size in MiB"),
     ("--timeout", "timeout_s", float, "seconds a collective may wait before the run fails"),
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "library, a few minutes on a laptop CPU. Precedence: flags > --config file > defaults.",
         argument_default=argparse.SUPPRESS)
     train.add_argument("--config", help="TOML file of options (keys as the long flags, '-' or '_')")
-    choices = {"dtype": DTYPES, "tokenizer": ("bpe", "byte"), "zero": (0, 1, 2, 3),
+    choices = {"dtype": DTYPES, "zero": (0, 1, 2, 3),
                "schedule": ("gpipe", "1f1b", "interleaved")}
     for flag, field, kind, text in TRAIN_FLAGS:
         shown = text if "default" in text else f"{text} (default: {getattr(defaults, field)})"
@@ -136,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--virtual-stages", type=int, default=1, help="chunks per rank (interleaved)")
     schedule.add_argument("--backward-cost", type=float, default=2.0, help="backward time / forward time")
     schedule.add_argument("-o", "--output", default="schedule.png", help="PNG to write")
+    from plait.model_cli import add_commands as add_model_commands
     from plait.planner.cli import add_commands
+    add_model_commands(commands)
     add_commands(commands)
     return parser
 
@@ -211,14 +217,15 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
     model = load_hf_config(cfg.model) if is_hf_directory(cfg.model) else get_preset(cfg.model)
     check_run(cfg, dims, model)
+    cfg.tokenizer_spec()
 
 
 def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def launch_local_workers(cfg: TrainConfig, argv: Sequence[str]) -> int:
-    """Start ``cfg.nproc`` workers, like ``torchrun --standalone --nproc-per-node N``."""
+def launch_local_workers(nproc: int, max_restarts: int, argv: Sequence[str]) -> int:
+    """Start ``nproc`` workers running ``plait ARGV``, like ``torchrun --standalone --nproc-per-node N``."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -228,8 +235,8 @@ def launch_local_workers(cfg: TrainConfig, argv: Sequence[str]) -> int:
     # Restarted workers must not read the previous attempt's gloo addresses from a store shared
     # with the agent (seen here: "Connection refused" to a dead rank's port); own store per attempt.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=cfg.max_restarts,
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
                           monitor_interval=0.2)
     try:
         elastic_launch(config, sys.executable)("-m", "plait", *argv)
@@ -298,6 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return schedule_command(args)
     if args.command == "export":
         return export_command(args)
+    if args.command in ("generate", "eval"):
+        from plait.model_cli import run as run_model_command
+        return run_model_command(args, argv)
     if args.command in ("plan", "simulate", "calibrate"):
         from plait.planner.cli import run
         return run(args)
@@ -313,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"plait: error: {error}", file=sys.stderr)
         return 2
     if cfg.nproc > 1:
-        return launch_local_workers(cfg, argv)
+        return launch_local_workers(cfg.nproc, cfg.max_restarts, argv)
     return train_worker(cfg)
 
 

@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 from plait.checkpoint.hf_config import (SOURCE_DIR, SOURCE_FILES, ConfigForm, carried_fields, hf_config_dict,
                                         read_json)
-from plait.checkpoint.store import CheckpointError, read_full_state, read_meta
+from plait.checkpoint.store import TOKENIZER_DIR, CheckpointError, read_full_state, read_meta
+from plait.data.hf_tokenizer import PretrainedTokenizer, has_tokenizer
 from plait.models import LlamaConfig
 from plait.sharding import shard_of
 
@@ -34,11 +35,19 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, form: ConfigForm | No
 
     config.json is written in ``form`` (default: what the installed transformers reads), RoPE
     settings included; a run that started from a Hugging Face directory also gets back that
-    directory's token ids, generation config, chat template and tokenizer files."""
+    directory's token ids, generation config, chat template and tokenizer files. The tokenizer
+    the run encoded its text with (the checkpoint's ``tokenizer/``, plait's BPE included) is
+    written beside the weights, with a ``generation_config.json`` of its BOS/EOS ids where the
+    source had none: ``AutoTokenizer`` and ``AutoModelForCausalLM`` load the export and generate."""
     meta = read_meta(checkpoint)
     config = LlamaConfig(**meta["model"])
     source = Path(checkpoint) / SOURCE_DIR
     carried = carried_fields(read_json(source / "config.json")) if (source / "config.json").is_file() else {}
+    tokenizer_dir = Path(checkpoint) / TOKENIZER_DIR
+    tokenizer = PretrainedTokenizer(tokenizer_dir) if has_tokenizer(tokenizer_dir) else None
+    if tokenizer is not None:
+        ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+        carried = {**{key: value for key, value in ids.items() if value is not None}, **carried}
     full = read_full_state(checkpoint)
     weights = {name: tensor.contiguous() for (name, kind), tensor in full.items() if kind == "param"}
     if config.tie_word_embeddings:
@@ -50,6 +59,11 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, form: ConfigForm | No
     for name in SOURCE_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+        if not (out / "generation_config.json").is_file():
+            generation = {key: carried[key] for key in ("bos_token_id", "eos_token_id") if key in carried}
+            (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return out
 
 

@@ -8,6 +8,8 @@ Layout of ``<run>/checkpoints/``::
         rank-00003.json         what each of them is (``Piece``: name, kind, slice)
         hf_source/              a run started from a Hugging Face directory: its config.json,
                                 tokenizer, generation config and chat template (for the export)
+        tokenizer/              the tokenizer the run encoded its text with, in Hugging Face's
+                                format (plait's BPE too); the export's tokenizer
         COMPLETE                written last, after every rank finished
     step-00000050.tmp/          a checkpoint being written (or abandoned by a crash): ignored
 
@@ -36,6 +38,7 @@ from plait.checkpoint.hf_config import SOURCE_DIR, copy_source_files
 from plait.checkpoint.pieces import Piece, assemble
 
 FORMAT_VERSION = 1
+TOKENIZER_DIR = "tokenizer"  # in a run directory and in each checkpoint
 
 
 class CheckpointError(ValueError):
@@ -90,6 +93,8 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, keep: int = 2) -> P
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if trainer.hf_source is not None:
             copy_source_files(trainer.hf_source, tmp / SOURCE_DIR)
+        if trainer.tokenizer is not None:
+            trainer.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         (tmp / "COMPLETE").write_text("ok\n")
         if final.exists():
             shutil.rmtree(final)

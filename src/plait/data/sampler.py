@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from plait.data.corpus import DataError, TextCorpus, open_text_corpus
+from plait.data.hf_tokenizer import PretrainedTokenizer
 from plait.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     Tokenizer,
@@ -61,9 +62,10 @@ def load_token_data(
 
     ``spec`` is anything ``open_text_corpus`` accepts, or a pre-tokenised
     ``.bin`` file of raw little-endian token ids: uint16 by default, uint32
-    when the name ends in ``.u32.bin``.  For a ``.bin`` the tokenizer
-    arguments are ignored and ``bin_vocab_size`` gives the model vocabulary
-    (default: largest id + 1).
+    when the name ends in ``.u32.bin``.  ``tokenizer_kind``: "bpe", "byte" or
+    the path of a Hugging Face tokenizer (``build_tokenizer``).  For a ``.bin``,
+    ``bin_vocab_size`` gives the model vocabulary (default: largest id + 1) and
+    only a named model tokenizer is loaded (it travels with the run).
 
     The last ``val_fraction`` of the stream (at least one token) is held out
     for validation; taking the tail keeps the split deterministic and
@@ -72,20 +74,20 @@ def load_token_data(
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
 
-    if spec.endswith(".bin"):
+    if spec.endswith(".bin"):  # a model tokenizer, when named, still travels with the run (its export)
         tokens, vocab = load_token_file(pathlib.Path(spec).expanduser(), bin_vocab_size)
         train, val = split_train_val(tokens, val_fraction, source=spec)
-        return TokenData(train=train, val=val, vocab_size=vocab, eos_id=None, tokenizer=None)
+        tokenizer = None if tokenizer_kind in ("bpe", "byte") else PretrainedTokenizer(tokenizer_kind)
+        return TokenData(train=train, val=val, vocab_size=vocab, eos_id=tokenizer.eos_id if tokenizer else None,
+                         tokenizer=tokenizer)
 
     corpus = open_text_corpus(spec)
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     tokenizer = build_tokenizer(tokenizer_kind, corpus, vocab_size, cache_dir, show_progress=show_progress)
-    # The bpe key matches the tokenizer cache key (the requested size); the
-    # byte tokenizer has a fixed vocabulary.
-    key_vocab = vocab_size if tokenizer.kind == "bpe" else tokenizer.vocab_size
     dtype = token_dtype(tokenizer.vocab_size)
     suffix = UINT32_BIN_SUFFIX if dtype == np.uint32 else ".bin"
-    cache_path = cache_dir / "tokens" / f"{tokenizer.kind}-{key_vocab}-{corpus.fingerprint()}{suffix}"
+    cache_path = cache_dir / "tokens" / f"{tokenizer.kind}-{tokenizer_key(tokenizer, vocab_size)}-" \
+                                        f"{corpus.fingerprint()}{suffix}"
     if not cache_path.is_file():
         write_token_stream(corpus, tokenizer, cache_path, dtype, show_progress)
     tokens = np.memmap(cache_path, dtype=dtype, mode="r")
@@ -97,6 +99,14 @@ def load_token_data(
         eos_id=tokenizer.eos_id,
         tokenizer=tokenizer,
     )
+
+
+def tokenizer_key(tokenizer: Tokenizer, requested_vocab: int) -> str:
+    """What, besides its kind, names a tokenizer's token streams: the requested BPE size (the
+    tokenizer cache's key too), the byte tokenizer's fixed size, a model tokenizer's file hash."""
+    if isinstance(tokenizer, PretrainedTokenizer):
+        return tokenizer.fingerprint()
+    return str(requested_vocab if tokenizer.kind == "bpe" else tokenizer.vocab_size)
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
@@ -111,14 +121,14 @@ def write_token_stream(
     dtype: type[np.unsignedinteger],
     show_progress: bool = False,
 ) -> int:
-    """Tokenise every document, append eos after each, and write the ids to
-    ``path`` atomically.  Returns the number of tokens written."""
+    """Tokenise every document (``encode_documents``: its ids, then the eos
+    separator), and write the ids to ``path`` atomically.  Returns the number
+    of tokens written."""
     total_tokens = 0
     progress = tqdm(total=len(corpus.files), unit="doc", desc="tokenizing", disable=not show_progress)
     with progress, atomic_output(path) as handle:
         for chunk in _document_chunks(corpus.documents(), TOKENIZE_CHUNK_CHARS):
-            for ids in _encode_batch(tokenizer, chunk):
-                ids.append(tokenizer.eos_id)
+            for ids in tokenizer.encode_documents(chunk):
                 handle.write(np.asarray(ids, dtype=dtype).tobytes())
                 total_tokens += len(ids)
             progress.update(len(chunk))
@@ -127,14 +137,6 @@ def write_token_stream(
         if total_tokens == 0:
             raise DataError(f"corpus {corpus.name} is empty (no decodable documents)")
     return total_tokens
-
-
-def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
-    """Use the tokenizer's batched (multi-threaded) path when it has one."""
-    encode_batch = getattr(tokenizer, "encode_batch", None)
-    if encode_batch is not None:
-        return [list(ids) for ids in encode_batch(texts)]
-    return [tokenizer.encode(text) for text in texts]
 
 
 def _document_chunks(documents: Iterator[str], max_chars: int) -> Iterator[list[str]]:

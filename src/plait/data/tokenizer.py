@@ -1,10 +1,12 @@
-"""Tokenizers: a plain byte tokenizer and a locally trained byte-level BPE.
+"""Tokenizers: a plain byte tokenizer, a locally trained byte-level BPE, and a model's own
+(``plait.data.hf_tokenizer``: a Hugging Face tokenizer directory or ``tokenizer.json``).
 
 Both are lossless on any UTF-8 text: the byte tokenizer trivially, the BPE
 because its alphabet is all 256 bytes (GPT-2 style byte-level mapping), so no
 input can fall outside the vocabulary.  The BPE is trained on the corpus
 itself and cached on disk, keyed by the corpus fingerprint, so a training run
-never needs the network.
+never needs the network. All three write themselves in Hugging Face's format
+(``save_pretrained``), so a run's export loads with ``transformers.AutoTokenizer``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from plait.data.corpus import DataError, TextCorpus
+from plait.data.hf_tokenizer import PretrainedTokenizer, byte_backend, save_backend_pretrained
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 8192
@@ -37,7 +40,15 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids as the token stream holds it: with its separator (EOS) at the end."""
+        ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str]) -> pathlib.Path:
+        """Write the tokenizer as a Hugging Face tokenizer directory."""
+        ...
 
 
 class ByteTokenizer:
@@ -56,11 +67,17 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
 
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) + [self.eos_id] for text in texts]
+
     def decode(self, ids: Sequence[int]) -> str:
         # Generated samples may cut a multi-byte character in half, hence
         # errors="replace" rather than an exception.
         data = bytes(int(token) for token in ids if int(token) != self.eos_id)
         return data.decode("utf-8", errors="replace")
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str]) -> pathlib.Path:
+        return save_backend_pretrained(byte_backend(EOS_TOKEN), EOS_TOKEN, out_dir)
 
 
 class BPETokenizer:
@@ -128,6 +145,12 @@ class BPETokenizer:
         encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        return [ids + [self.eos_id] for ids in self.encode_batch(texts)]
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str]) -> pathlib.Path:
+        return save_backend_pretrained(self.backend, EOS_TOKEN, out_dir)
+
     def decode(self, ids: Sequence[int]) -> str:
         # skip_special_tokens drops eos ids, matching ByteTokenizer.decode.
         return self.backend.decode([int(token) for token in ids], skip_special_tokens=True)
@@ -152,7 +175,8 @@ def build_tokenizer(
     cache_dir: pathlib.Path | None = None,
     show_progress: bool = False,
 ) -> Tokenizer:
-    """Return a tokenizer of ``kind`` ("byte" or "bpe") for ``corpus``.
+    """Return the tokenizer ``kind`` names for ``corpus``: "byte", "bpe", or the path of a
+    Hugging Face tokenizer (its directory or ``tokenizer.json``).
 
     A BPE is trained once per (corpus fingerprint, vocab_size) and cached
     under ``cache_dir/tokenizers/``; later calls load the cached file.
@@ -160,7 +184,7 @@ def build_tokenizer(
     if kind == "byte":
         return ByteTokenizer()
     if kind != "bpe":
-        raise DataError(f"unknown tokenizer kind {kind!r} (expected 'byte' or 'bpe')")
+        return PretrainedTokenizer(kind)
     if vocab_size < MIN_BPE_VOCAB_SIZE:
         raise DataError(f"bpe vocab_size must be at least {MIN_BPE_VOCAB_SIZE}, got {vocab_size}")
     if corpus is None:

@@ -8,6 +8,9 @@ The model knows nothing of parallelism. Two habits keep it that way:
 - attention derives its local head counts from the projections' output sizes, so a
   tensor-parallel plan can shard q/k/v by heads without touching this file;
 - the model returns logits; the loss (and its normalisation) belongs to the trainer.
+
+Generation passes a ``KVCache``: each attention appends its keys and values to its layer's
+slot, and the positions of the new tokens start where the cache ends.
 """
 from __future__ import annotations
 
@@ -68,6 +71,37 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + _rotate_half(x) * sin
 
 
+class LayerCache:
+    """One attention layer's keys and values so far: [batch, kv heads, length, head_dim]."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+
+class KVCache:
+    """What decoding keeps between steps: every layer's keys and values, and how many positions
+    they cover (where the next tokens' positions start)."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers = [LayerCache() for _ in range(layers)]
+        self.length = 0
+
+
+def _attention_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor | None:
+    """Causal mask of ``queries`` new positions after ``keys - queries`` cached ones (None: SDPA's
+    own causal mask, when nothing is cached; one new query sees every key)."""
+    if queries == 1:
+        return None
+    start = keys - queries
+    return torch.arange(keys, device=device)[None, :] <= (start + torch.arange(queries, device=device))[:, None]
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -78,7 +112,8 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, config.num_key_value_heads * hd, bias=False, device=device)
         self.o_proj = nn.Linear(config.num_attention_heads * hd, h, bias=False, device=device)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1 heads: under tensor parallelism the projections hold a slice of the heads.
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
@@ -86,11 +121,16 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.extend(k, v)
         groups = q.shape[1] // k.shape[1]
         if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if k.shape[2] == seq:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_attention_mask(seq, k.shape[2], x.device))
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -116,8 +156,9 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -139,11 +180,19 @@ class LlamaModel(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         return self.rotary_emb(seq_len, x.device, dtype)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.position_tables(input_ids.shape[1], x)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        if cache is None:
+            cos, sin = self.position_tables(input_ids.shape[1], x)
+            for layer in self.layers:
+                x = layer(x, cos, sin)
+            return self.norm(x)
+        start, seq = cache.length, input_ids.shape[1]
+        cos, sin = self.position_tables(start + seq, x)
+        cos, sin = cos[start:], sin[start:]
+        for layer, slot in zip(self.layers, cache.layers):
+            x = layer(x, cos, sin, slot)
+        cache.length += seq
         return self.norm(x)
 
 
@@ -161,5 +210,5 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids))
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids, cache))

@@ -20,6 +20,7 @@ class TrainConfigError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16")
+PLAIT_TOKENIZERS = ("bpe", "byte")  # trained on the corpus / fixed; anything else is a tokenizer path
 
 
 @dataclass
@@ -27,7 +28,7 @@ class TrainConfig:
     # what to train, on what
     model: str = "small"                 # preset name (or, later, a Hugging Face directory)
     data: str = "stdlib"                 # "stdlib", a text file, a directory, or a .bin of token ids
-    tokenizer: str = "bpe"               # "bpe" (trained on the corpus, cached) or "byte"
+    tokenizer: str | None = None         # None: --model DIR's own, else "bpe"; "bpe", "byte" or a path
     vocab_size: int = 8192               # BPE vocabulary size
     # layout
     nproc: int = 1                       # local worker processes plait launches itself
@@ -65,6 +66,7 @@ class TrainConfig:
     out: str | None = None               # run directory; default runs/<model>-<timestamp>
     checkpoint_every: int = 0            # write a checkpoint every N steps (and at the end); 0: never
     keep_checkpoints: int = 2            # complete checkpoints kept (older ones deleted)
+    sample: str | None = None            # at the end, print the model's greedy continuation of this prompt
     resume: bool = True                  # continue from the newest complete checkpoint in --out
     max_restarts: int = 0                # --nproc launcher: restart the worker group this often after a failure
     progress: bool = True
@@ -77,6 +79,30 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def tokenizer_spec(self) -> str:
+        """The tokenizer this run encodes text with: ``--tokenizer`` if given, else the one in
+        ``--model DIR``, else plait's BPE. A pretrained model never gets fresh token ids: its
+        embedding rows stand for its own tokenizer's."""
+        from plait.checkpoint.hf_config import is_hf_directory
+        from plait.data.hf_tokenizer import has_tokenizer
+
+        pretrained = is_hf_directory(self.model)
+        text_data = not self.data.endswith(".bin")
+        if self.tokenizer in PLAIT_TOKENIZERS and pretrained and text_data:
+            raise TrainConfigError(f"--tokenizer {self.tokenizer} makes new token ids, which the embeddings of "
+                                   f"--model {self.model} do not stand for; leave --tokenizer out to use the "
+                                   "model's own, or name its tokenizer file")
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if not pretrained:
+            return "bpe"
+        if has_tokenizer(self.model):
+            return self.model
+        if text_data:
+            raise TrainConfigError(f"--model {self.model} has no tokenizer.json to encode --data {self.data} with: "
+                                   "pass --tokenizer PATH, or a .bin tokenized with the model's tokenizer")
+        return "bpe"  # a .bin without a tokenizer: nothing is encoded
 
     def validate(self) -> None:
         positive = ("vocab_size", "nproc", "pp", "tp", "steps", "global_batch", "seq_len", "eval_batches")
@@ -107,8 +133,10 @@ class TrainConfig:
                                        f"{self.pipeline_split!r}") from None
         if self.dtype not in DTYPES:
             raise TrainConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.tokenizer not in ("bpe", "byte"):
-            raise TrainConfigError(f"--tokenizer must be 'bpe' or 'byte', got {self.tokenizer!r}")
+        if self.tokenizer is not None and self.tokenizer not in PLAIT_TOKENIZERS \
+                and not Path(self.tokenizer).expanduser().exists():
+            raise TrainConfigError(f"--tokenizer {self.tokenizer}: no such file or directory (expected 'bpe', "
+                                   "'byte', a tokenizer.json or a directory holding one)")
         if self.lr <= 0:
             raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0 or self.checkpoint_every < 0:

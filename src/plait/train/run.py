@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from plait.checkpoint.store import TOKENIZER_DIR
 from plait.data import load_token_data
 from plait.mesh import ParallelContext, init_distributed
 from plait.runtime import configure_threads, tune_cpu_allocator
@@ -19,7 +21,7 @@ from plait.train.trainer import Trainer
 def load_data_once(cfg: TrainConfig, ctx: ParallelContext, model_vocab: int | None = None):
     """Rank 0 builds the tokenizer and token caches; the other ranks then read them."""
     def load(show_progress: bool):
-        return load_token_data(cfg.data, cfg.tokenizer, cfg.vocab_size, bin_vocab_size=model_vocab,
+        return load_token_data(cfg.data, cfg.tokenizer_spec(), cfg.vocab_size, bin_vocab_size=model_vocab,
                                show_progress=show_progress)
     if ctx.world_size == 1:
         return load(cfg.progress)
@@ -69,6 +71,30 @@ def write_memory_report(memory: MemoryWatch, ctx: ParallelContext, out_dir: Path
           f"training (all ranks: {total:.2f} GB); see {out_dir}/memory.json", flush=True)
 
 
+def print_sample(trainer: Trainer, prompt: str, out_dir: Path, new_tokens: int = 48) -> None:
+    """The trained model's greedy continuation of ``prompt`` (one process: the whole model is here)."""
+    from plait.generate import GenerateError, Sampling, generate_ids
+    from plait.runtime import gemm_context
+
+    ctx, tokenizer = trainer.ctx, trainer.tokenizer
+    if not ctx.is_logging_rank:
+        return
+    if ctx.world_size > 1 or tokenizer is None:
+        why = "the model is spread over ranks" if ctx.world_size > 1 else "the run has no tokenizer"
+        print(f"plait: no sample ({why}); try plait generate --model {out_dir} --prompt ...", flush=True)
+        return
+    trainer.strategy.materialize()
+    try:
+        with gemm_context(ctx.device, trainer.compute_dtype), torch.autocast(ctx.device.type, enabled=False):
+            new = generate_ids(trainer.model, tokenizer.encode(prompt), Sampling(new_tokens, temperature=0),
+                               tokenizer.eos_id)
+    except GenerateError as error:
+        print(f"plait: no sample ({error})", flush=True)
+        return
+    print(f"plait: the model's greedy continuation of {prompt!r} ({len(new)} tokens):\n"
+          f"{prompt}{tokenizer.decode(new)}", flush=True)
+
+
 def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[dict[str, Any]]:
     configure_threads(cfg.threads)
     tune_cpu_allocator(keep_freed=cfg.zero < 3)  # ZeRO-3: resident memory follows live memory
@@ -93,6 +119,8 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
                     "parameters": trainer.model_config.num_parameters(),
                     "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val))}
         (out_dir / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        if data.tokenizer is not None:  # what the run's token ids mean, in Hugging Face's format
+            data.tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
         logger = MetricsLogger(out_dir, cfg.steps, progress=cfg.progress, tensorboard=cfg.tensorboard,
                                start_step=start)
         if latest is not None:
@@ -121,6 +149,8 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
         write_timeline(trainer, ctx, out_dir)
     if logger is not None and not history:
         print(f"plait: {out_dir} is already at step {start} of {cfg.steps}; nothing to do", flush=True)
+    if cfg.sample is not None and history:
+        print_sample(trainer, cfg.sample, out_dir)
     if logger is not None and history:
         final = history[-1]
         summary = f"plait: done, step {cfg.steps} ({len(history)} run now), final loss {final['loss']:.4f}"

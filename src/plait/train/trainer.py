@@ -105,6 +105,7 @@ class Trainer:
                  model_config: LlamaConfig | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx
+        self.tokenizer = data.tokenizer  # saved with every checkpoint (None: a .bin without one)
         self.model_config = model_config or model_config_for(cfg, data.vocab_size)
         dims = ctx.dims
         check_run(cfg, dims, self.model_config)

@@ -1,0 +1,77 @@
+"""Loss and perplexity of a model on a corpus, under any layout.
+
+    plait eval --model runs/x --data mytext/ [--seq-len 256 --batch-size 8 --max-batches 16]
+    plait eval --model hf-llama/ --data corpus.bin --nproc 4 --tp 2 --pp 2
+
+The corpus is encoded with the model's tokenizer (as ``plait train`` encodes it) into one stream;
+windows of ``seq_len + 1`` tokens start every ``seq_len`` tokens (``validation_batches``: each
+token is predicted once), grouped into batches of ``batch_size`` and shared out over the data-
+parallel ranks. The result is the mean over every predicted token of the cross-entropy,
+
+    loss = sum_t -log softmax(z_t)[y_t] / T,       perplexity = exp(loss),
+
+computed by ``Trainer.evaluate`` (the same code as the validation loss of training, so every
+layout plait trains, tp / pp / ZeRO included, evaluates too and gives the same number).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from plait.data import TokenData, load_token_data
+from plait.generate import GenerateError, locate_model
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    perplexity: float
+    tokens: int
+    windows: int
+
+
+def evaluate_corpus(model_path: str, data_spec: str, ctx, seq_len: int, batch_size: int, max_batches: int,
+                    tokenizer: str | None = None, dtype: str = "float32", zero: int = 0) -> EvalResult:
+    """Mean token loss of the model at ``model_path`` on ``data_spec`` (collective over ``ctx``)."""
+    from plait.checkpoint import load_checkpoint
+    from plait.train import TrainConfig, Trainer
+
+    files = locate_model(model_path)
+    if tokenizer is None and files.tokenizer is not None:
+        tokenizer = str(files.tokenizer)
+    if tokenizer is None and not data_spec.endswith(".bin"):
+        raise GenerateError(f"{files.weights} has no tokenizer to encode --data {data_spec} with: pass "
+                            "--tokenizer PATH or a .bin")
+    if seq_len > files.config.max_position_embeddings:
+        raise GenerateError(f"--seq-len {seq_len} is longer than the model's context "
+                            f"({files.config.max_position_embeddings})")
+    dims = ctx.dims
+    data = load_token_data(data_spec, tokenizer or "bpe", bin_vocab_size=files.config.vocab_size,
+                           show_progress=ctx.is_logging_rank) if ctx.rank == 0 else None
+    if ctx.world_size > 1:  # rank 0 fills the token cache, the others read it
+        import torch.distributed as dist
+        dist.barrier()
+        if data is None:
+            data = load_token_data(data_spec, tokenizer or "bpe", bin_vocab_size=files.config.vocab_size)
+    stream = np.concatenate([data.train, data.val])  # the whole corpus is evaluated
+    whole = TokenData(train=stream, val=stream, vocab_size=data.vocab_size, eos_id=data.eos_id,
+                      tokenizer=data.tokenizer)
+    model = str(files.weights) if files.kind == "hf" else "tiny"  # a checkpoint: its config, given below
+    # one training step's worth of batches must be valid for the layout (a pipeline needs pp micro-batches)
+    cfg = TrainConfig(model=model, data=data_spec, tokenizer=tokenizer, steps=1, seq_len=seq_len,
+                      micro_batch=batch_size, global_batch=batch_size * dims.dp * dims.pp, eval_every=1,
+                      eval_batches=max_batches, dp=dims.dp, tp=dims.tp, pp=dims.pp, zero=zero, dtype=dtype,
+                      progress=False, tensorboard=False, plot=False, peak_tflops=1.0, out="unused")
+    trainer = Trainer(cfg, ctx, whole, files.config)
+    if files.kind == "checkpoint":
+        load_checkpoint(trainer, files.weights)
+    if not trainer.val_batches:
+        raise GenerateError(f"--data {data_spec} has {len(stream)} tokens, fewer than --seq-len + 1 = {seq_len + 1}")
+    loss = trainer.evaluate()
+    batches = trainer.val_batches
+    if trainer.pipeline is not None:  # as evaluate: full micro-batches only
+        batches = [(x, y) for x, y in batches if x.shape[0] == trainer.micro_batch]
+    windows = sum(int(x.shape[0]) for x, _ in batches)
+    return EvalResult(loss, math.exp(min(loss, 700.0)), windows * seq_len, windows)

@@ -1,0 +1,133 @@
+"""``plait generate`` and ``plait eval``: use a trained model (a run, a checkpoint or a Hugging
+Face directory). Like ``plait train``, the parent checks what it can and launches ``--nproc``
+local workers (or runs under ``torchrun``); each worker joins the job and does its part."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+from plait.mesh import ParallelDims
+from plait.train.config import DTYPES
+
+MODEL_HELP = "a run directory (its newest checkpoint), a checkpoint, or a Hugging Face Llama directory"
+
+
+def add_commands(commands) -> None:
+    generate = commands.add_parser(
+        "generate", help="continue a prompt with a trained model (KV-cached sampling)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Encode --prompt with the model's tokenizer, sample up to --max-new-tokens tokens with a KV "
+                    "cache and print the continuation. --temperature 0 is greedy (the tokens of transformers' "
+                    "greedy generate on the same weights). --nproc N --tp N splits the model over N processes.")
+    generate.add_argument("--model", required=True, help=MODEL_HELP)
+    generate.add_argument("--prompt", required=True, help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add at most (EOS stops earlier)")
+    generate.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0: greedy")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set of probability >= p")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    generate.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the weights and compute")
+    generate.add_argument("--nproc", type=int, default=1, help="local processes (each holds 1/tp of the model)")
+    generate.add_argument("--tp", type=int, default=1, help="tensor-parallel size (= --nproc)")
+    _add_timeout(generate)
+
+    evaluate = commands.add_parser(
+        "eval", help="mean token loss and perplexity of a model on a corpus",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Encode --data with the model's tokenizer, cut it into windows of --seq-len + 1 tokens (each "
+                    "token predicted once) and print the mean token loss and the perplexity. Any layout: --nproc N "
+                    "with --dp / --tp / --pp / --zero as plait train.")
+    evaluate.add_argument("--model", required=True, help=MODEL_HELP)
+    evaluate.add_argument("--data", required=True, help="as plait train --data: text, a directory, stdlib or a .bin")
+    evaluate.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the model's)")
+    evaluate.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    evaluate.add_argument("--max-batches", type=int, default=1_000_000, help="evaluate at most this many batches")
+    evaluate.add_argument("--dtype", choices=DTYPES, default="float32")
+    for flag, default, text in (("--nproc", 1, "local processes"), ("--dp", None, "data-parallel size"),
+                                ("--tp", 1, "tensor-parallel size"), ("--pp", 1, "pipeline-parallel size"),
+                                ("--zero", 0, "ZeRO level (3: parameters gathered per block)")):
+        evaluate.add_argument(flag, type=int, default=default, help=text)
+    _add_timeout(evaluate)
+
+
+def _add_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", dest="timeout_s", type=float, default=300.0, help="seconds a collective may wait")
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from plait.cli import USER_ERRORS, launch_local_workers, under_launcher
+    from plait.generate import GenerateError, Sampling, locate_model
+
+    worker: Callable
+    try:
+        if args.command == "generate":
+            sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+            if not under_launcher() and args.tp != args.nproc:
+                raise GenerateError(f"--tp {args.tp} must equal --nproc {args.nproc} (generation has no data or "
+                                    "pipeline parallelism)")
+            dims = dict(dp=1, pp=1, tp=args.tp)
+            worker = lambda ctx: _generate(args, sampling, ctx)  # noqa: E731
+        else:
+            for name in ("seq_len", "batch_size", "max_batches"):
+                if getattr(args, name) < 1:
+                    raise GenerateError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            dims = dict(dp=args.dp, pp=args.pp, tp=args.tp)
+            worker = lambda ctx: _evaluate(args, ctx)  # noqa: E731
+        if args.nproc < 1:
+            raise GenerateError(f"--nproc must be >= 1, got {args.nproc}")
+        if not under_launcher():
+            ParallelDims.from_world_size(args.nproc, **dims)
+            locate_model(args.model)
+    except (*USER_ERRORS, GenerateError) as error:
+        print(f"plait: error: {error}", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and not under_launcher():
+        return launch_local_workers(args.nproc, 0, argv)
+    return _worker(dims, args.timeout_s, worker)
+
+
+def _worker(dims: dict, timeout_s: float, body: Callable) -> int:
+    """Join the job, run ``body(ctx)``, exit as ``plait train``'s workers do; user errors in one line."""
+    from plait.cli import USER_ERRORS
+    from plait.generate import GenerateError
+    from plait.mesh import init_distributed, shutdown
+
+    ctx, code = None, 0
+    try:
+        ctx = init_distributed(dims["dp"], dims["pp"], dims["tp"], timeout_s)
+        body(ctx)
+    except (*USER_ERRORS, GenerateError) as error:
+        print(f"plait: error: {error}", file=sys.stderr)
+        code = 2
+    if ctx is not None and ctx.world_size > 1:
+        sys.stdout.flush()
+        if code:
+            os._exit(code)
+        shutdown(ctx, code)
+    return code
+
+
+def _generate(args: argparse.Namespace, sampling, ctx) -> None:
+    import torch
+
+    from plait.generate import generate_ids, load_model, load_tokenizer, locate_model
+
+    files = locate_model(args.model)
+    tokenizer = load_tokenizer(files)
+    model = load_model(files, ctx, torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    new = generate_ids(model, tokenizer.encode(args.prompt), sampling, tokenizer.eos_id, ctx)
+    if ctx.rank == 0:
+        print(tokenizer.decode(new), flush=True)
+
+
+def _evaluate(args: argparse.Namespace, ctx) -> None:
+    from plait.evaluate import evaluate_corpus
+
+    result = evaluate_corpus(args.model, args.data, ctx, args.seq_len, args.batch_size, args.max_batches,
+                             args.tokenizer, args.dtype, args.zero)
+    if ctx.rank == 0:
+        print(f"plait: eval loss {result.loss:.6f}, perplexity {result.perplexity:.4f} over {result.tokens:,} "
+              f"tokens ({result.windows} windows of {args.seq_len})", flush=True)

@@ -1,0 +1,87 @@
+"""plait eval: the mean token loss of a model on a corpus equals transformers' loss on the same
+tokens (fp32, 1e-4), on one process and under tensor, data and pipeline parallel layouts."""
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_tokenizers import llama_like_tokenizer, text_corpus  # noqa: E402
+
+from plait.data.hf_tokenizer import PretrainedTokenizer  # noqa: E402
+
+SEQ, BATCH = 32, 4
+
+
+@pytest.fixture(scope="module")
+def model_and_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(21)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1))
+    model.save_pretrained(root / "model")
+    llama_like_tokenizer(root / "model")
+    return root / "model", text_corpus(root / "corpus")
+
+
+def transformers_loss(model_dir, corpus) -> float:
+    """Cross-entropy of every predicted token of the corpus's windows, by transformers."""
+    tokenizer = PretrainedTokenizer(model_dir)
+    texts = [path.read_text() for path in sorted(corpus.iterdir())]
+    stream = np.array([t for ids in tokenizer.encode_documents(texts) for t in ids])
+    windows = (len(stream) - 1) // SEQ // BATCH * BATCH
+    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(windows):
+            window = torch.from_numpy(stream[i * SEQ:(i + 1) * SEQ + 1]).long()[None]
+            logits = model(window[:, :-1]).logits
+            total += float(torch.nn.functional.cross_entropy(logits[0].double(), window[0, 1:], reduction="sum"))
+            count += SEQ
+    return total / count
+
+
+def plait_eval(model_dir, corpus, tmp_path, *layout):
+    env = {**os.environ, "PLAIT_CACHE": str(tmp_path / "cache")}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(name, None)
+    run = subprocess.run([sys.executable, "-m", "plait", "eval", "--model", str(model_dir), "--data", str(corpus),
+                          "--seq-len", str(SEQ), "--batch-size", str(BATCH), *layout],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    found = re.search(r"eval loss ([0-9.]+), perplexity ([0-9.]+)", run.stdout)
+    assert found, run.stdout
+    return float(found.group(1)), float(found.group(2))
+
+
+@pytest.mark.parametrize("layout", [[], ["--nproc", "2", "--tp", "2"], ["--nproc", "4", "--dp", "2", "--pp", "2", "--zero", "3"]],
+                         ids=["1 process", "tp2", "dp2 x pp2 zero3"])
+def test_plait_eval_equals_transformers_loss(model_and_corpus, tmp_path, layout):
+    model_dir, corpus = model_and_corpus
+    expected = transformers_loss(model_dir, corpus)
+    loss, perplexity = plait_eval(model_dir, corpus, tmp_path, *layout)
+    assert loss == pytest.approx(expected, rel=1e-4)
+    assert perplexity == pytest.approx(math.exp(expected), rel=1e-3)
+
+
+def test_plait_eval_refuses_bad_requests_in_one_line(model_and_corpus, tmp_path):
+    model_dir, corpus = model_and_corpus
+    for args, message in ((["--model", str(tmp_path / "none"), "--data", str(corpus)], "does not exist"),
+                          (["--model", str(model_dir), "--data", str(corpus), "--seq-len", "4096"], "context"),
+                          (["--model", str(model_dir), "--data", str(tmp_path / "nodata"), "--seq-len", "32"],
+                           "does not exist")):
+        run = subprocess.run([sys.executable, "-m", "plait", "eval", *args], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 2, (args, run.stderr)
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, run.stderr)
+
