@@ -73,15 +73,36 @@ def test_plait_eval_equals_transformers_loss(model_and_corpus, tmp_path, layout)
     assert perplexity == pytest.approx(math.exp(expected), rel=1e-3)
 
 
-def test_plait_eval_refuses_bad_requests_in_one_line(model_and_corpus, tmp_path):
+def test_plait_eval_refuses_bad_requests_in_one_line(model_and_corpus, tmp_path, capsys):
+    from plait.cli import main
+
     model_dir, corpus = model_and_corpus
     for args, message in ((["--model", str(tmp_path / "none"), "--data", str(corpus)], "does not exist"),
                           (["--model", str(model_dir), "--data", str(corpus), "--seq-len", "4096"], "context"),
                           (["--model", str(model_dir), "--data", str(tmp_path / "nodata"), "--seq-len", "32"],
                            "does not exist")):
-        run = subprocess.run([sys.executable, "-m", "plait", "eval", *args], capture_output=True, text=True,
-                             timeout=120)
-        assert run.returncode == 2, (args, run.stderr)
-        lines = run.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], (args, run.stderr)
+        code = main(["eval", *args])
+        stderr = capsys.readouterr().err
+        assert code == 2, (args, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, stderr)
 
+
+
+def test_plait_eval_of_a_run_equals_transformers_on_its_export(model_and_corpus, tmp_path):
+    """A run directory (its newest checkpoint, plait's own BPE) evaluates as its export does in transformers."""
+    from plait.cli import main
+
+    _, corpus = model_and_corpus
+    env = {**os.environ, "PLAIT_CACHE": str(tmp_path / "cache")}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(name, None)
+    train = subprocess.run([sys.executable, "-m", "plait", "train", "--model", "tiny", "--data", str(corpus),
+                            "--vocab-size", "320", "--steps", "2", "--global-batch", "2", "--seq-len", "32",
+                            "--checkpoint-every", "2", "--out", str(tmp_path / "run"), "--eval-every", "0",
+                            "--no-progress", "--no-tensorboard", "--no-plot"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert train.returncode == 0, train.stderr
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--hf", str(tmp_path / "export")]) == 0
+    loss, _ = plait_eval(tmp_path / "run", corpus, tmp_path)
+    assert loss == pytest.approx(transformers_loss(tmp_path / "export", corpus), rel=1e-4)

@@ -108,14 +108,17 @@ def test_plait_generate_prints_transformers_greedy_continuation(hf_model, layout
     assert text in run.stdout
 
 
-def test_plait_generate_refuses_bad_requests_in_one_line(hf_model, tmp_path):
+def test_plait_generate_refuses_bad_requests_in_one_line(hf_model, tmp_path, capsys):
+    from plait.cli import main
+
     for args, message in ((["--model", str(tmp_path / "nothing")], "does not exist"),
                           (["--model", str(hf_model), "--prompt", "x " * 200], "context"),
                           (["--model", str(hf_model), "--top-p", "0"], "--top-p"),
                           (["--model", str(hf_model), "--nproc", "2"], "must equal --nproc")):
         if "--prompt" not in args:
             args = [*args, "--prompt", "hi"]
-        run = run_plait(["generate", *args])
-        assert run.returncode == 2, (args, run.stderr)
-        lines = run.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], (args, run.stderr)
+        code = main(["generate", *args])  # in this process: every check runs before any launch
+        stderr = capsys.readouterr().err
+        assert code == 2, (args, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, stderr)

@@ -11,28 +11,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 import traceback
-import uuid
 from typing import Any, Sequence
 
-from plait.checkpoint import CheckpointError
-from plait.data import DataError
+from plait.launch import USER_ERRORS, launch_local_workers, under_launcher
 from plait.layout import Recompute
-from plait.mesh import LayoutError, ParallelDims
-from plait.models import PRESETS, ConfigError, get_preset
+from plait.mesh import ParallelDims
+from plait.models import PRESETS, get_preset
 from plait.train.config import DTYPES, TrainConfig, TrainConfigError, load_toml
 
-USER_ERRORS = (ConfigError, LayoutError, TrainConfigError, DataError, CheckpointError)
 
 # (flag, TrainConfig field, type, help). Defaults come from TrainConfig and are shown in --help.
 TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, f"model preset ({', '.join(PRESETS)}) or a Hugging Face Llama directory "
                               "(config.json + safetensors) to start from"),
-    ("--data", "data", str, "'stdlib' (this Python's standard library sources), a text file, a directory "
-                            "of text files, or a .bin of uint16 token ids (.u32.bin: uint32)"),
+    ("--data", "data", str, "'stdlib' (this Python's standard library sources), a text, .jsonl ('text' field) "
+                            "or .parquet ('text' column) file, a directory of them, or a .bin of uint16 token ids "
+                            "(.u32.bin: uint32; see plait tokenize)"),
     ("--tokenizer", "tokenizer", str, "how text data becomes token ids: 'bpe' (a byte-level BPE trained on the "
                                       "corpus and cached), 'byte', or a Hugging Face tokenizer (a tokenizer.json "
                                       "or a directory holding one; default: --model DIR's own, else bpe)"),
@@ -220,41 +217,6 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     cfg.tokenizer_spec()
 
 
-def under_launcher() -> bool:
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
-def launch_local_workers(nproc: int, max_restarts: int, argv: Sequence[str]) -> int:
-    """Start ``nproc`` workers running ``plait ARGV``, like ``torchrun --standalone --nproc-per-node N``."""
-    import logging
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    # Restarted workers must not read the previous attempt's gloo addresses from a store shared
-    # with the agent (seen here: "Connection refused" to a dead rank's port); own store per attempt.
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
-                          monitor_interval=0.2)
-    try:
-        elastic_launch(config, sys.executable)("-m", "plait", *argv)
-    except ChildFailedError as error:
-        # The cause: a worker killed by a signal if any (its peers then fail on the lost connection,
-        # sometimes before the agent records the kill), else the earliest failure. The agent stops
-        # the survivors with SIGTERM, so another signal names the cause first.
-        killed = sorted((f.exitcode == -signal.SIGTERM, rank, f) for rank, f in error.failures.items()
-                        if f.exitcode < 0)
-        _, rank, failure = killed[0] if killed else (None, *error.get_first_failure())
-        code = failure.exitcode
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        print(f"plait: error: worker rank {rank} {how} (exit code {code}; its message, if any, is above)",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
 def torch_distributed_error() -> tuple[type, ...]:
     import torch.distributed as dist
     return tuple(t for t in (getattr(dist, "DistBackendError", None), getattr(dist, "DistError", None)) if t)
@@ -305,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return schedule_command(args)
     if args.command == "export":
         return export_command(args)
+    if args.command == "tokenize":
+        from plait.model_cli import tokenize_command
+        return tokenize_command(args)
     if args.command in ("generate", "eval"):
         from plait.model_cli import run as run_model_command
         return run_model_command(args, argv)

@@ -58,9 +58,8 @@ def evaluate_corpus(model_path: str, data_spec: str, ctx, seq_len: int, batch_si
     stream = np.concatenate([data.train, data.val])  # the whole corpus is evaluated
     whole = TokenData(train=stream, val=stream, vocab_size=data.vocab_size, eos_id=data.eos_id,
                       tokenizer=data.tokenizer)
-    model = str(files.weights) if files.kind == "hf" else "tiny"  # a checkpoint: its config, given below
     # one training step's worth of batches must be valid for the layout (a pipeline needs pp micro-batches)
-    cfg = TrainConfig(model=model, data=data_spec, tokenizer=tokenizer, steps=1, seq_len=seq_len,
+    cfg = TrainConfig(model=str(files.weights), data=data_spec, tokenizer=tokenizer, steps=1, seq_len=seq_len,
                       micro_batch=batch_size, global_batch=batch_size * dims.dp * dims.pp, eval_every=1,
                       eval_batches=max_batches, dp=dims.dp, tp=dims.tp, pp=dims.pp, zero=zero, dtype=dtype,
                       progress=False, tensorboard=False, plot=False, peak_tflops=1.0, out="unused")

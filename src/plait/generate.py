@@ -71,9 +71,9 @@ def locate_model(path: str | Path) -> ModelFiles:
     path = Path(path).expanduser()
     if not path.exists():
         raise GenerateError(f"--model {path} does not exist")
-    if is_hf_directory(path):
-        return ModelFiles("hf", path, load_hf_config(path), path if has_tokenizer(path) else None)
     checkpoint = path if (path / "COMPLETE").exists() else latest_checkpoint(path)
+    if checkpoint is None and is_hf_directory(path):  # a run directory has a config.json too: checked first
+        return ModelFiles("hf", path, load_hf_config(path), path if has_tokenizer(path) else None)
     if checkpoint is None:
         raise GenerateError(f"--model {path} is neither a Hugging Face directory, a complete checkpoint nor a "
                             "run directory with one")
@@ -135,7 +135,7 @@ def generate_ids(model: torch.nn.Module, prompt: list[int], sampling: Sampling, 
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(sampling.seed)
     tp = ctx.comm("tp") if ctx is not None and ctx.dims.tp > 1 else None
-    cache = KVCache(config.num_hidden_layers)
+    cache = KVCache(config.num_hidden_layers, len(prompt) + min(sampling.max_new_tokens, room))
     logits = model(torch.tensor([prompt], device=device), cache)[0, -1]
     new: list[int] = []
     for _ in range(min(sampling.max_new_tokens, room)):

@@ -1,5 +1,5 @@
 """``plait generate`` and ``plait eval``: use a trained model (a run, a checkpoint or a Hugging
-Face directory). Like ``plait train``, the parent checks what it can and launches ``--nproc``
+Face directory); ``plait tokenize``: pre-tokenise a corpus with a model's tokenizer. Like ``plait train``, the parent checks what it can and launches ``--nproc``
 local workers (or runs under ``torchrun``); each worker joins the job and does its part."""
 from __future__ import annotations
 
@@ -51,6 +51,44 @@ def add_commands(commands) -> None:
                                 ("--zero", 0, "ZeRO level (3: parameters gathered per block)")):
         evaluate.add_argument(flag, type=int, default=default, help=text)
     _add_timeout(evaluate)
+    add_tokenize_command(commands)
+
+
+def add_tokenize_command(commands) -> None:
+    tokenize = commands.add_parser(
+        "tokenize", help="pre-tokenize a corpus into a .bin of token ids (all cores)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Encode --data (text files, directories, .jsonl, .parquet) with --tokenizer into -o OUT.bin "
+                    "(uint16 ids; OUT.u32.bin for vocabularies over 65536): each document's ids, then EOS, in "
+                    "file order, as plait train encodes text. Streams with bounded memory; written atomically.")
+    tokenize.add_argument("--data", required=True, help="'stdlib', a text / .jsonl / .parquet file, or a directory")
+    tokenize.add_argument("--tokenizer", required=True,
+                          help="a Hugging Face tokenizer (tokenizer.json or its directory), or 'bpe' / 'byte'")
+    tokenize.add_argument("-o", "--output", required=True, help="the .bin (or .u32.bin) to write")
+    tokenize.add_argument("--field", default="text", help="the text field of .jsonl records / .parquet rows")
+    tokenize.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes encoding in parallel")
+    tokenize.add_argument("--vocab-size", type=int, default=8192, help="with --tokenizer bpe: its vocabulary")
+    tokenize.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+
+
+def tokenize_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from plait.data.corpus import open_text_corpus
+    from plait.data.pretokenize import tokenize_corpus
+    from plait.launch import USER_ERRORS
+
+    try:
+        corpus = open_text_corpus(args.data, field=args.field)
+        result = tokenize_corpus(corpus, args.tokenizer, Path(args.output), args.workers, args.vocab_size,
+                                 show_progress=args.progress)
+    except USER_ERRORS as error:
+        print(f"plait: error: {error}", file=sys.stderr)
+        return 2
+    print(f"plait: wrote {args.output}: {result.tokens:,} {result.dtype} token ids from {result.text_bytes / 1e6:.1f} MB "
+          f"in {result.seconds:.1f} s ({result.text_bytes / 1e6 / result.seconds:.2f} MB/s, "
+          f"{result.tokens / result.seconds:,.0f} tokens/s, {args.workers} workers)")
+    return 0
 
 
 def _add_timeout(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +96,7 @@ def _add_timeout(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from plait.cli import USER_ERRORS, launch_local_workers, under_launcher
+    from plait.launch import USER_ERRORS, launch_local_workers, under_launcher
     from plait.generate import GenerateError, Sampling, locate_model
 
     worker: Callable
@@ -81,7 +119,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if not under_launcher():
             ParallelDims.from_world_size(args.nproc, **dims)
             locate_model(args.model)
-    except (*USER_ERRORS, GenerateError) as error:
+    except USER_ERRORS as error:
         print(f"plait: error: {error}", file=sys.stderr)
         return 2
     if args.nproc > 1 and not under_launcher():
@@ -91,15 +129,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _worker(dims: dict, timeout_s: float, body: Callable) -> int:
     """Join the job, run ``body(ctx)``, exit as ``plait train``'s workers do; user errors in one line."""
-    from plait.cli import USER_ERRORS
-    from plait.generate import GenerateError
+    from plait.launch import USER_ERRORS
     from plait.mesh import init_distributed, shutdown
 
     ctx, code = None, 0
     try:
         ctx = init_distributed(dims["dp"], dims["pp"], dims["tp"], timeout_s)
         body(ctx)
-    except (*USER_ERRORS, GenerateError) as error:
+    except USER_ERRORS as error:
         print(f"plait: error: {error}", file=sys.stderr)
         code = 2
     if ctx is not None and ctx.world_size > 1:

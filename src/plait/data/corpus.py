@@ -56,11 +56,13 @@ class TextCorpus:
         root: pathlib.Path,
         files: list[pathlib.Path],
         skip_undecodable: bool = False,
+        field: str = "text",
     ) -> None:
         self.name = name
         self.root = root
         self.files = files
         self.skip_undecodable = skip_undecodable
+        self.field = field  # the text of a .jsonl record / .parquet row (plait.data.formats)
         self.skipped = 0
 
     def __repr__(self) -> str:
@@ -78,6 +80,8 @@ class TextCorpus:
         """
         digest = hashlib.sha256()
         digest.update(self.name.encode("utf-8"))
+        if self.field != "text":
+            digest.update(f"\0field={self.field}".encode("utf-8"))
         for path in self.files:
             stat = path.stat()
             relative = path.relative_to(self.root).as_posix()
@@ -85,14 +89,25 @@ class TextCorpus:
         return digest.hexdigest()[:16]
 
     def documents(self) -> Iterator[str]:
-        """Yield the text of each file, in ``files`` order."""
+        """Yield every document, in ``files`` order (a text file is one; see ``plait.data.formats``)."""
+        for text, _ in self.documents_with_sizes():
+            yield text
+
+    def documents_with_sizes(self) -> Iterator[tuple[str, int]]:
+        """(document, bytes of its file it took): what a progress bar over ``total_bytes`` counts."""
+        from plait.data.formats import read_documents
+
         self.skipped = 0
         for path in self.files:
-            text = read_text_file(path, skip_undecodable=self.skip_undecodable)
-            if text is None:
+            found = False
+            for text, size in read_documents(path, self.field, skip_undecodable=self.skip_undecodable):
+                found = True
+                yield text, size
+            if not found:
                 self.skipped += 1
-                continue
-            yield text
+
+    def total_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.files)
 
 
 def read_text_file(path: pathlib.Path, skip_undecodable: bool = False) -> str | None:
@@ -114,7 +129,7 @@ def read_text_file(path: pathlib.Path, skip_undecodable: bool = False) -> str | 
         ) from None
 
 
-def open_text_corpus(spec: str) -> TextCorpus:
+def open_text_corpus(spec: str, field: str = "text") -> TextCorpus:
     """Open a corpus from a spec string.
 
     - ``"stdlib"``: every ``*.py`` file of the running Python's standard
@@ -145,7 +160,7 @@ def open_text_corpus(spec: str) -> TextCorpus:
 
     if not files:
         raise DataError(f"data path {path} is empty (no non-empty text files)")
-    return TextCorpus(name=str(path.resolve()), root=root, files=files)
+    return TextCorpus(name=str(path.resolve()), root=root, files=files, field=field)
 
 
 def _open_stdlib() -> TextCorpus:

@@ -125,13 +125,14 @@ def write_token_stream(
     separator), and write the ids to ``path`` atomically.  Returns the number
     of tokens written."""
     total_tokens = 0
-    progress = tqdm(total=len(corpus.files), unit="doc", desc="tokenizing", disable=not show_progress)
+    progress = tqdm(total=corpus.total_bytes(), unit="B", unit_scale=True, desc="tokenizing",
+                    disable=not show_progress)
     with progress, atomic_output(path) as handle:
-        for chunk in _document_chunks(corpus.documents(), TOKENIZE_CHUNK_CHARS):
+        for chunk, size in document_chunks(corpus.documents_with_sizes(), TOKENIZE_CHUNK_CHARS):
             for ids in tokenizer.encode_documents(chunk):
                 handle.write(np.asarray(ids, dtype=dtype).tobytes())
                 total_tokens += len(ids)
-            progress.update(len(chunk))
+            progress.update(size)
         # Skipped (undecodable) files were never yielded; finish the bar.
         progress.update(progress.total - progress.n)
         if total_tokens == 0:
@@ -139,17 +140,19 @@ def write_token_stream(
     return total_tokens
 
 
-def _document_chunks(documents: Iterator[str], max_chars: int) -> Iterator[list[str]]:
+def document_chunks(documents: Iterator[tuple[str, int]], max_chars: int) -> Iterator[tuple[list[str], int]]:
+    """Documents grouped into chunks of about ``max_chars`` characters, with their bytes."""
     chunk: list[str] = []
-    chunk_chars = 0
-    for document in documents:
+    chunk_chars = chunk_bytes = 0
+    for document, size in documents:
         chunk.append(document)
         chunk_chars += len(document)
+        chunk_bytes += size
         if chunk_chars >= max_chars:
-            yield chunk
-            chunk, chunk_chars = [], 0
+            yield chunk, chunk_bytes
+            chunk, chunk_chars, chunk_bytes = [], 0, 0
     if chunk:
-        yield chunk
+        yield chunk, chunk_bytes
 
 
 def load_token_file(path: pathlib.Path, vocab_size: int | None) -> tuple[np.ndarray, int]:

@@ -86,11 +86,13 @@ class LayerCache:
 
 class KVCache:
     """What decoding keeps between steps: every layer's keys and values, and how many positions
-    they cover (where the next tokens' positions start)."""
+    they cover (where the next tokens' positions start). ``max_length``, when known, sizes the
+    RoPE tables once for the whole decoding instead of once per step."""
 
-    def __init__(self, layers: int) -> None:
+    def __init__(self, layers: int, max_length: int | None = None) -> None:
         self.layers = [LayerCache() for _ in range(layers)]
         self.length = 0
+        self.max_length = max_length
 
 
 def _attention_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor | None:
@@ -124,13 +126,13 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(k, v)
         groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads
+        share = cache is not None and groups > 1  # decoding: SDPA shares kv heads, the cache is not copied
+        if groups > 1 and not share:  # grouped-query attention: each kv head serves `groups` query heads
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        if k.shape[2] == seq:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_attention_mask(seq, k.shape[2], x.device))
+        causal = k.shape[2] == seq  # nothing cached before these positions
+        mask = None if causal else _attention_mask(seq, k.shape[2], x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=share)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -188,8 +190,8 @@ class LlamaModel(nn.Module):
                 x = layer(x, cos, sin)
             return self.norm(x)
         start, seq = cache.length, input_ids.shape[1]
-        cos, sin = self.position_tables(start + seq, x)
-        cos, sin = cos[start:], sin[start:]
+        cos, sin = self.position_tables(max(start + seq, cache.max_length or 0), x)
+        cos, sin = cos[start:start + seq], sin[start:start + seq]
         for layer, slot in zip(self.layers, cache.layers):
             x = layer(x, cos, sin, slot)
         cache.length += seq

@@ -1,0 +1,56 @@
+"""Processes of a plait command: whether this one is a launched worker, how the parent starts
+local workers (as ``torchrun --standalone`` does), and which errors reach the user as one line."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import uuid
+from typing import Sequence
+
+from plait.checkpoint import CheckpointError
+from plait.data import DataError
+from plait.generate import GenerateError
+from plait.mesh import LayoutError
+from plait.models import ConfigError
+from plait.train.config import TrainConfigError
+
+# printed as "plait: error: <message>" and exit code 2, never as a traceback
+USER_ERRORS = (ConfigError, LayoutError, TrainConfigError, DataError, CheckpointError, GenerateError)
+
+
+def under_launcher() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def launch_local_workers(nproc: int, max_restarts: int, argv: Sequence[str]) -> int:
+    """Start ``nproc`` workers running ``plait ARGV``, like ``torchrun --standalone --nproc-per-node N``."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # Restarted workers must not read the previous attempt's gloo addresses from a store shared
+    # with the agent (seen here: "Connection refused" to a dead rank's port); own store per attempt.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
+                          monitor_interval=0.2)
+    try:
+        elastic_launch(config, sys.executable)("-m", "plait", *argv)
+    except ChildFailedError as error:
+        # The cause: a worker killed by a signal if any (its peers then fail on the lost connection,
+        # sometimes before the agent records the kill), else the earliest failure. The agent stops
+        # the survivors with SIGTERM, so another signal names the cause first.
+        killed = sorted((f.exitcode == -signal.SIGTERM, rank, f) for rank, f in error.failures.items()
+                        if f.exitcode < 0)
+        _, rank, failure = killed[0] if killed else (None, *error.get_first_failure())
+        code = failure.exitcode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        print(f"plait: error: worker rank {rank} {how} (exit code {code}; its message, if any, is above)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
