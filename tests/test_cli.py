@@ -33,13 +33,16 @@ def run_plait(args, tmp_path, timeout=240):
 def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     out = tmp_path / "run"
     steps = 12
-    result = run_plait(["train", "--model", "tiny", "--data", str(text_dir), "--tokenizer", "byte",
+    second = tmp_path / "records.jsonl"  # a second source, weighted 0.3, its text in field "body"
+    second.write_text("".join(json.dumps({"body": f"class C{n}:\n    pass\n" * 20}) + "\n" for n in range(50)))
+    result = run_plait(["train", "--model", "tiny", "--data", f"{text_dir}:0.7,{second}:0.3", "--field", "body",
+                        "--tokenizer", "byte",
                         "--nproc", "4", "--tp", "2", "--sequence-parallel", "--loss-parallel", "--zero", "1",
                         "--steps", str(steps), "--global-batch", "8", "--micro-batch", "2",
                         "--seq-len", "64", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "6",
                         "--out", str(out), "--no-progress"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "dp=2 pp=1 tp=2" in result.stdout and "final loss" in result.stdout
+    assert "dp=2 pp=1 tp=2" in result.stdout and "from 2 sources" in result.stdout and "final loss" in result.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(steps))
     for record in records:
@@ -53,6 +56,8 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     assert run_info["layout"] == {"dp": 2, "pp": 1, "tp": 2} and run_info["train"]["steps"] == steps
     assert run_info["train"]["sequence_parallel"] and run_info["train"]["loss_parallel"]
     assert run_info["train"]["zero"] == 1
+    assert [(s["spec"], s["weight"]) for s in run_info["data_sources"]] == [(str(text_dir), 0.7), (str(second), 0.3)]
+    assert all(s["train_tokens"] > 0 for s in run_info["data_sources"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -72,6 +77,8 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
      "--pipeline-split needs 2 positive block counts summing to 4"),
     (["--global-batch", "8", "--micro-batch", "3"], "is not divisible by --micro-batch 3"),
     (["--data", "/definitely/not/here", "--model", "tiny", "--steps", "1"], "does not exist"),
+    (["--data", "a.bin:0.7,b.jsonl"], "'b.jsonl' has no weight"),
+    (["--data", "a.bin:-1,b.bin:1"], "the weight of 'a.bin' must be a positive number"),
 ])
 def test_bad_input_is_one_line(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)

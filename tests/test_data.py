@@ -270,10 +270,10 @@ def test_bin_round_trip(tmp_path, name, dtype, top_id):
     path = tmp_path / name
     tokens.tofile(path)
     data = load_token_data(str(path), val_fraction=0.1)
-    assert data.train.dtype == dtype
+    assert data.train[0].dtype == dtype
     assert data.tokenizer is None and data.eos_id is None
     assert data.vocab_size == top_id + 1  # inferred: max id + 1
-    np.testing.assert_array_equal(np.concatenate([data.train, data.val]), tokens)
+    np.testing.assert_array_equal(np.concatenate([*data.train, data.val]), tokens)
     assert len(data.val) == 100
 
     explicit = load_token_data(str(path), bin_vocab_size=top_id + 5)
@@ -371,7 +371,7 @@ def test_shard_requires_divisible_batch():
 
 
 def test_too_short_corpus_for_sampler():
-    with pytest.raises(DataError, match="corpus has 8 tokens, fewer than seq_len\\+1 = 9"):
+    with pytest.raises(DataError, match="corpus has 8 training tokens, fewer than seq_len\\+1 = 9"):
         BatchSampler(counting_tokens(8), seq_len=8, global_batch=2, seed=0)
     BatchSampler(counting_tokens(9), seq_len=8, global_batch=2, seed=0)  # exactly one window is fine
 
@@ -415,21 +415,21 @@ def test_load_token_data_from_text_dir_with_byte_tokenizer(tmp_path):
     expected = []
     for document in documents:
         expected += tokenizer.encode(document) + [tokenizer.eos_id]
-    stream = np.concatenate([data.train, data.val])
+    stream = np.concatenate([*data.train, data.val])
     np.testing.assert_array_equal(stream, expected)
     assert data.eos_id == 256 and data.vocab_size == 257
     assert isinstance(data.tokenizer, ByteTokenizer)
     assert len(data.val) == int(len(expected) * 0.25)
     np.testing.assert_array_equal(data.val, expected[-len(data.val) :])
-    assert data.train.dtype == np.uint16
+    assert data.train[0].dtype == np.uint16
 
     cached = list((cache_dir / "tokens").iterdir())
     assert len(cached) == 1 and cached[0].suffix == ".bin"
     mtime = cached[0].stat().st_mtime_ns
     again = load_token_data(str(corpus_dir), "byte", cache_dir=cache_dir, val_fraction=0.25)
-    assert isinstance(again.train, np.memmap)
+    assert isinstance(again.train[0], np.memmap)
     assert cached[0].stat().st_mtime_ns == mtime  # not rewritten
-    np.testing.assert_array_equal(again.train, data.train)
+    np.testing.assert_array_equal(again.train[0], data.train[0])
     np.testing.assert_array_equal(again.val, data.val)
 
 
@@ -439,7 +439,7 @@ def test_load_token_data_with_bpe(tmp_path):
     data = load_token_data(
         str(corpus_dir), "bpe", vocab_size=320, cache_dir=tmp_path / "cache", val_fraction=0.05
     )
-    stream = np.concatenate([data.train, data.val]).astype(np.int64)
+    stream = np.concatenate([*data.train, data.val]).astype(np.int64)
     assert int(stream.max()) < data.vocab_size
     assert int((stream == data.eos_id).sum()) == len(documents)
     assert stream[-1] == data.eos_id

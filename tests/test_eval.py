@@ -1,5 +1,6 @@
 """plait eval: the mean token loss of a model on a corpus equals transformers' loss on the same
-tokens (fp32, 1e-4), on one process and under tensor, data and pipeline parallel layouts."""
+tokens (fp32, 1e-4): the command on one process, and evaluate_corpus under tensor, data and
+pipeline parallel layouts with ZeRO (the command's workers run the same function)."""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from test_tokenizers import llama_like_tokenizer, text_corpus  # noqa: E402
 
 from plait.data.hf_tokenizer import PretrainedTokenizer  # noqa: E402
+from plait.mesh import ParallelDims  # noqa: E402
 
 SEQ, BATCH = 32, 4
 
@@ -63,14 +65,29 @@ def plait_eval(model_dir, corpus, tmp_path, *layout):
     return float(found.group(1)), float(found.group(2))
 
 
-@pytest.mark.parametrize("layout", [[], ["--nproc", "2", "--tp", "2"], ["--nproc", "4", "--dp", "2", "--pp", "2", "--zero", "3"]],
-                         ids=["1 process", "tp2", "dp2 x pp2 zero3"])
-def test_plait_eval_equals_transformers_loss(model_and_corpus, tmp_path, layout):
-    model_dir, corpus = model_and_corpus
-    expected = transformers_loss(model_dir, corpus)
-    loss, perplexity = plait_eval(model_dir, corpus, tmp_path, *layout)
-    assert loss == pytest.approx(expected, rel=1e-4)
-    assert perplexity == pytest.approx(math.exp(expected), rel=1e-3)
+@pytest.fixture(scope="module")
+def expected_loss(model_and_corpus) -> float:
+    return transformers_loss(*model_and_corpus)
+
+
+def test_plait_eval_equals_transformers_loss(model_and_corpus, expected_loss, tmp_path):
+    loss, perplexity = plait_eval(*model_and_corpus, tmp_path)
+    assert loss == pytest.approx(expected_loss, rel=1e-4)
+    assert perplexity == pytest.approx(math.exp(expected_loss), rel=1e-3)
+
+
+def evaluate_on_rank(ctx, model_dir, corpus, cache_dir, zero):
+    from plait.evaluate import evaluate_corpus
+
+    os.environ["PLAIT_CACHE"] = str(cache_dir)
+    return evaluate_corpus(str(model_dir), str(corpus), ctx, SEQ, BATCH, 1_000_000, zero=zero).loss
+
+
+@pytest.mark.parametrize("dims, zero", [(ParallelDims(tp=2), 0), (ParallelDims(dp=2, pp=2), 3),
+                                        (ParallelDims(dp=2, tp=2), 1)], ids=["tp2", "dp2 x pp2 zero3", "dp2 x tp2 zero1"])
+def test_every_layout_evaluates_to_transformers_loss(pool, model_and_corpus, expected_loss, tmp_path, dims, zero):
+    losses = pool.run(evaluate_on_rank, dims, *model_and_corpus, tmp_path / "cache", zero)
+    assert losses == pytest.approx([expected_loss] * dims.world_size, rel=1e-4)
 
 
 def test_plait_eval_refuses_bad_requests_in_one_line(model_and_corpus, tmp_path, capsys):

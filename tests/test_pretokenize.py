@@ -55,7 +55,7 @@ def test_ids_equal_tokenizers_encode_of_every_document(corpus, tmp_path, workers
     assert "token ids from" in stdout and not list(tmp_path.glob("*.tmp"))
     # plait train's own stream of the same directory is the same ids
     data = load_token_data(str(corpus / "data"), str(corpus / "tok"), cache_dir=tmp_path / "cache")
-    assert np.concatenate([data.train, data.val]).tolist() == expected_ids(corpus)
+    assert np.concatenate([*data.train, data.val]).tolist() == expected_ids(corpus)
     wide = tmp_path / "ids.u32.bin"
     assert plait_tokenize(capsys, "--data", str(corpus / "data"), "--tokenizer", str(corpus / "tok"), "-o", str(wide),
                           "--workers", workers)[0] == 0

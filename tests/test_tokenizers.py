@@ -61,10 +61,17 @@ def test_a_model_tokenizer_encodes_documents_as_transformers_and_tokenizers_do(t
         assert ids[0] == ours.bos_id  # the post-processor's BOS, as transformers adds it
         assert ids == theirs(text)["input_ids"] + [ours.eos_id] == raw.encode(text).ids + [ours.eos_id]
         assert ours.decode(ids) == text
+    # text that spells a special token stays text (AutoTokenizer's split_special_tokens=True); by
+    # default AutoTokenizer would turn it into the control id, ending a document mid-file
+    spelled = "x = '</s>'  # <s>\n"
+    ids = ours.encode_documents([spelled])[0]
+    assert ids == theirs(spelled, split_special_tokens=True)["input_ids"] + [ours.eos_id]
+    assert ids.count(ours.eos_id) == 1 and ids.count(ours.bos_id) == 1 and ours.decode(ids) == spelled
+    assert theirs(spelled)["input_ids"].count(ours.eos_id) == 1
     # the token stream of a corpus: its documents in path order, each followed by EOS
     data = load_token_data(str(text_corpus(tmp_path / "corpus")), str(tmp_path / "tok"), cache_dir=tmp_path / "c",
                            val_fraction=0.01)
-    stream = np.concatenate([data.train, data.val]).tolist()
+    stream = np.concatenate([*data.train, data.val]).tolist()
     assert stream == [token for ids in ours.encode_documents(TEXTS * 30) for token in ids]
     assert data.tokenizer.kind == "pretrained" and data.vocab_size == theirs.vocab_size == len(theirs)
     # a bare tokenizer.json works too (its special tokens then come from nowhere: EOS is required)

@@ -27,9 +27,11 @@ from plait.train.config import DTYPES, TrainConfig, TrainConfigError, load_toml
 TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, f"model preset ({', '.join(PRESETS)}) or a Hugging Face Llama directory "
                               "(config.json + safetensors) to start from"),
-    ("--data", "data", str, "'stdlib' (this Python's standard library sources), a text, .jsonl ('text' field) "
-                            "or .parquet ('text' column) file, a directory of them, or a .bin of uint16 token ids "
-                            "(.u32.bin: uint32; see plait tokenize)"),
+    ("--data", "data", str, "'stdlib' (this Python's standard library sources), a text, .jsonl or .parquet file, "
+                            "a directory of them, a .bin of uint16 token ids (.u32.bin: uint32; see plait "
+                            "tokenize), or a weighted mixture of these, e.g. 'web.bin:0.7,code.jsonl:0.3' (each "
+                            "sequence drawn from a source in proportion to its weight)"),
+    ("--field", "field", str, "the text field of .jsonl records and the text column of .parquet files"),
     ("--tokenizer", "tokenizer", str, "how text data becomes token ids: 'bpe' (a byte-level BPE trained on the "
                                       "corpus and cached), 'byte', or a Hugging Face tokenizer (a tokenizer.json "
                                       "or a directory holding one; default: --model DIR's own, else bpe)"),

@@ -18,9 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
-from plait.data import TokenData, load_token_data
+from plait.data import TokenData
+from plait.data.mixture import TokenChain, has_text_source
 from plait.generate import GenerateError, locate_model
 
 
@@ -33,41 +32,40 @@ class EvalResult:
 
 
 def evaluate_corpus(model_path: str, data_spec: str, ctx, seq_len: int, batch_size: int, max_batches: int,
-                    tokenizer: str | None = None, dtype: str = "float32", zero: int = 0) -> EvalResult:
+                    tokenizer: str | None = None, dtype: str = "float32", zero: int = 0,
+                    field: str = "text") -> EvalResult:
     """Mean token loss of the model at ``model_path`` on ``data_spec`` (collective over ``ctx``)."""
     from plait.checkpoint import load_checkpoint
     from plait.train import TrainConfig, Trainer
+    from plait.train.run import load_data_once
 
     files = locate_model(model_path)
     if tokenizer is None and files.tokenizer is not None:
         tokenizer = str(files.tokenizer)
-    if tokenizer is None and not data_spec.endswith(".bin"):
+    if tokenizer is None and has_text_source(data_spec):
         raise GenerateError(f"{files.weights} has no tokenizer to encode --data {data_spec} with: pass "
                             "--tokenizer PATH or a .bin")
     if seq_len > files.config.max_position_embeddings:
         raise GenerateError(f"--seq-len {seq_len} is longer than the model's context "
                             f"({files.config.max_position_embeddings})")
     dims = ctx.dims
-    data = load_token_data(data_spec, tokenizer or "bpe", bin_vocab_size=files.config.vocab_size,
-                           show_progress=ctx.is_logging_rank) if ctx.rank == 0 else None
-    if ctx.world_size > 1:  # rank 0 fills the token cache, the others read it
-        import torch.distributed as dist
-        dist.barrier()
-        if data is None:
-            data = load_token_data(data_spec, tokenizer or "bpe", bin_vocab_size=files.config.vocab_size)
-    stream = np.concatenate([data.train, data.val])  # the whole corpus is evaluated
-    whole = TokenData(train=stream, val=stream, vocab_size=data.vocab_size, eos_id=data.eos_id,
-                      tokenizer=data.tokenizer)
     # one training step's worth of batches must be valid for the layout (a pipeline needs pp micro-batches)
-    cfg = TrainConfig(model=str(files.weights), data=data_spec, tokenizer=tokenizer, steps=1, seq_len=seq_len,
-                      micro_batch=batch_size, global_batch=batch_size * dims.dp * dims.pp, eval_every=1,
-                      eval_batches=max_batches, dp=dims.dp, tp=dims.tp, pp=dims.pp, zero=zero, dtype=dtype,
-                      progress=False, tensorboard=False, plot=False, peak_tflops=1.0, out="unused")
+    cfg = TrainConfig(model=str(files.weights), data=data_spec, field=field, tokenizer=tokenizer, steps=1,
+                      seq_len=seq_len, micro_batch=batch_size, global_batch=batch_size * dims.dp * dims.pp,
+                      eval_every=1, eval_batches=max_batches, dp=dims.dp, tp=dims.tp, pp=dims.pp, zero=zero,
+                      dtype=dtype, progress=ctx.is_logging_rank, tensorboard=False, plot=False, peak_tflops=1.0,
+                      out="unused")
+    data = load_data_once(cfg, ctx, model_vocab=files.config.vocab_size)
+    # the whole corpus is evaluated: each source's training part, then its held-out tail
+    vals = data.val.parts if isinstance(data.val, TokenChain) else [data.val]
+    whole = TokenChain([part for train, val in zip(data.train, vals) for part in (train, val)])
+    whole = TokenData(train=whole, val=whole, vocab_size=data.vocab_size, eos_id=data.eos_id,
+                      tokenizer=data.tokenizer)
     trainer = Trainer(cfg, ctx, whole, files.config)
     if files.kind == "checkpoint":
         load_checkpoint(trainer, files.weights)
     if not trainer.val_batches:
-        raise GenerateError(f"--data {data_spec} has {len(stream)} tokens, fewer than --seq-len + 1 = {seq_len + 1}")
+        raise GenerateError(f"--data {data_spec} has {len(whole.val)} tokens, fewer than --seq-len + 1 = {seq_len + 1}")
     loss = trainer.evaluate()
     batches = trainer.val_batches
     if trainer.pipeline is not None:  # as evaluate: full micro-batches only

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from plait.checkpoint import CheckpointError, latest_checkpoint
+from plait.checkpoint import latest_checkpoint
 from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
 from plait.checkpoint.store import TOKENIZER_DIR, read_meta
 from plait.data import DataError
@@ -160,5 +160,5 @@ def load_tokenizer(files: ModelFiles) -> PretrainedTokenizer:
         raise GenerateError(str(error)) from None
 
 
-__all__ = ["CheckpointError", "GenerateError", "ModelFiles", "Sampling", "generate_ids", "load_model",
+__all__ = ["GenerateError", "ModelFiles", "Sampling", "generate_ids", "load_model",
            "load_tokenizer", "locate_model", "next_token"]

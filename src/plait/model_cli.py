@@ -21,17 +21,14 @@ def add_commands(commands) -> None:
         description="Encode --prompt with the model's tokenizer, sample up to --max-new-tokens tokens with a KV "
                     "cache and print the continuation. --temperature 0 is greedy (the tokens of transformers' "
                     "greedy generate on the same weights). --nproc N --tp N splits the model over N processes.")
-    generate.add_argument("--model", required=True, help=MODEL_HELP)
+    _add_model_flags(generate, [("--nproc", 1, "local processes (each holds 1/tp of the model)"),
+                                ("--tp", 1, "tensor-parallel size (= --nproc)")])
     generate.add_argument("--prompt", required=True, help="text to continue")
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add at most (EOS stops earlier)")
     generate.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0: greedy")
     generate.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set of probability >= p")
     generate.add_argument("--seed", type=int, default=0, help="seed of the sampling")
-    generate.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the weights and compute")
-    generate.add_argument("--nproc", type=int, default=1, help="local processes (each holds 1/tp of the model)")
-    generate.add_argument("--tp", type=int, default=1, help="tensor-parallel size (= --nproc)")
-    _add_timeout(generate)
 
     evaluate = commands.add_parser(
         "eval", help="mean token loss and perplexity of a model on a corpus",
@@ -39,19 +36,26 @@ def add_commands(commands) -> None:
         description="Encode --data with the model's tokenizer, cut it into windows of --seq-len + 1 tokens (each "
                     "token predicted once) and print the mean token loss and the perplexity. Any layout: --nproc N "
                     "with --dp / --tp / --pp / --zero as plait train.")
-    evaluate.add_argument("--model", required=True, help=MODEL_HELP)
-    evaluate.add_argument("--data", required=True, help="as plait train --data: text, a directory, stdlib or a .bin")
+    _add_model_flags(evaluate, [("--nproc", 1, "local processes"), ("--dp", None, "data-parallel size"),
+                                ("--tp", 1, "tensor-parallel size"), ("--pp", 1, "pipeline-parallel size"),
+                                ("--zero", 0, "ZeRO level (3: parameters gathered per block)")])
+    evaluate.add_argument("--data", required=True, help="as plait train --data: text, .jsonl, .parquet, a "
+                                                        "directory, stdlib, a .bin, or a mixture (all of it is read)")
+    evaluate.add_argument("--field", default="text", help="the text field of .jsonl records / .parquet rows")
     evaluate.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the model's)")
     evaluate.add_argument("--seq-len", type=int, default=256, help="tokens per window")
     evaluate.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     evaluate.add_argument("--max-batches", type=int, default=1_000_000, help="evaluate at most this many batches")
-    evaluate.add_argument("--dtype", choices=DTYPES, default="float32")
-    for flag, default, text in (("--nproc", 1, "local processes"), ("--dp", None, "data-parallel size"),
-                                ("--tp", 1, "tensor-parallel size"), ("--pp", 1, "pipeline-parallel size"),
-                                ("--zero", 0, "ZeRO level (3: parameters gathered per block)")):
-        evaluate.add_argument(flag, type=int, default=default, help=text)
-    _add_timeout(evaluate)
     add_tokenize_command(commands)
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, layout: list[tuple[str, int | None, str]]) -> None:
+    """What every command that runs a trained model takes: the model, its dtype, the layout, a timeout."""
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the weights and compute")
+    for flag, default, text in layout:
+        parser.add_argument(flag, type=int, default=default, help=text)
+    parser.add_argument("--timeout", dest="timeout_s", type=float, default=300.0, help="seconds a collective may wait")
 
 
 def add_tokenize_command(commands) -> None:
@@ -89,10 +93,6 @@ def tokenize_command(args: argparse.Namespace) -> int:
           f"in {result.seconds:.1f} s ({result.text_bytes / 1e6 / result.seconds:.2f} MB/s, "
           f"{result.tokens / result.seconds:,.0f} tokens/s, {args.workers} workers)")
     return 0
-
-
-def _add_timeout(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--timeout", dest="timeout_s", type=float, default=300.0, help="seconds a collective may wait")
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -164,7 +164,7 @@ def _evaluate(args: argparse.Namespace, ctx) -> None:
     from plait.evaluate import evaluate_corpus
 
     result = evaluate_corpus(args.model, args.data, ctx, args.seq_len, args.batch_size, args.max_batches,
-                             args.tokenizer, args.dtype, args.zero)
+                             args.tokenizer, args.dtype, args.zero, args.field)
     if ctx.rank == 0:
         print(f"plait: eval loss {result.loss:.6f}, perplexity {result.perplexity:.4f} over {result.tokens:,} "
               f"tokens ({result.windows} windows of {args.seq_len})", flush=True)

@@ -5,8 +5,8 @@ tens of milliseconds. ``WorkerPool`` therefore spawns its workers once and, for 
 ``run``, builds a fresh process group over the first ``world_size`` of them, calls
 ``fn(ctx, *args)`` on every rank with a :class:`~plait.mesh.ParallelContext`, and tears the
 group down again. A failure on any rank is reported with that rank's traceback; a run that
-outlives its timeout kills the pool (it is respawned on next use) and raises, so a hang
-fails a test instead of blocking CI.
+outlives its timeout kills the ranks that did not report (they are respawned on next use) and
+raises, so a hang fails a test instead of blocking CI.
 
 ``fn`` must be importable by name (a module-level function) and return picklable values
 (floats, CPU tensors, dicts of them).
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
 import tempfile
 import time
 import traceback
 from datetime import timedelta
+from multiprocessing.connection import wait
 from typing import Any, Callable
 
 from plait.mesh import ParallelDims
@@ -29,7 +29,7 @@ class DistributedRunError(RuntimeError):
     pass
 
 
-def _worker_main(rank: int, tasks: "mp.Queue", results: "mp.Queue") -> None:
+def _worker_main(rank: int, connection) -> None:
     import torch
     import torch.distributed as dist
 
@@ -37,7 +37,7 @@ def _worker_main(rank: int, tasks: "mp.Queue", results: "mp.Queue") -> None:
 
     torch.set_num_threads(1)  # one thread per rank: ranks share the machine's cores
     while True:
-        job = tasks.get()
+        job = connection.recv()
         if job is None:
             break
         job_id, fn, args, dims, store_path, timeout_s = job
@@ -48,65 +48,90 @@ def _worker_main(rank: int, tasks: "mp.Queue", results: "mp.Queue") -> None:
             ctx = build_context(dims, torch.device("cpu"), "gloo")
             value = fn(ctx, *args)
             dist.barrier()
-            results.put((job_id, rank, True, value))
+            report = (job_id, True, value)
         except BaseException:  # report everything, including assertion errors, to the parent
-            results.put((job_id, rank, False, traceback.format_exc()))
+            report = (job_id, False, traceback.format_exc())
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+        connection.send(report)
 
 
 class WorkerPool:
-    """``size`` spawned worker processes that run jobs on process groups of up to ``size`` ranks."""
+    """``size`` spawned worker processes that run jobs on process groups of up to ``size`` ranks.
+
+    Each worker talks to the parent over its own pipe, so a worker that hangs can be killed and
+    respawned alone: the others, and their pipes, stay as they are.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._context = mp.get_context("spawn")
-        self._processes: list[mp.Process] = []
+        self._processes: list[mp.Process | None] = [None] * size
+        self._connections: list[Any] = [None] * size
         self._job_id = 0
         self._tmp = tempfile.TemporaryDirectory(prefix="plait-pool-")
 
-    def _start(self) -> None:
-        self._tasks = [self._context.Queue() for _ in range(self.size)]
-        self._results = self._context.Queue()
-        self._processes = [self._context.Process(target=_worker_main, args=(rank, self._tasks[rank], self._results),
-                                                 daemon=True, name=f"plait-rank{rank}")
-                           for rank in range(self.size)]
-        for process in self._processes:
+    def _ensure_alive(self, ranks: range) -> None:
+        """(Re)spawn the workers of ``ranks`` that are not running; all start before any is waited on."""
+        for rank in ranks:
+            process = self._processes[rank]
+            if process is not None and process.is_alive():
+                continue
+            ours, theirs = self._context.Pipe()
+            process = self._context.Process(target=_worker_main, args=(rank, theirs), daemon=True,
+                                            name=f"plait-rank{rank}")
             process.start()
+            theirs.close()
+            self._processes[rank], self._connections[rank] = process, ours
+
+    def _kill(self, ranks) -> None:
+        for rank in ranks:
+            process = self._processes[rank]
+            if process is not None and process.is_alive():
+                process.kill()
+            if process is not None:
+                process.join(timeout=5)
+            if self._connections[rank] is not None:
+                self._connections[rank].close()
+            self._processes[rank] = self._connections[rank] = None
 
     def run(self, fn: Callable[..., Any], dims: ParallelDims, *args: Any, timeout_s: float = 120.0) -> list[Any]:
         """``[fn(ctx_rank, *args) for every rank]``, run concurrently on ``dims.world_size`` ranks."""
         world = dims.world_size
         if world > self.size:
             raise ValueError(f"layout {dims} needs {world} ranks; the pool has {self.size}")
-        if not self._processes or not all(p.is_alive() for p in self._processes):
-            self.close()
-            self._start()
+        self._ensure_alive(range(world))
         self._job_id += 1
         store_path = os.path.join(self._tmp.name, f"store-{self._job_id}")
         # Collectives time out a little before the job does, so ranks report instead of hanging.
         for rank in range(world):
-            self._tasks[rank].put((self._job_id, fn, args, dims, store_path, max(5.0, timeout_s - 5.0)))
+            self._connections[rank].send((self._job_id, fn, args, dims, store_path, max(5.0, timeout_s - 5.0)))
         values: dict[int, Any] = {}
         failures: dict[int, str] = {}
+        waiting = {self._connections[rank]: rank for rank in range(world)}
         deadline = time.monotonic() + timeout_s
-        while len(values) + len(failures) < world:
+        while waiting:
             # After the first failure give the others a short grace to report, then stop waiting.
             remaining = deadline - time.monotonic()
             if failures:
                 remaining = min(remaining, 3.0)
-            try:
-                job_id, rank, ok, value = self._results.get(timeout=max(0.01, remaining))
-            except queue.Empty:
+            ready = wait(list(waiting), timeout=max(0.01, remaining))
+            if not ready:
                 break
-            if job_id != self._job_id:
-                continue  # a late report from a job that already failed
-            (values if ok else failures)[rank] = value
+            for connection in ready:
+                rank = waiting.pop(connection)
+                try:
+                    job_id, ok, value = connection.recv()
+                except (EOFError, OSError):  # the worker died
+                    failures[rank] = "the worker process died"
+                    continue
+                assert job_id == self._job_id, "a report from another job"  # each job gets one per rank
+                (values if ok else failures)[rank] = value
         if len(values) < world:
             missing = sorted(set(range(world)) - set(values) - set(failures))
-            if missing:
-                self.close()  # the silent ranks may be stuck in a collective: start afresh next time
+            # silent ranks may be stuck in a collective, dead ones are gone: respawn them next time
+            self._kill([*missing, *(r for r, why in failures.items() if why == "the worker process died")])
             lines = [f"{fn.__qualname__} on {dims} failed:"]
             lines += [f"--- rank {rank} ---\n{tb}" for rank, tb in sorted(failures.items())]
             if missing:
@@ -115,18 +140,17 @@ class WorkerPool:
         return [values[rank] for rank in range(world)]
 
     def close(self) -> None:
-        for process in self._processes:
-            if process.is_alive():
-                process.kill()
-        for process in self._processes:
-            process.join(timeout=5)
-        self._processes = []
+        self._kill(range(self.size))
 
     def shutdown(self) -> None:
-        for tasks, process in zip(getattr(self, "_tasks", []), self._processes):
-            if process.is_alive():
-                tasks.put(None)
+        for connection, process in zip(self._connections, self._processes):
+            if process is not None and process.is_alive():
+                try:
+                    connection.send(None)
+                except OSError:
+                    pass
         for process in self._processes:
-            process.join(timeout=5)
+            if process is not None:
+                process.join(timeout=5)
         self.close()
         self._tmp.cleanup()

@@ -163,6 +163,13 @@ def open_text_corpus(spec: str, field: str = "text") -> TextCorpus:
     return TextCorpus(name=str(path.resolve()), root=root, files=files, field=field)
 
 
+def combine_corpora(corpora: list[TextCorpus]) -> TextCorpus:
+    """Every file of ``corpora``, in order, as one corpus (what a BPE for a mixture trains on)."""
+    files = [path.absolute() for corpus in corpora for path in corpus.files]
+    return TextCorpus(name="+".join(corpus.name for corpus in corpora), root=pathlib.Path("/"), files=files,
+                      skip_undecodable=any(corpus.skip_undecodable for corpus in corpora), field=corpora[0].field)
+
+
 def _open_stdlib() -> TextCorpus:
     root = stdlib_root()
     if not root.is_dir():

@@ -13,7 +13,9 @@ The post-processor adds what the model was trained to see in front of a text (Ll
 ``<s>``, Llama 3's ``<|begin_of_text|>``), exactly as ``transformers.AutoTokenizer`` does, so
 the ids of a document equal ``tokenizers.Tokenizer.encode(text).ids`` and AutoTokenizer's
 ``input_ids`` followed by EOS. Text that spells a special token (a literal ``</s>`` in a
-source file) stays text: only the data pipeline inserts control ids.
+source file) stays text: only the data pipeline inserts control ids. There, and only there, the
+ids differ from AutoTokenizer's default, which would give the control id; they equal
+``AutoTokenizer(text, split_special_tokens=True)`` (``tokenizers``: ``encode_special_tokens``).
 
 ``save_pretrained`` writes plait's own tokenizers (its byte-level BPE, the byte tokenizer) in
 the same format, so every run's export is a complete Hugging Face model.

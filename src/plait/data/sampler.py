@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from plait.data.corpus import DataError, TextCorpus, open_text_corpus
+from plait.data.corpus import DataError, TextCorpus, combine_corpora, open_text_corpus
 from plait.data.hf_tokenizer import PretrainedTokenizer
+from plait.data.mixture import TokenChain, parse_data_spec
 from plait.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     Tokenizer,
@@ -40,13 +41,25 @@ UINT32_BIN_SUFFIX = ".u32.bin"
 
 @dataclass
 class TokenData:
-    """A tokenised corpus split into a training and a validation stream."""
+    """A tokenised corpus: training streams (one per source of a mixture) and a validation stream."""
 
-    train: np.ndarray  # 1-D uint16/uint32, usually an np.memmap
-    val: np.ndarray
+    train: tuple[np.ndarray, ...]  # 1-D uint16/uint32 streams, usually np.memmap; a bare array is one source
+    val: np.ndarray | TokenChain  # every source's held-out tail, in spec order
     vocab_size: int  # every id in train/val is < vocab_size
     eos_id: int | None  # None for a pre-tokenised .bin (unknown)
     tokenizer: Tokenizer | None  # None for a pre-tokenised .bin
+    weights: tuple[float, ...] = (1.0,)  # sampling weight of each training stream
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train, (tuple, list)):
+            self.train = (self.train,)
+        self.train, self.weights = tuple(self.train), tuple(self.weights)
+        if len(self.weights) != len(self.train):
+            raise ValueError(f"{len(self.train)} training streams but {len(self.weights)} weights")
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(stream) for stream in self.train)
 
 
 def load_token_data(
@@ -57,48 +70,71 @@ def load_token_data(
     val_fraction: float = 0.01,
     bin_vocab_size: int | None = None,
     show_progress: bool = False,
+    field: str = "text",
 ) -> TokenData:
-    """Load (tokenising and caching if needed) the token stream for ``spec``.
+    """Load (tokenising and caching if needed) the token streams of ``spec``.
 
-    ``spec`` is anything ``open_text_corpus`` accepts, or a pre-tokenised
-    ``.bin`` file of raw little-endian token ids: uint16 by default, uint32
-    when the name ends in ``.u32.bin``.  ``tokenizer_kind``: "bpe", "byte" or
-    the path of a Hugging Face tokenizer (``build_tokenizer``).  For a ``.bin``,
-    ``bin_vocab_size`` gives the model vocabulary (default: largest id + 1) and
-    only a named model tokenizer is loaded (it travels with the run).
+    ``spec`` names one source or a weighted mixture (``plait.data.mixture``). A source is anything
+    ``open_text_corpus`` accepts (``field``: the text of .jsonl records / .parquet rows), or a
+    pre-tokenised ``.bin`` file of raw little-endian token ids: uint16 by default, uint32 when the
+    name ends in ``.u32.bin``.  ``tokenizer_kind``: "bpe", "byte" or the path of a Hugging Face
+    tokenizer (``build_tokenizer``); a BPE for several text sources is trained on all of them.
+    For a ``.bin``, ``bin_vocab_size`` gives the model vocabulary (default: largest id + 1) and
+    only a named model tokenizer is loaded (it travels with the run).  Text and ``.bin`` sources
+    mix only under a named tokenizer: the ids of both must mean the same tokens.
 
-    The last ``val_fraction`` of the stream (at least one token) is held out
-    for validation; taking the tail keeps the split deterministic and
-    document-contiguous.
+    The last ``val_fraction`` of each source's stream (at least one token) is held out for
+    validation; taking the tail keeps the split deterministic and document-contiguous.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-
-    if spec.endswith(".bin"):  # a model tokenizer, when named, still travels with the run (its export)
-        tokens, vocab = load_token_file(pathlib.Path(spec).expanduser(), bin_vocab_size)
-        train, val = split_train_val(tokens, val_fraction, source=spec)
-        tokenizer = None if tokenizer_kind in ("bpe", "byte") else PretrainedTokenizer(tokenizer_kind)
-        return TokenData(train=train, val=val, vocab_size=vocab, eos_id=tokenizer.eos_id if tokenizer else None,
-                         tokenizer=tokenizer)
-
-    corpus = open_text_corpus(spec)
+    sources = parse_data_spec(spec)
     cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    tokenizer = build_tokenizer(tokenizer_kind, corpus, vocab_size, cache_dir, show_progress=show_progress)
+    corpora = {source.spec: open_text_corpus(source.spec, field) for source in sources if not source.is_token_file}
+    named_tokenizer = tokenizer_kind not in ("bpe", "byte")
+    if corpora and len(corpora) < len(sources) and not named_tokenizer:
+        raise DataError(f"--data {spec!r} mixes .bin token files with text, which a fresh {tokenizer_kind} "
+                        "tokenizer would give other ids: pass --tokenizer PATH (the one the .bin was made with)")
+    tokenizer, trained_on = None, None
+    if corpora:
+        trained_on = next(iter(corpora.values())) if len(corpora) == 1 else combine_corpora(list(corpora.values()))
+        tokenizer = build_tokenizer(tokenizer_kind, trained_on, vocab_size, cache_dir, show_progress=show_progress)
+    elif named_tokenizer:  # a model tokenizer, when named, still travels with the run (its export)
+        tokenizer = PretrainedTokenizer(tokenizer_kind)
+
+    streams, vocabs = [], []
+    for source in sources:
+        if source.is_token_file:
+            bin_vocab = bin_vocab_size if bin_vocab_size is not None or not corpora else tokenizer.vocab_size
+            tokens, vocab = load_token_file(pathlib.Path(source.spec).expanduser(), bin_vocab)
+        else:
+            corpus = corpora[source.spec]
+            key = tokenizer_key(tokenizer, vocab_size)
+            if trained_on is not corpus and tokenizer.kind == "bpe":  # trained on the mixture's text
+                key += f"-{trained_on.fingerprint()}"
+            tokens, vocab = text_token_stream(corpus, tokenizer, key, cache_dir, show_progress), tokenizer.vocab_size
+        streams.append(split_train_val(tokens, val_fraction, source=source.spec))
+        vocabs.append(vocab)
+    vals = [val for _, val in streams]
+    return TokenData(
+        train=tuple(train for train, _ in streams),
+        val=vals[0] if len(vals) == 1 else TokenChain(vals),
+        vocab_size=max(vocabs),
+        eos_id=tokenizer.eos_id if tokenizer is not None else None,
+        tokenizer=tokenizer,
+        weights=tuple(source.weight for source in sources),
+    )
+
+
+def text_token_stream(corpus: TextCorpus, tokenizer: Tokenizer, key: str, cache_dir: pathlib.Path,
+                      show_progress: bool) -> np.ndarray:
+    """The memory-mapped token stream of ``corpus`` under ``tokenizer``, written once into the cache."""
     dtype = token_dtype(tokenizer.vocab_size)
     suffix = UINT32_BIN_SUFFIX if dtype == np.uint32 else ".bin"
-    cache_path = cache_dir / "tokens" / f"{tokenizer.kind}-{tokenizer_key(tokenizer, vocab_size)}-" \
-                                        f"{corpus.fingerprint()}{suffix}"
+    cache_path = cache_dir / "tokens" / f"{tokenizer.kind}-{key}-{corpus.fingerprint()}{suffix}"
     if not cache_path.is_file():
         write_token_stream(corpus, tokenizer, cache_path, dtype, show_progress)
-    tokens = np.memmap(cache_path, dtype=dtype, mode="r")
-    train, val = split_train_val(tokens, val_fraction, source=spec)
-    return TokenData(
-        train=train,
-        val=val,
-        vocab_size=tokenizer.vocab_size,
-        eos_id=tokenizer.eos_id,
-        tokenizer=tokenizer,
-    )
+    return np.memmap(cache_path, dtype=dtype, mode="r")
 
 
 def tokenizer_key(tokenizer: Tokenizer, requested_vocab: int) -> str:
@@ -199,12 +235,13 @@ def split_train_val(tokens: np.ndarray, val_fraction: float, source: str) -> tup
 
 
 def _gather_windows(
-    tokens: np.ndarray, offsets: Sequence[int], seq_len: int
+    sources: Sequence[np.ndarray], offsets: Sequence[int], seq_len: int, streams: Sequence[int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the windows ``tokens[o : o+seq_len+1]`` and split them into
-    (inputs, targets) int64 tensors of shape [len(offsets), seq_len]."""
+    """Stack row i's window ``sources[streams[i]][o_i : o_i+seq_len+1]`` (``streams`` None: all from
+    ``sources[0]``) and split them into (inputs, targets) int64 tensors of shape [rows, seq_len]."""
     windows = np.empty((len(offsets), seq_len + 1), dtype=np.int64)
     for row, offset in enumerate(offsets):
+        tokens = sources[0 if streams is None else streams[row]]
         windows[row] = tokens[offset : offset + seq_len + 1]
     windows_tensor = torch.from_numpy(windows)
     inputs = windows_tensor[:, :-1].contiguous()
@@ -215,42 +252,57 @@ def _gather_windows(
 class BatchSampler:
     """Random fixed-length windows whose global batch depends only on (seed, step).
 
-    Window start offsets for step ``k`` come from
-    ``np.random.default_rng([seed, k])``, so there is no iterator state to
-    checkpoint and any rank can compute any step's batch independently.
+    Window start offsets for step ``k`` come from ``np.random.default_rng([seed, k])``, so there
+    is no iterator state to checkpoint and any rank can compute any step's batch independently.
+    With several streams (a mixture), the same generator first draws each row's stream, stream i
+    with probability w_i / sum(w), then an offset in it: the mixture is as deterministic and as
+    layout-invariant as one stream, and each source holds its share in expectation at every step.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray | list[np.ndarray] | tuple[np.ndarray, ...], seq_len: int, global_batch: int, seed: int,
+                 weights: Sequence[float] | None = None) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         if global_batch < 1:
             raise ValueError(f"global_batch must be positive, got {global_batch}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
-        if len(tokens) < seq_len + 1:
-            raise DataError(f"corpus has {len(tokens)} tokens, fewer than seq_len+1 = {seq_len + 1}")
-        self.tokens = tokens
+        self.streams = list(tokens) if isinstance(tokens, (tuple, list)) else [tokens]
+        weights = [1.0] * len(self.streams) if weights is None else list(weights)
+        if len(weights) != len(self.streams) or min(weights) <= 0:
+            raise ValueError(f"need one positive weight per stream, got {weights} for {len(self.streams)}")
+        for index, stream in enumerate(self.streams):
+            if len(stream) < seq_len + 1:
+                which = "corpus" if len(self.streams) == 1 else f"source {index + 1} of the mixture"
+                raise DataError(f"{which} has {len(stream)} training tokens, fewer than seq_len+1 = {seq_len + 1}")
+        self.probabilities = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.seq_len = seq_len
         self.global_batch_size = global_batch
         self.seed = seed
-        # Largest start offset whose window (seq_len+1 tokens) still fits.
-        self.max_offset = len(tokens) - seq_len - 1
+        # Largest start offset whose window (seq_len+1 tokens) still fits, per stream.
+        self.max_offsets = np.asarray([len(stream) - seq_len - 1 for stream in self.streams], dtype=np.int64)
 
-    def offsets(self, step: int) -> np.ndarray:
-        """Start offsets of all ``global_batch`` windows of ``step``."""
+    def rows(self, step: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """(stream of each row or None for a single stream, start offset of each row) of ``step``."""
         if step < 0:
             raise ValueError(f"step must be non-negative, got {step}")
         rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, self.max_offset, size=self.global_batch_size, endpoint=True)
+        if len(self.streams) == 1:
+            return None, rng.integers(0, self.max_offsets[0], size=self.global_batch_size, endpoint=True)
+        streams = rng.choice(len(self.streams), size=self.global_batch_size, p=self.probabilities)
+        return streams, rng.integers(0, self.max_offsets[streams], endpoint=True)
+
+    def _windows(self, streams: np.ndarray | None, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return _gather_windows(self.streams, offsets, self.seq_len, streams)
 
     def global_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each int64 [global_batch, seq_len]."""
-        return _gather_windows(self.tokens, self.offsets(step), self.seq_len)
+        return self._windows(*self.rows(step))
 
     def shard(self, step: int, dp_rank: int, dp_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This data-parallel rank's contiguous block of rows of ``global_batch(step)``.
 
-        Only the rank's own rows are read from the token stream.
+        Only the rank's own rows are read from the token streams.
         """
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside data-parallel size {dp_size}")
@@ -259,9 +311,9 @@ class BatchSampler:
                 f"global batch {self.global_batch_size} is not divisible by data-parallel size {dp_size}"
             )
         rows_per_rank = self.global_batch_size // dp_size
-        first_row = dp_rank * rows_per_rank
-        offsets = self.offsets(step)[first_row : first_row + rows_per_rank]
-        return _gather_windows(self.tokens, offsets, self.seq_len)
+        mine = slice(dp_rank * rows_per_rank, (dp_rank + 1) * rows_per_rank)
+        streams, offsets = self.rows(step)
+        return self._windows(None if streams is None else streams[mine], offsets[mine])
 
 
 def validation_batches(
@@ -293,6 +345,6 @@ def validation_batches(
     first_window = 0
     for size in batch_sizes:
         offsets = [(first_window + i) * seq_len for i in range(size)]
-        batches.append(_gather_windows(tokens, offsets, seq_len))
+        batches.append(_gather_windows([tokens], offsets, seq_len))
         first_window += size
     return batches

@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from plait.data.corpus import DataError
+from plait.data.mixture import format_data_spec, has_text_source, parse_data_spec
 from plait.layout import Recompute
 
 if sys.version_info >= (3, 11):
@@ -27,7 +29,9 @@ PLAIT_TOKENIZERS = ("bpe", "byte")  # trained on the corpus / fixed; anything el
 class TrainConfig:
     # what to train, on what
     model: str = "small"                 # preset name (or, later, a Hugging Face directory)
-    data: str = "stdlib"                 # "stdlib", a text file, a directory, or a .bin of token ids
+    data: str = "stdlib"                 # "stdlib", a text / .jsonl / .parquet file, a directory, a .bin of
+                                         # token ids, or a weighted mixture "a.bin:0.7,b.jsonl:0.3"
+    field: str = "text"                  # the text of .jsonl records / .parquet rows
     tokenizer: str | None = None         # None: --model DIR's own, else "bpe"; "bpe", "byte" or a path
     vocab_size: int = 8192               # BPE vocabulary size
     # layout
@@ -88,7 +92,7 @@ class TrainConfig:
         from plait.data.hf_tokenizer import has_tokenizer
 
         pretrained = is_hf_directory(self.model)
-        text_data = not self.data.endswith(".bin")
+        text_data = has_text_source(self.data)
         if self.tokenizer in PLAIT_TOKENIZERS and pretrained and text_data:
             raise TrainConfigError(f"--tokenizer {self.tokenizer} makes new token ids, which the embeddings of "
                                    f"--model {self.model} do not stand for; leave --tokenizer out to use the "
@@ -131,6 +135,12 @@ class TrainConfig:
             except ValueError:
                 raise TrainConfigError(f"--pipeline-split must be comma-separated block counts, got "
                                        f"{self.pipeline_split!r}") from None
+        try:
+            parse_data_spec(self.data)
+        except DataError as error:
+            raise TrainConfigError(str(error)) from None
+        if not self.field:
+            raise TrainConfigError("--field must name a field")
         if self.dtype not in DTYPES:
             raise TrainConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.tokenizer is not None and self.tokenizer not in PLAIT_TOKENIZERS \
@@ -171,6 +181,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise TrainConfigError(f"config file {path} is not valid TOML: {error}") from None
     data = {key.replace("-", "_"): value for key, value in data.get("train", data).items()}
+    if isinstance(data.get("data"), dict):  # [train.data] "source" = weight: a mixture
+        try:
+            data["data"] = format_data_spec(data["data"])
+        except DataError as error:
+            raise TrainConfigError(f"config file {path}: {error}") from None
     types = {f.name: f.type for f in fields(TrainConfig)}
     unknown = sorted(set(data) - set(types))
     if unknown:

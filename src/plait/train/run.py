@@ -11,6 +11,7 @@ import torch.distributed as dist
 from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from plait.checkpoint.store import TOKENIZER_DIR
 from plait.data import load_token_data
+from plait.data.mixture import parse_data_spec
 from plait.mesh import ParallelContext, init_distributed
 from plait.runtime import configure_threads, tune_cpu_allocator
 from plait.train.config import TrainConfig
@@ -22,7 +23,7 @@ def load_data_once(cfg: TrainConfig, ctx: ParallelContext, model_vocab: int | No
     """Rank 0 builds the tokenizer and token caches; the other ranks then read them."""
     def load(show_progress: bool):
         return load_token_data(cfg.data, cfg.tokenizer_spec(), cfg.vocab_size, bin_vocab_size=model_vocab,
-                               show_progress=show_progress)
+                               show_progress=show_progress, field=cfg.field)
     if ctx.world_size == 1:
         return load(cfg.progress)
     data = load(cfg.progress) if ctx.rank == 0 else None
@@ -117,7 +118,9 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
                     "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp},
                     "world_size": ctx.world_size, "device": str(ctx.device), "backend": ctx.backend,
                     "parameters": trainer.model_config.num_parameters(),
-                    "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val))}
+                    "train_tokens": data.train_tokens, "val_tokens": int(len(data.val)),
+                    "data_sources": [{"spec": source.spec, "weight": source.weight, "train_tokens": len(stream)}
+                                     for source, stream in zip(parse_data_spec(cfg.data), data.train)]}
         (out_dir / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
         if data.tokenizer is not None:  # what the run's token ids mean, in Hugging Face's format
             data.tokenizer.save_pretrained(out_dir / TOKENIZER_DIR)
@@ -125,9 +128,10 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
                                start_step=start)
         if latest is not None:
             logger.message(f"plait: resuming from {latest} (step {start})")
+        sources = f" from {len(data.train)} sources" if len(data.train) > 1 else ""
         logger.message(f"plait: {trainer.model_config.num_parameters() / 1e6:.1f}M parameters, "
                        f"dp={ctx.dims.dp} pp={ctx.dims.pp} tp={ctx.dims.tp} on {ctx.world_size} x {ctx.device}, "
-                       f"{len(data.train):,} training tokens, writing {out_dir}")
+                       f"{data.train_tokens:,} training tokens{sources}, writing {out_dir}")
     history = []
     try:
         for step in range(start, cfg.steps):

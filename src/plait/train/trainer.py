@@ -129,7 +129,7 @@ class Trainer:
         source = HFSource(self.hf_source) if self.hf_source is not None else InitSource(self.model_config, cfg.seed)
         self.strategy.load_parameters(source)
 
-        self.sampler = BatchSampler(data.train, cfg.seq_len, cfg.global_batch, cfg.seed)
+        self.sampler = BatchSampler(data.train, cfg.seq_len, cfg.global_batch, cfg.seed, data.weights)
         self.val_batches = []
         if cfg.eval_every > 0 and len(data.val) > cfg.seq_len:
             self.val_batches = validation_batches(data.val, cfg.seq_len, self.micro_batch, cfg.eval_batches)
