@@ -106,6 +106,7 @@ class _Unit:
     layout: FlatLayout
     tied: bool = False
     master: nn.Parameter | None = None          # fp32 [shard_size], what the optimizer steps
+    optimizer: torch.optim.AdamW | None = None  # over `master` alone: a unit steps without visiting the others
     decay_ranges: list[tuple[int, int]] = field(default_factory=list)    # matrices: weight decay
     norm_ranges: list[tuple[int, int]] = field(default_factory=list)     # counted in the gradient norm
     partial_ranges: list[tuple[int, int]] = field(default_factory=list)  # grads partial over tp (SP norms)
@@ -151,7 +152,6 @@ class Sharded(DataParallelStrategy):
         self.entries = entries
         self.chunks: list[list[_Unit]] = []
         self.units = self._plan_units(describe_parameters(named, tied), chunks)
-        self.optimizer: torch.optim.AdamW | None = None
         self._grad_scale = 1.0
         self._hooks: list = []
 
@@ -223,9 +223,9 @@ class Sharded(DataParallelStrategy):
                 for info, offset in zip(unit.infos, layout.offsets):
                     info.param.grad = unit.flat_grad[offset:offset + info.param.numel()].view_as(info.param)
         hyper = self.hyper
-        self.optimizer = torch.optim.AdamW([u.master for u in self.units], lr=hyper["lr"], betas=hyper["betas"],
-                                           eps=hyper["eps"], weight_decay=0.0, fused=True)
         for unit in self.units:
+            unit.optimizer = torch.optim.AdamW([unit.master], lr=hyper["lr"], betas=hyper["betas"],
+                                               eps=hyper["eps"], weight_decay=0.0, fused=True)
             for param in unit.params:
                 self._hooks.append(param.register_post_accumulate_grad_hook(
                     lambda p, unit=unit: self._on_grad_ready(unit)))
@@ -376,9 +376,8 @@ class Sharded(DataParallelStrategy):
     def step(self, lr: float) -> None:
         """AdamW on each unit's master shard in turn: a bf16 gradient shard is widened to fp32
         one unit at a time, so the step holds one unit's fp32 gradient, not the rank's."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         for unit in self.units:
+            unit.optimizer.param_groups[0]["lr"] = lr
             if self.weight_decay:  # decoupled decay on matrices only, before the Adam update (as AdamW)
                 for a, b in unit.decay_ranges:
                     unit.master[a:b].mul_(1.0 - lr * self.weight_decay)
@@ -386,7 +385,7 @@ class Sharded(DataParallelStrategy):
             if self._grad_scale != 1.0:
                 grad.mul_(self._grad_scale)
             unit.master.grad = grad
-            self.optimizer.step()  # steps only the parameters that have a gradient: this unit's
+            unit.optimizer.step()
             unit.master.grad = None
             unit.grad_shard = None
         self._grad_scale = 1.0
@@ -415,7 +414,7 @@ class Sharded(DataParallelStrategy):
     def state_pieces(self) -> list[tuple[Piece, torch.Tensor]]:
         pieces = []
         for unit in self.units:
-            state = self.optimizer.state.get(unit.master, {})
+            state = unit.optimizer.state.get(unit.master, {})
             sources = {"param": unit.master.detach(), **{k: state[k] for k in KINDS[1:] if k in state}}
             for index, lo, hi, at in unit.layout.overlaps(self.dp.rank):
                 info = unit.infos[index]
@@ -438,7 +437,7 @@ class Sharded(DataParallelStrategy):
                     values = source.read(info.name, info.shard, info.full_shape, kind, flat_range=(lo, hi))
                     target[at:at + hi - lo] = values.to(self.device, torch.float32)
             if moments:
-                self.optimizer.state[unit.master] = {
+                unit.optimizer.state[unit.master] = {
                     "step": torch.tensor(float(step), dtype=torch.float32, device=self.device), **state}
             if self.level < 3:  # the full flat buffer is live: the model reads it
                 self._all_gather_master(unit)
@@ -453,6 +452,7 @@ class Sharded(DataParallelStrategy):
         params = sum(size(u.flat) for u in self.units)
         grads = sum(size(u.flat_grad) + size(u.grad_shard) for u in self.units)
         optimizer = sum(size(u.master) for u in self.units)
-        for state in self.optimizer.state.values():
-            optimizer += sum(size(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        for unit in self.units:
+            for state in unit.optimizer.state.values():
+                optimizer += sum(size(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
         return {"params": params, "grads": grads, "optimizer": optimizer}
