@@ -16,11 +16,12 @@ import time
 import traceback
 from typing import Any, Sequence
 
-from plait.launch import USER_ERRORS, launch_local_workers, under_launcher
+from plait.errors import PlaitError
+from plait.launch import launch_local_workers, under_launcher
 from plait.layout import Recompute
 from plait.mesh import ParallelDims
 from plait.models import PRESETS, get_preset
-from plait.train.config import DTYPES, TrainConfig, TrainConfigError, load_toml
+from plait.train.config import DTYPES, OnNonFinite, TrainConfig, TrainConfigError, load_toml
 
 
 # (flag, TrainConfig field, type, help). Defaults come from TrainConfig and are shown in --help.
@@ -58,6 +59,9 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--warmup-steps", "warmup_steps", int, "linear warmup steps"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (matrices only)"),
     ("--grad-clip", "grad_clip", float, "clip the global gradient norm to this (0: off)"),
+    ("--on-nonfinite", "on_nonfinite", str, "a step whose loss or gradient norm is NaN or infinite never updates "
+                                            "the weights; stop: exit non-zero naming it (the last good checkpoint "
+                                            "stays newest), skip: drop its update, count it, go on"),
     ("--seed", "seed", int, "seed of initialisation and data order"),
     ("--dtype", "dtype", str, "compute dtype: float32, or bfloat16 autocast with fp32 master weights"),
     ("--eval-every", "eval_every", int, "validation loss every N steps (0: off)"),
@@ -99,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "library, a few minutes on a laptop CPU. Precedence: flags > --config file > defaults.",
         argument_default=argparse.SUPPRESS)
     train.add_argument("--config", help="TOML file of options (keys as the long flags, '-' or '_')")
-    choices = {"dtype": DTYPES, "zero": (0, 1, 2, 3),
+    choices = {"dtype": DTYPES, "zero": (0, 1, 2, 3), "on_nonfinite": [mode.value for mode in OnNonFinite],
                "schedule": ("gpipe", "1f1b", "interleaved")}
     for flag, field, kind, text in TRAIN_FLAGS:
         shown = text if "default" in text else f"{text} (default: {getattr(defaults, field)})"
@@ -188,7 +192,7 @@ def export_command(args: argparse.Namespace) -> int:
     form = ConfigForm.installed() if args.config_form == "auto" else ConfigForm(args.config_form)
     try:
         out = export_hf(path, args.hf, form)
-    except USER_ERRORS as error:
+    except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)
         return 2
     files = ", ".join(sorted(os.listdir(out)))
@@ -234,7 +238,7 @@ def train_worker(cfg: TrainConfig) -> int:
     try:
         ctx = init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s)
         run_training(cfg, ctx)
-    except USER_ERRORS as error:
+    except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
@@ -286,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if under_launcher():
             return train_worker(cfg)
         validate_before_launch(cfg, cfg.nproc)
-    except USER_ERRORS as error:
+    except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)
         return 2
     if cfg.nproc > 1:

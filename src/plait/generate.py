@@ -28,12 +28,13 @@ from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
 from plait.checkpoint.store import TOKENIZER_DIR, read_meta
 from plait.data import DataError
 from plait.data.hf_tokenizer import PretrainedTokenizer, has_tokenizer
+from plait.errors import PlaitError
 from plait.models import LlamaConfig, build_meta_model, model_parameters
 from plait.models.llama import KVCache
 from plait.sharding import shard_of, swap_parameter_data
 
 
-class GenerateError(ValueError):
+class GenerateError(PlaitError):
     """A generation request that cannot be served; one line."""
 
 

@@ -1,5 +1,5 @@
 """Processes of a plait command: whether this one is a launched worker, how the parent starts
-local workers (as ``torchrun --standalone`` does), and which errors reach the user as one line."""
+local workers (as ``torchrun --standalone`` does), and with the one-line errors of ``plait.errors``."""
 from __future__ import annotations
 
 import os
@@ -7,16 +7,6 @@ import signal
 import sys
 import uuid
 from typing import Sequence
-
-from plait.checkpoint import CheckpointError
-from plait.data import DataError
-from plait.generate import GenerateError
-from plait.mesh import LayoutError
-from plait.models import ConfigError
-from plait.train.config import TrainConfigError
-
-# printed as "plait: error: <message>" and exit code 2, never as a traceback
-USER_ERRORS = (ConfigError, LayoutError, TrainConfigError, DataError, CheckpointError, GenerateError)
 
 
 def under_launcher() -> bool:

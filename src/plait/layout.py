@@ -15,10 +15,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
+from plait.errors import PlaitError
 from plait.pipeline.schedules import SCHEDULES, ScheduleError, check_schedule
 
 
-class LayoutError(ValueError):
+class LayoutError(PlaitError):
     """A parallel layout that cannot run; the message is one line."""
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from plait.errors import PlaitError
 from plait.mesh import ParallelDims
 from plait.train.config import DTYPES
 
@@ -80,13 +81,12 @@ def tokenize_command(args: argparse.Namespace) -> int:
 
     from plait.data.corpus import open_text_corpus
     from plait.data.pretokenize import tokenize_corpus
-    from plait.launch import USER_ERRORS
 
     try:
         corpus = open_text_corpus(args.data, field=args.field)
         result = tokenize_corpus(corpus, args.tokenizer, Path(args.output), args.workers, args.vocab_size,
                                  show_progress=args.progress)
-    except USER_ERRORS as error:
+    except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)
         return 2
     print(f"plait: wrote {args.output}: {result.tokens:,} {result.dtype} token ids from {result.text_bytes / 1e6:.1f} MB "
@@ -96,7 +96,7 @@ def tokenize_command(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from plait.launch import USER_ERRORS, launch_local_workers, under_launcher
+    from plait.launch import launch_local_workers, under_launcher
     from plait.generate import GenerateError, Sampling, locate_model
 
     worker: Callable
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if not under_launcher():
             ParallelDims.from_world_size(args.nproc, **dims)
             locate_model(args.model)
-    except USER_ERRORS as error:
+    except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)
         return 2
     if args.nproc > 1 and not under_launcher():
@@ -129,14 +129,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _worker(dims: dict, timeout_s: float, body: Callable) -> int:
     """Join the job, run ``body(ctx)``, exit as ``plait train``'s workers do; user errors in one line."""
-    from plait.launch import USER_ERRORS
     from plait.mesh import init_distributed, shutdown
 
     ctx, code = None, 0
     try:
         ctx = init_distributed(dims["dp"], dims["pp"], dims["tp"], timeout_s)
         body(ctx)
-    except USER_ERRORS as error:
+    except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)
         code = 2
     if ctx is not None and ctx.world_size > 1:

@@ -36,12 +36,13 @@ from safetensors.torch import save_file
 
 from plait.checkpoint.hf_config import SOURCE_DIR, copy_source_files
 from plait.checkpoint.pieces import Piece, assemble
+from plait.errors import PlaitError
 
 FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"  # in a run directory and in each checkpoint
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PlaitError):
     """A checkpoint that cannot be used here; one line."""
 
 

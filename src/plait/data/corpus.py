@@ -15,6 +15,8 @@ import pathlib
 import sysconfig
 from collections.abc import Iterator
 
+from plait.errors import PlaitError
+
 STDLIB_SPEC = "stdlib"
 
 # Third-party code lives inside the stdlib directory on most installs; it is
@@ -22,7 +24,7 @@ STDLIB_SPEC = "stdlib"
 _THIRD_PARTY_DIRS = ("site-packages", "dist-packages")
 
 
-class DataError(ValueError):
+class DataError(PlaitError):
     """Any problem with user-supplied data: missing paths, empty corpora,
     undecodable text, token ids outside the vocabulary.
 

@@ -9,8 +9,10 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 
+from plait.errors import PlaitError
 
-class ConfigError(ValueError):
+
+class ConfigError(PlaitError):
     """A model configuration that cannot work; the message is one line."""
 
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from plait.errors import PlaitError
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(PlaitError):
     """A schedule that cannot be built for these sizes; one line."""
 
 

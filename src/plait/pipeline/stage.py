@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from plait.errors import PlaitError
 from plait.models.config import LlamaConfig
 
 
-class StageError(ValueError):
+class StageError(PlaitError):
     """A pipeline split that cannot work; one line."""
 
 

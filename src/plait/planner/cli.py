@@ -5,15 +5,15 @@ import argparse
 import json
 import sys
 
-from plait.models import ConfigError
-from plait.planner.hardware import PROFILES, HardwareError, load_profile
-from plait.planner.simulator import LayoutRejected, Prediction, predict
+from plait.errors import PlaitError
+from plait.planner.hardware import PROFILES, load_profile
+from plait.planner.simulator import Prediction, predict
 from plait.planner.workload import ARCHS, RECOMPUTE, SCHEDULES, Layout, ModelShape
 
 GPU_HELP = f"hardware profile: {', '.join(PROFILES)}, cpu (this machine, after `plait calibrate`) or a profile JSON"
 
 
-class PlannerInputError(ValueError):
+class PlannerInputError(PlaitError):
     """Bad planner input; one line."""
 
 
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         if args.command == "simulate":
             return _simulate(args, shape, hw)
         return _plan(args, shape, hw)
-    except (PlannerInputError, HardwareError, LayoutRejected, ConfigError) as error:
+    except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)
         return 2
 

@@ -34,11 +34,13 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from plait.errors import PlaitError
+
 GB = 1e9
 TERA = 1e12
 
 
-class HardwareError(ValueError):
+class HardwareError(PlaitError):
     """An unknown or unreadable hardware profile; one line."""
 
 

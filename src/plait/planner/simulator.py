@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
+from plait.errors import PlaitError
 from plait.pipeline.schedules import build_schedule, in_flight_per_rank, simulate
 from plait.pipeline.stage import balanced_split
 from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
@@ -47,7 +48,7 @@ ADAM_BYTES_PER_ELEMENT = 28 + 4
 DDP_BUCKET_BYTES = 25 * 2 ** 20
 
 
-class LayoutRejected(ValueError):
+class LayoutRejected(PlaitError):
     """This layout cannot run; the message says why in one line."""
 
 

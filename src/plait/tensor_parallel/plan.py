@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from plait.comm import Collectives, _gather_dim
+from plait.errors import PlaitError
 from plait.sharding import TensorShard, set_shard, shard_of
 from plait.tensor_parallel.layers import (INPUT_MODES, OUTPUT_MODES, ColumnParallelLinear, ParallelLMHead,
                                           RowParallelLinear, VocabParallelEmbedding, prepare_input)
 
 
-class PlanError(ValueError):
+class PlanError(PlaitError):
     """A plan that cannot be applied; the message is one line naming the module."""
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 from plait.data.corpus import DataError
 from plait.data.mixture import format_data_spec, has_text_source, parse_data_spec
+from plait.errors import PlaitError
 from plait.layout import Recompute
 
 if sys.version_info >= (3, 11):
@@ -17,8 +19,15 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(PlaitError):
     """A bad training option; the message is one line."""
+
+
+class OnNonFinite(str, enum.Enum):
+    """What a step whose loss or gradient norm is not finite does (its update is never applied)."""
+
+    STOP = "stop"  # exit non-zero naming the step; the last good checkpoint stays the newest
+    SKIP = "skip"  # drop the update, count the step in the metrics, go on
 
 
 DTYPES = ("float32", "bfloat16")
@@ -59,6 +68,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0               # global-norm clipping; 0 disables
+    on_nonfinite: str = "stop"           # a non-finite loss or gradient norm: stop, or skip the update
     label_smoothing: float = 0.0
     seed: int = 0
     dtype: str = "bfloat16"              # compute dtype under autocast; master weights stay fp32
@@ -147,6 +157,8 @@ class TrainConfig:
                 and not Path(self.tokenizer).expanduser().exists():
             raise TrainConfigError(f"--tokenizer {self.tokenizer}: no such file or directory (expected 'bpe', "
                                    "'byte', a tokenizer.json or a directory holding one)")
+        if self.on_nonfinite not in [mode.value for mode in OnNonFinite]:
+            raise TrainConfigError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
         if self.lr <= 0:
             raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0 or self.checkpoint_every < 0:

@@ -6,6 +6,7 @@ is written, so a crash loses at most the step in flight.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -94,24 +95,43 @@ class MemoryWatch:
 
 
 def measure_matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 0.3, size: int = 1024) -> float:
-    """Achieved FLOP/s of a square matmul on this rank: the denominator of MFU.
+    """Best achieved FLOP/s of a square matmul on this rank: the denominator of MFU.
 
     Timed as a linear layer computes it, x W^T (``F.linear``). The trainer calls it inside
     ``plait.runtime.gemm_context``, so that on CPUs whose bf16 products are emulated it times the
-    widened fp32 products the model's layers run too."""
+    widened fp32 products the model's layers run too. Best of single products, not their mean:
+    a load spike during the measurement only ever slows some of them (a mean once made the
+    peak so low that MFU read 188%)."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     for _ in range(2):
         F.linear(a, b)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    iterations, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or iterations < 3:
+    fastest, deadline, iterations = math.inf, time.perf_counter() + seconds, 0
+    while time.perf_counter() < deadline or iterations < 3:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
         F.linear(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        fastest = min(fastest, time.perf_counter() - start)
         iterations += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * size ** 3 * iterations / (time.perf_counter() - start)
+    return 2 * size ** 3 / fastest
+
+
+def calibrated_peak(dtype: str, device: torch.device) -> float | None:
+    """This rank's matmul peak from ``plait calibrate``'s profile of this machine (per core, times
+    the rank's threads), or None on a GPU or when there is no readable profile."""
+    if device.type != "cpu":
+        return None
+    from plait.planner.hardware import default_profile_path, load_profile
+
+    if not default_profile_path().exists():
+        return None
+    try:
+        return load_profile("cpu").peak(dtype) * torch.get_num_threads()
+    except ValueError:  # an unreadable profile or one without this dtype: measure instead
+        return None
 
 
 class MetricsLogger:

@@ -12,9 +12,10 @@ from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from plait.checkpoint.store import TOKENIZER_DIR
 from plait.data import load_token_data
 from plait.data.mixture import parse_data_spec
+from plait.errors import PlaitError
 from plait.mesh import ParallelContext, init_distributed
 from plait.runtime import configure_threads, tune_cpu_allocator
-from plait.train.config import TrainConfig
+from plait.train.config import OnNonFinite, TrainConfig
 from plait.train.metrics import MemoryWatch, MetricsLogger
 from plait.train.trainer import Trainer
 
@@ -96,6 +97,22 @@ def print_sample(trainer: Trainer, prompt: str, out_dir: Path, new_tokens: int =
           f"{prompt}{tokenizer.decode(new)}", flush=True)
 
 
+class NonFiniteStepError(PlaitError):
+    """A step's loss or gradient norm was not finite under ``--on-nonfinite stop``."""
+
+
+def check_nonfinite(record: dict[str, Any], cfg: TrainConfig, out_dir: Path, logger: MetricsLogger | None) -> None:
+    """After a step whose update was dropped: stop the run (every rank raises the same error), or
+    say so in one line and go on."""
+    what = f"step {record['step']}: loss {record['loss']}, gradient norm {record['grad_norm']}; the weights were not updated"
+    if cfg.on_nonfinite == OnNonFinite.STOP.value:
+        kept = latest_checkpoint(out_dir)
+        last_good = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written before it"
+        raise NonFiniteStepError(f"{what}; {last_good} (--on-nonfinite skip steps over such steps)")
+    if logger is not None:
+        logger.message(f"plait: warning: {what} (skipped, {record['skipped_steps']} so far)")
+
+
 def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[dict[str, Any]]:
     configure_threads(cfg.threads)
     tune_cpu_allocator(keep_freed=cfg.zero < 3)  # ZeRO-3: resident memory follows live memory
@@ -142,6 +159,8 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
             history.append(record)
             if logger is not None:
                 logger.log(record)
+            if record["skipped"]:
+                check_nonfinite(record, cfg, out_dir, logger)
             if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or last):
                 save_checkpoint(trainer, out_dir, step + 1, keep=cfg.keep_checkpoints)
     finally:
@@ -160,5 +179,7 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
         summary = f"plait: done, step {cfg.steps} ({len(history)} run now), final loss {final['loss']:.4f}"
         if "val_loss" in final:
             summary += f", validation loss {final['val_loss']:.4f}"
+        if trainer.skipped_steps:
+            summary += f", {trainer.skipped_steps} non-finite step(s) skipped"
         print(summary + f"; see {out_dir}/metrics.jsonl and {out_dir}/loss.png", flush=True)
     return history

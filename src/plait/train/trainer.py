@@ -13,6 +13,7 @@ per-micro-batch or per-rank means, which would weight tokens unequally.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from plait.pipeline import (PipelineExecutor, ScheduleError, StageError, build_s
 from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize
 from plait.train.config import TrainConfig
 from plait.loss import IGNORE_INDEX, linear_cross_entropy_sum
-from plait.train.metrics import measure_matmul_peak, peak_memory_bytes
+from plait.train.metrics import calibrated_peak, measure_matmul_peak, peak_memory_bytes
 from plait.train.optim import learning_rate
 from plait.train.recompute import apply_recomputation
 
@@ -135,8 +136,11 @@ class Trainer:
             self.val_batches = validation_batches(data.val, cfg.seq_len, self.micro_batch, cfg.eval_batches)
         self.compute_dtype = DTYPE_BY_NAME[cfg.dtype]
         self.flops_per_token = self.model_config.flops_per_token(cfg.seq_len)
+        self.skipped_steps = 0  # of this process: steps whose update was dropped (--on-nonfinite skip)
         if cfg.peak_tflops:
             self.peak_flops = cfg.peak_tflops * 1e12
+        elif (calibrated := calibrated_peak(cfg.dtype, ctx.device)) is not None:
+            self.peak_flops = calibrated
         else:  # timed as the model's products run
             with gemm_context(ctx.device, self.compute_dtype):
                 self.peak_flops = measure_matmul_peak(self.compute_dtype, ctx.device)
@@ -238,37 +242,55 @@ class Trainer:
         (loss_sum_all,) = ctx.comm("dp").all_reduce_scalars([loss_sum_all], tag="metrics")
         return loss_sum_all, n_targets
 
-    def apply_update(self, step: int) -> tuple[float, float]:
+    def apply_update(self, step: int, loss: float) -> tuple[float, float, bool]:
         """Clip, set the learning rate of ``step``, take the AdamW step, zero gradients.
 
-        Returns (gradient norm before clipping, learning rate).
+        A non-finite loss or gradient norm skips the AdamW step: the weights and the optimizer's
+        moments stay as they were. Both numbers are reduced over every rank before this, so all
+        ranks take the same decision without a further collective.
+
+        Returns (gradient norm before clipping, learning rate, whether the weights were updated).
         """
         cfg = self.cfg
         lr = learning_rate(step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         grad_norm = self.strategy.clip_grad_norm(cfg.grad_clip)
-        self.strategy.step(lr)
+        updated = math.isfinite(loss) and math.isfinite(grad_norm)
+        if updated:
+            self.strategy.step(lr)
         self.strategy.zero_grad()
-        return grad_norm, lr
+        return grad_norm, lr, updated
 
     def train_step(self, step: int) -> dict[str, Any]:
         start = time.perf_counter()
         with gemm_context(self.ctx.device, self.compute_dtype):  # forward and backward
             loss_sum, n_targets = self.compute_gradients(step)
-        grad_norm, lr = self.apply_update(step)
+        loss = loss_sum / n_targets
+        grad_norm, lr, updated = self.apply_update(step, loss)
+        self.skipped_steps += not updated
         elapsed = time.perf_counter() - start
         tokens = self.cfg.global_batch * self.cfg.seq_len
         tokens_per_s = tokens / elapsed
         return {
             "step": step,
-            "loss": loss_sum / n_targets,
+            "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
+            "skipped": not updated,
+            "skipped_steps": self.skipped_steps,
             "tokens": tokens,
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * self.ctx.world_size),
+            "mfu": self.model_flops_utilization(tokens_per_s),
             "peak_memory_gb": peak_memory_bytes(self.ctx.device) / 1e9,
         }
+
+    def model_flops_utilization(self, tokens_per_s: float) -> float:
+        """Model FLOP/s per rank over the rank's peak. The peak is a measured lower bound of the
+        true one (a calibrated profile or the best single product at start); a step that beats it
+        raises it, so MFU never exceeds 1."""
+        achieved = self.flops_per_token * tokens_per_s / self.ctx.world_size
+        self.peak_flops = max(self.peak_flops, achieved)
+        return achieved / self.peak_flops
 
     @torch.no_grad()
     def evaluate(self) -> float:
