@@ -3,7 +3,8 @@
 Layout of ``<run>/checkpoints/``::
 
     step-00000040/              a complete checkpoint (committed)
-        meta.json               step, model config, layout, format version
+        meta.json               step, model config, layout, format version, and the size and
+                                SHA-256 of every rank file (verified before any read)
         rank-00003.safetensors  the pieces rank 3 wrote (1-D fp32 tensors)
         rank-00003.json         what each of them is (``Piece``: name, kind, slice)
         hf_source/              a run started from a Hugging Face directory: its config.json,
@@ -28,6 +29,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from plait.checkpoint.hf_config import SOURCE_DIR, copy_source_files
+from plait.checkpoint.integrity import damage, file_record, recorded_files
 from plait.checkpoint.pieces import Piece, assemble
 from plait.errors import PlaitError
 
@@ -85,12 +88,17 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, keep: int = 2) -> P
     name = f"rank-{ctx.rank:05d}"
     save_file(tensors, str(tmp / f"{name}.safetensors"))
     (tmp / f"{name}.json").write_text(json.dumps([piece.to_json() for piece, _ in pieces]))
-    _barrier(ctx)  # every rank's files are on disk before the commit
+    records = {file: file_record(tmp / file) for file in (f"{name}.safetensors", f"{name}.json")}
+    every = [records]
+    if ctx.world_size > 1:  # also the barrier: every rank's files are on disk before the commit
+        every = [None] * ctx.world_size
+        dist.all_gather_object(every, records)
     if ctx.is_logging_rank:
         meta = {"format": FORMAT_VERSION, "step": step, "model": trainer.model_config.to_dict(),
                 "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp, "zero": trainer.cfg.zero,
                            "sequence_parallel": trainer.cfg.sequence_parallel},
-                "world_size": ctx.world_size}
+                "world_size": ctx.world_size,
+                "files": {file: record for rank_records in every for file, record in rank_records.items()}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if trainer.hf_source is not None:
             copy_source_files(trainer.hf_source, tmp / SOURCE_DIR)
@@ -107,10 +115,44 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, keep: int = 2) -> P
 
 
 def read_meta(path: str | Path) -> dict:
+    """The checkpoint's ``meta.json``, once its files verify (see ``integrity``)."""
+    verify_checkpoint(path)
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise a one-line CheckpointError unless ``path`` is a complete checkpoint whose files are
+    as its save wrote them."""
     path = Path(path)
     if not (path / "COMPLETE").exists():
         raise CheckpointError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
-    return json.loads((path / "meta.json").read_text())
+    reason = damage(path)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {reason}")
+
+
+def newest_intact_checkpoint(run_dir: str | Path, ctx=None, warn: Callable[[str], None] = print) -> Path | None:
+    """The newest complete checkpoint of ``run_dir`` whose files verify; ``warn`` gets one line
+    for each damaged one passed over, from rank 0. Collective under ``ctx`` with several ranks: each verifies
+    every world_size-th file and all take the first problem found. None if there is no checkpoint;
+    a one-line CheckpointError if every one is damaged."""
+    rank, world_size = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    found = complete_checkpoints(run_dir)
+    for path in reversed(found):
+        files, problem = recorded_files(path)
+        reason = problem or damage(path, sorted(files)[rank::world_size])
+        if world_size > 1:
+            reasons: list[str | None] = [None] * world_size
+            dist.all_gather_object(reasons, reason)
+            reason = next((r for r in reasons if r is not None), None)
+        if reason is None:
+            return path
+        if rank == 0:
+            warn(f"plait: warning: checkpoint {path} is damaged ({reason}); trying the one before it")
+    if found:
+        raise CheckpointError(f"every checkpoint in {checkpoint_root(run_dir)} is damaged (see the warnings above); "
+                              "pass --no-resume or another --out to start afresh")
+    return None
 
 
 def check_model_config(meta: dict, config) -> None:
@@ -138,10 +180,14 @@ def read_full_state(path: str | Path, names: set[str] | None = None) -> dict[tup
 
 def load_checkpoint(trainer, path: str | Path) -> int:
     """Load a checkpoint written under any layout into ``trainer``; returns its step. Each rank
-    reads only the ranges of the pieces that overlap what it holds."""
+    reads only the ranges of the pieces that overlap what it holds. The files' checksums are
+    not verified here: resume finds ``path`` with ``newest_intact_checkpoint``, which did (the
+    ranks sharing the work); other callers use ``verify_checkpoint`` first."""
     from plait.checkpoint.sources import CheckpointSource
 
-    meta = read_meta(path)
+    if not (Path(path) / "COMPLETE").exists():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+    meta = json.loads((Path(path) / "meta.json").read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
     check_model_config(meta, trainer.model_config)

@@ -157,6 +157,12 @@ class TrainConfig:
                 and not Path(self.tokenizer).expanduser().exists():
             raise TrainConfigError(f"--tokenizer {self.tokenizer}: no such file or directory (expected 'bpe', "
                                    "'byte', a tokenizer.json or a directory holding one)")
+        if self.out is not None:  # the run directory must be creatable: no file on its path
+            for parent in (Path(self.out), *Path(self.out).parents):
+                if parent.exists():
+                    if not parent.is_dir():
+                        raise TrainConfigError(f"--out {self.out}: {parent} is a file, not a directory")
+                    break
         if self.on_nonfinite not in [mode.value for mode in OnNonFinite]:
             raise TrainConfigError(f"--on-nonfinite must be stop or skip, got {self.on_nonfinite!r}")
         if self.lr <= 0:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from plait.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from plait.checkpoint import latest_checkpoint, load_checkpoint, newest_intact_checkpoint, save_checkpoint
 from plait.checkpoint.store import TOKENIZER_DIR
 from plait.data import load_token_data
 from plait.data.mixture import parse_data_spec
@@ -123,7 +123,7 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
     memory.end_phase("construction")
     out_dir = Path(cfg.out)
     start = 0
-    latest = latest_checkpoint(out_dir) if cfg.resume else None
+    latest = newest_intact_checkpoint(out_dir, ctx) if cfg.resume else None  # rank 0 warns of damage
     if latest is not None:
         start = load_checkpoint(trainer, latest)
     logger = None
