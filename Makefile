@@ -23,7 +23,7 @@ train: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# big models (medium, 528M parameters, on 8 ranks): slower than `make test`, not part of it
+# big models (medium, 528M parameters, on 8 ranks) and long multi-process runs: not part of `make test`
 test-large: $(STAMP)
 	$(BIN)/python -m pytest -m large $(PYTEST_ARGS)
 

@@ -130,27 +130,6 @@ def test_pipeline_run_writes_its_measured_timeline(text_dir, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
-def test_rerunning_the_same_command_resumes_bitwise(text_dir, tmp_path):
-    out = tmp_path / "resumable"
-    command = ["train", "--model", "tiny", "--data", str(text_dir), "--tokenizer", "byte", "--nproc", "2",
-               "--zero", "2", "--steps", "6", "--global-batch", "4", "--seq-len", "32", "--checkpoint-every", "2",
-               "--keep-checkpoints", "2", "--out", str(out), "--no-progress", "--no-tensorboard"]
-    first = run_plait(command, tmp_path)
-    assert first.returncode == 0, first.stderr
-    before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
-    import shutil
-    shutil.rmtree(out / "checkpoints" / "step-00000006")  # as if the run had died after step 4's checkpoint
-    second = run_plait(command, tmp_path)
-    assert second.returncode == 0, second.stderr
-    assert "resuming from" in second.stdout + second.stderr and "(step 4)" in second.stdout + second.stderr
-    after = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in after] == list(range(6))
-    assert [r["loss"] for r in after] == [r["loss"] for r in before]  # bitwise: same floats
-    third = run_plait(command, tmp_path)
-    assert "already at step 6 of 6" in third.stdout
-
-
 def _children(pid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -182,6 +161,7 @@ def _workers(launcher: int) -> list[int]:
     return workers
 
 
+@pytest.mark.large  # 30 s of processes: in `make test-large`; preemption's resume test covers the resume path
 def test_killed_worker_is_restarted_and_the_run_finishes_identically(text_dir, tmp_path):
     import random
     import signal

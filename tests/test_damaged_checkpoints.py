@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from plait.checkpoint import complete_checkpoints, read_full_state
+from plait.checkpoint import CheckpointError, complete_checkpoints, read_full_state, verify_checkpoint
+from plait.checkpoint.integrity import damage
 from test_cli import run_plait, text_dir  # noqa: F401  (the fixture)
 
 TRAIN = ["train", "--model", "tiny", "--tokenizer", "byte", "--global-batch", "4", "--micro-batch", "2",
@@ -33,24 +34,22 @@ def garble(file):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three steps checkpointed after each, on 1 process and on dp2 (ZeRO-1); and 4 steps uninterrupted."""
+    """Three steps on one process, checkpointed after each."""
     base = tmp_path_factory.mktemp("runs")
     corpus = base / "corpus"
     corpus.mkdir()
     (corpus / "a.py").write_text("".join(f"def f{n}(x):\n    return x + {n}\n" for n in range(400)))
     made = {}
-    for name, steps, layout in (("one", 3, []), ("dp2", 3, ["--nproc", "2", "--dp", "2", "--zero", "1"]),
-                                ("clean", 4, [])):
-        out = base / name
-        result = run_plait([*TRAIN, "--data", str(corpus), "--steps", str(steps), "--out", str(out), *layout], base)
-        assert result.returncode == 0, result.stderr
-        made[name] = (out, layout)
+    out = base / "one"
+    result = run_plait([*TRAIN, "--data", str(corpus), "--steps", "3", "--out", str(out)], base)
+    assert result.returncode == 0, result.stderr
+    made["one"] = (out, [])
     return base, corpus, made
 
 
-def resume(runs, tmp_path, name, damage_fn, file, steps=4):
+def resume(runs, tmp_path, name, damage_fn, file, steps=3, layout=()):
     base, corpus, made = runs
-    source, layout = made[name]
+    source = made[name][0]
     out = tmp_path / name
     shutil.copytree(source, out)
     if damage_fn is not None:
@@ -58,34 +57,52 @@ def resume(runs, tmp_path, name, damage_fn, file, steps=4):
     return out, run_plait([*TRAIN, "--data", str(corpus), "--steps", str(steps), "--out", str(out), *layout], tmp_path)
 
 
-@pytest.mark.parametrize("damage_fn, file, reason", [
+DAMAGE = [
     (truncate, "rank-00000.safetensors", "bytes where its save wrote"),
     (flip_a_byte, "rank-00000.safetensors", "does not match its SHA-256"),
     (garble, "rank-00000.json", "bytes where its save wrote"),
     (lambda f: f.unlink(), "rank-00000.json", "is missing"),
     (garble, "meta.json", "cannot be read"),
-], ids=["truncated", "flipped-byte", "garbled-index", "missing-index", "garbled-meta"])
+    (lambda f: f.unlink(), "COMPLETE", "no COMPLETE marker"),
+]
+
+
+@pytest.mark.parametrize("damage_fn, file, reason", DAMAGE, ids=[
+    "truncated", "flipped-byte", "garbled-index", "missing-index", "garbled-meta", "no-marker"])
+def test_each_kind_of_damage_is_named(runs, tmp_path, damage_fn, file, reason):
+    checkpoint = tmp_path / "step-00000003"
+    shutil.copytree(runs[2]["one"][0] / "checkpoints" / "step-00000003", checkpoint)
+    assert damage(checkpoint) is None
+    damage_fn(checkpoint / file)
+    assert reason in damage(checkpoint)
+    with pytest.raises(CheckpointError, match="damaged|not a complete checkpoint"):
+        verify_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("damage_fn, file, reason", [DAMAGE[0]], ids=["truncated"])
 def test_resume_falls_back_to_the_previous_checkpoint_and_trains_on_identically(runs, tmp_path, damage_fn, file, reason):
     out, result = resume(runs, tmp_path, "one", damage_fn, file)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stdout.splitlines() if line.startswith("plait: warning: checkpoint")]
     assert len(warnings) == 1 and "step-00000003" in warnings[0] and reason in warnings[0], result.stdout
     assert "resuming from" in result.stdout and "step-00000002 (step 2)" in result.stdout
-    clean = read_full_state(complete_checkpoints(runs[2]["clean"][0])[-1])
-    resumed = read_full_state(complete_checkpoints(out)[-1])
-    assert complete_checkpoints(out)[-1].name == "step-00000004" and clean.keys() == resumed.keys()
-    for key, value in clean.items():  # step 2 -> 4 again: the same weights and moments, bitwise
-        assert torch.equal(value, resumed[key]), key
+    original = read_full_state(runs[2]["one"][0] / "checkpoints" / "step-00000003")
+    redone = read_full_state(out / "checkpoints" / "step-00000003")
+    assert original.keys() == redone.keys()
+    for key, value in original.items():  # step 3 trained again from step 2: the same weights and moments
+        assert torch.equal(value, redone[key]), key
 
 
 def test_dp2_ranks_share_the_verification_and_agree(runs, tmp_path):
-    # sorted files: rank 0 verifies the two indexes, rank 1 the two tensor files
-    out, result = resume(runs, tmp_path, "dp2", flip_a_byte, "rank-00001.safetensors")
+    # resumed on two ranks (resharded): of the sorted files rank 0 verifies the index, rank 1 the
+    # tensor file, so rank 1 finds the damage that rank 0 reports
+    out, result = resume(runs, tmp_path, "one", flip_a_byte, "rank-00000.safetensors",
+                         layout=("--nproc", "2", "--dp", "2", "--zero", "1"))
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stdout.splitlines() if line.startswith("plait: warning: checkpoint")]
-    assert len(warnings) == 1 and "rank-00001.safetensors does not match" in warnings[0], result.stdout
+    assert len(warnings) == 1 and "rank-00000.safetensors does not match" in warnings[0], result.stdout
     assert "step-00000002 (step 2)" in result.stdout
-    assert json.loads((out / "checkpoints" / "step-00000004" / "meta.json").read_text())["files"].keys() == {
+    assert json.loads((out / "checkpoints" / "step-00000003" / "meta.json").read_text())["files"].keys() == {
         "rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors"}
 
 
@@ -95,7 +112,7 @@ def test_every_checkpoint_damaged_is_one_line(runs, tmp_path):
     shutil.copytree(made["one"][0], out)
     for checkpoint in complete_checkpoints(out):
         truncate(checkpoint / "rank-00000.safetensors")
-    result = run_plait([*TRAIN, "--data", str(corpus), "--steps", "4", "--out", str(out)], tmp_path)
+    result = run_plait([*TRAIN, "--data", str(corpus), "--steps", "3", "--out", str(out)], tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("plait: error: every checkpoint in")
     assert result.stdout.count("plait: warning: checkpoint") == 3

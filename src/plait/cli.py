@@ -231,6 +231,7 @@ def torch_distributed_error() -> tuple[type, ...]:
 def train_worker(cfg: TrainConfig) -> int:
     """Body of one training process (the only process when nproc == 1)."""
     from plait.mesh import init_distributed, shutdown
+    from plait.train.preemption import Preempted
     from plait.train.run import run_training
 
     ctx = None
@@ -241,6 +242,10 @@ def train_worker(cfg: TrainConfig) -> int:
     except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)
         code = 2
+    except Preempted as stopped:  # every rank stops at the same step, after the same save
+        if ctx is None or ctx.is_logging_rank:
+            print(f"plait: {stopped}", file=sys.stderr)
+        code = stopped.exit_code
     except KeyboardInterrupt:
         code = 130
     except Exception as error:

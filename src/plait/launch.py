@@ -17,10 +17,12 @@ def launch_local_workers(nproc: int, max_restarts: int, argv: Sequence[str]) -> 
     """Start ``nproc`` workers running ``plait ARGV``, like ``torchrun --standalone --nproc-per-node N``."""
     import logging
 
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # each sets its own level; plait says what matters
     # Restarted workers must not read the previous attempt's gloo addresses from a store shared
     # with the agent (seen here: "Connection refused" to a dead rank's port); own store per attempt.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -29,10 +31,15 @@ def launch_local_workers(nproc: int, max_restarts: int, argv: Sequence[str]) -> 
                           monitor_interval=0.2)
     try:
         elastic_launch(config, sys.executable)("-m", "plait", *argv)
+    except SignalException as stopped:  # the agent passed the signal on; the workers saved and said so
+        return 128 + int(stopped.sigval)
     except ChildFailedError as error:
         # The cause: a worker killed by a signal if any (its peers then fail on the lost connection,
         # sometimes before the agent records the kill), else the earliest failure. The agent stops
         # the survivors with SIGTERM, so another signal names the cause first.
+        preempted = {f.exitcode for f in error.failures.values()} & {128 + signal.SIGTERM, 128 + signal.SIGINT}
+        if preempted and all(f.exitcode in preempted for f in error.failures.values()):
+            return preempted.pop()  # the workers were signalled directly, saved and said so
         killed = sorted((f.exitcode == -signal.SIGTERM, rank, f) for rank, f in error.failures.items()
                         if f.exitcode < 0)
         _, rank, failure = killed[0] if killed else (None, *error.get_first_failure())

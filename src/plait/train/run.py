@@ -17,6 +17,7 @@ from plait.mesh import ParallelContext, init_distributed
 from plait.runtime import configure_threads, tune_cpu_allocator
 from plait.train.config import OnNonFinite, TrainConfig
 from plait.train.metrics import MemoryWatch, MetricsLogger
+from plait.train.preemption import Preempted, StopRequests
 from plait.train.trainer import Trainer
 
 
@@ -151,18 +152,24 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
                        f"{data.train_tokens:,} training tokens{sources}, writing {out_dir}")
     history = []
     try:
-        for step in range(start, cfg.steps):
-            record = trainer.train_step(step)
-            last = step == cfg.steps - 1
-            if trainer.val_batches and ((step + 1) % cfg.eval_every == 0 or last):
-                record["val_loss"] = trainer.evaluate()
-            history.append(record)
-            if logger is not None:
-                logger.log(record)
-            if record["skipped"]:
-                check_nonfinite(record, cfg, out_dir, logger)
-            if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or last):
-                save_checkpoint(trainer, out_dir, step + 1, keep=cfg.keep_checkpoints)
+        with StopRequests() as stop:
+            for step in range(start, cfg.steps):
+                record = trainer.train_step(step)
+                last = step == cfg.steps - 1
+                if trainer.val_batches and ((step + 1) % cfg.eval_every == 0 or last):
+                    record["val_loss"] = trainer.evaluate()
+                history.append(record)
+                if logger is not None:
+                    logger.log(record)
+                if record["skipped"]:
+                    check_nonfinite(record, cfg, out_dir, logger)
+                saved = None
+                if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or last):
+                    saved = save_checkpoint(trainer, out_dir, step + 1, keep=cfg.keep_checkpoints)
+                signum = stop.agreed(ctx) if ctx.world_size > 1 else stop.signum
+                if signum and not last:  # preempted: keep this step's state and end here
+                    saved = saved or save_checkpoint(trainer, out_dir, step + 1, keep=cfg.keep_checkpoints)
+                    raise Preempted(signum, step + 1, saved)
     finally:
         if logger is not None:
             logger.close(plot=cfg.plot and bool(history))
