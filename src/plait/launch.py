@@ -1,5 +1,5 @@
 """Processes of a plait command: whether this one is a launched worker, how the parent starts
-local workers (as ``torchrun --standalone`` does), and with the one-line errors of ``plait.errors``."""
+local workers (as ``torchrun --standalone`` does), and what the launcher says when they end."""
 from __future__ import annotations
 
 import os

@@ -120,12 +120,17 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def verify_checkpoint(path: str | Path) -> None:
-    """Raise a one-line CheckpointError unless ``path`` is a complete checkpoint whose files are
-    as its save wrote them."""
+def _complete(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "COMPLETE").exists():
         raise CheckpointError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
+    return path
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise a one-line CheckpointError unless ``path`` is a complete checkpoint whose files are
+    as its save wrote them."""
+    path = _complete(path)
     reason = damage(path)
     if reason is not None:
         raise CheckpointError(f"checkpoint {path} is damaged: {reason}")
@@ -185,9 +190,7 @@ def load_checkpoint(trainer, path: str | Path) -> int:
     ranks sharing the work); other callers use ``verify_checkpoint`` first."""
     from plait.checkpoint.sources import CheckpointSource
 
-    if not (Path(path) / "COMPLETE").exists():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no COMPLETE marker)")
-    meta = json.loads((Path(path) / "meta.json").read_text())
+    meta = json.loads((_complete(path) / "meta.json").read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
     check_model_config(meta, trainer.model_config)

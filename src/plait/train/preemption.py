@@ -3,8 +3,8 @@
 A scheduler that preempts a job (Slurm, Kubernetes) sends SIGTERM and kills it a grace period
 later; Ctrl-C sends SIGINT to every process of the terminal's group; plait's own launcher and
 ``torchrun`` pass the signal on to their workers. The handler only notes the signal. At each step
-boundary the ranks agree on it (a max of the signal number over dp, then pp, then tp: every rank
-learns if any rank was signalled, even one that saw its signal a step later), all save a
+boundary the ranks agree on it (a max of the signal number over all ranks: every rank learns
+if any rank was signalled, even when one saw its signal a step later), all save a
 checkpoint, and every worker ends with exit code 128 + the signal, as a shell reports a process
 the signal ended. Rerunning the same command resumes from that checkpoint, bitwise.
 
@@ -15,8 +15,10 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import torch.distributed as dist
 from torch.distributed import ReduceOp
 
+from plait.comm import Collectives
 from plait.mesh import ParallelContext
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -42,6 +44,7 @@ class StopRequests:
     def __init__(self) -> None:
         self.signum = 0
         self._previous: dict[int, object] = {}
+        self._world: Collectives | None = None  # built at the first agreement of a multi-rank run
 
     def __enter__(self) -> "StopRequests":
         for signum in SIGNALS:
@@ -58,8 +61,10 @@ class StopRequests:
         self.signum = self.signum or signum
 
     def agreed(self, ctx: ParallelContext) -> int:
-        """The signal any rank noted (0: none); collective over every rank."""
-        value = float(self.signum)
-        for dim in ("dp", "pp", "tp"):
-            (value,) = ctx.comm(dim).all_reduce_scalars([value], op=ReduceOp.MAX, tag="control")
+        """The signal any rank noted (0: none); one scalar all-reduce over every rank."""
+        if ctx.world_size == 1:
+            return self.signum
+        if self._world is None:
+            self._world = Collectives("world", dist.group.WORLD, ctx.counter, ctx.device)
+        (value,) = self._world.all_reduce_scalars([float(self.signum)], op=ReduceOp.MAX, tag="control")
         return int(value)

@@ -166,7 +166,7 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
                 saved = None
                 if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or last):
                     saved = save_checkpoint(trainer, out_dir, step + 1, keep=cfg.keep_checkpoints)
-                signum = stop.agreed(ctx) if ctx.world_size > 1 else stop.signum
+                signum = stop.agreed(ctx)
                 if signum and not last:  # preempted: keep this step's state and end here
                     saved = saved or save_checkpoint(trainer, out_dir, step + 1, keep=cfg.keep_checkpoints)
                     raise Preempted(signum, step + 1, saved)
