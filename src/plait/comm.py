@@ -259,13 +259,18 @@ class ReduceFromTensorParallel(torch.autograd.Function):
     """g: forward all-reduce (SUM) of partial outputs; backward identity.
 
     Placed after a row-parallel layer: Y = sum_r X_r A_r over the ranks' rows of A.
+
+    The sum goes into a new tensor, never into ``x``: ``x`` is a matmul output, which selective
+    recomputation keeps and hands back when the block is recomputed; summed in place, the
+    recomputed block would sum it a second time (tp x the output; found by the randomized layout
+    tests).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: Collectives) -> torch.Tensor:
-        x = x.contiguous()
-        comm.all_reduce(x, tag="tp_fwd")
-        return x
+        out = x.clone(memory_format=torch.contiguous_format)
+        comm.all_reduce(out, tag="tp_fwd")
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
