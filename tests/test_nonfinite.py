@@ -47,6 +47,12 @@ def test_skip_leaves_weights_and_moments_as_they_were_and_counts_the_steps(text_
     for key, value in after_update.items():
         assert torch.equal(value, after_skips[key]), key
         assert torch.isfinite(value).all(), key  # the non-finite gradients never reached the weights
+    steps = BLOW_UP.index("--steps") + 1
+    longer = [*BLOW_UP[:steps], "6", *BLOW_UP[steps + 1:]]
+    resumed = run_plait([*longer, "--data", str(text_dir), "--out", str(out), "--on-nonfinite", "skip"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2, 3, 4, 5]  # the count survives the resume
 
 
 def test_a_bad_mode_is_one_line(tmp_path):

@@ -94,7 +94,8 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, keep: int = 2) -> P
         every = [None] * ctx.world_size
         dist.all_gather_object(every, records)
     if ctx.is_logging_rank:
-        meta = {"format": FORMAT_VERSION, "step": step, "model": trainer.model_config.to_dict(),
+        meta = {"format": FORMAT_VERSION, "step": step, "skipped_steps": trainer.skipped_steps,
+                "model": trainer.model_config.to_dict(),
                 "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp, "zero": trainer.cfg.zero,
                            "sequence_parallel": trainer.cfg.sequence_parallel},
                 "world_size": ctx.world_size,
@@ -199,4 +200,5 @@ def load_checkpoint(trainer, path: str | Path) -> int:
         trainer.strategy.load_state(source, int(meta["step"]))
     finally:
         source.close()
+    trainer.skipped_steps = int(meta.get("skipped_steps", 0))  # non-finite steps skipped before it
     return int(meta["step"])

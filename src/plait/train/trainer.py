@@ -136,7 +136,7 @@ class Trainer:
             self.val_batches = validation_batches(data.val, cfg.seq_len, self.micro_batch, cfg.eval_batches)
         self.compute_dtype = DTYPE_BY_NAME[cfg.dtype]
         self.flops_per_token = self.model_config.flops_per_token(cfg.seq_len)
-        self.skipped_steps = 0  # of this process: steps whose update was dropped (--on-nonfinite skip)
+        self.skipped_steps = 0  # steps whose update was dropped (--on-nonfinite skip); kept in checkpoints
         if cfg.peak_tflops:
             self.peak_flops = cfg.peak_tflops * 1e12
         elif (calibrated := calibrated_peak(cfg.dtype, ctx.device)) is not None:
