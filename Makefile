@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: train test test-large bench clean
+.PHONY: train test test-large test-random bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: $(STAMP)
 # big models (medium, 528M parameters, on 8 ranks) and long multi-process runs: not part of `make test`
 test-large: $(STAMP)
 	$(BIN)/python -m pytest -m large $(PYTEST_ARGS)
+
+# many randomized layouts against one process (make test runs 3 of a fixed seed); a fresh seed
+# each time unless SEED=N; a failing draw prints the `plait compare` command that reproduces it
+DRAWS ?= 40
+SEED  ?= $(shell date +%s)
+test-random: $(STAMP)
+	PLAIT_RANDOM_DRAWS=$(DRAWS) PLAIT_RANDOM_SEED=$(SEED) $(BIN)/python -m pytest -s tests/test_random_layouts.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/single_rank.py

@@ -53,7 +53,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("source, target", [("tp2", "dp2-zero3"), ("dp2-zero1", "tp2-sp"), ("pp2", "single"),
-                                            ("2x2x2", "tp4")])
+                                            pytest.param("2x2x2", "tp4", marks=pytest.mark.large)])  # 22 s
 def test_reshard_between_layouts(pool, tmp_path, data, model_config, uninterrupted, source, target):
     def run(layout, fn):
         dims, options = LAYOUTS[layout]

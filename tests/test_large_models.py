@@ -33,7 +33,8 @@ def tied_reference(data, tied_config):
 @pytest.mark.parametrize("dims, recompute, extra", [
     (ParallelDims(dp=2), "full", {}),
     (ParallelDims(dp=2), "selective", {}),
-    (ParallelDims(dp=2, tp=2), "selective", {"sequence_parallel": True, "loss_parallel": True}),
+    pytest.param(ParallelDims(dp=2, tp=2), "selective", {"sequence_parallel": True, "loss_parallel": True},
+                 marks=pytest.mark.large),  # 28 s; tp2 + selective: test_tensor_parallel, composed: random layouts
 ], ids=["dp2-zero3-full", "dp2-zero3-selective", "dp2-tp2-sp-zero3-selective"])
 def test_zero3_with_recomputation_matches_one_process(pool, data, model_config, reference, dims, recompute, extra):
     cfg = tiny_config(micro_batch=2, zero=3, tp=dims.tp, activation_checkpointing=recompute, **extra)

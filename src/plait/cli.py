@@ -14,6 +14,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Sequence
 
 from plait.errors import PlaitError
@@ -78,6 +79,8 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--peak-tflops", "peak_tflops", float, "per-rank peak TFLOP/s for MFU (default: measured matmul rate)"),
     ("--bucket-mb", "bucket_mb", float, "data-parallel gradient bucket size in MiB"),
     ("--timeout", "timeout_s", float, "seconds a collective may wait before the run fails"),
+    ("--hang-timeout", "hang_timeout_s", float, "seconds a rank may wait in a collective with no progress before "
+                                                "the job ends with a summary of where each rank is (0: off)"),
     ("--threads", "threads", int, "torch threads per rank (default: cores / local ranks)"),
 ]
 TRAIN_SWITCHES: list[tuple[str, str, str]] = [
@@ -143,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--virtual-stages", type=int, default=1, help="chunks per rank (interleaved)")
     schedule.add_argument("--backward-cost", type=float, default=2.0, help="backward time / forward time")
     schedule.add_argument("-o", "--output", default="schedule.png", help="PNG to write")
+    commands.add_parser("compare", add_help=False, help="run one job under two layouts and report where they "
+                                                        "part (plait compare --help)")
     from plait.model_cli import add_commands as add_model_commands
     from plait.planner.cli import add_commands
     add_model_commands(commands)
@@ -250,10 +255,15 @@ def train_worker(cfg: TrainConfig) -> int:
         code = 130
     except Exception as error:
         rank = os.environ.get("RANK", "0")
-        if isinstance(error, torch_distributed_error()) or (  # a peer died or timed out: say so in one line
-                isinstance(error, RuntimeError) and any(word in str(error) for word in ("gloo", "NCCL", "Connection"))):
+        if ctx is not None and ctx.recorder.hung:  # the hang watchdog reports and ends this process
+            time.sleep(60)
+        in_flight = ctx.recorder.in_flight() if ctx is not None else []
+        if in_flight or isinstance(error, torch_distributed_error()):  # a peer died or timed out: one line
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"plait: rank {rank}: a collective failed (a peer died or timed out): {first_line}",
+            where = f" in {in_flight[0].describe()}" if in_flight else ""
+            saved = ctx.recorder.write(Path(cfg.out) / "hang") if ctx is not None and cfg.out else None
+            record = f"; its last collectives: {saved}" if saved else ""
+            print(f"plait: rank {rank}: a collective failed{where} (a peer died or timed out): {first_line}{record}",
                   file=sys.stderr)
         else:  # an unexpected failure: the full traceback helps, prefixed by the rank
             print(f"plait: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr)
@@ -269,6 +279,9 @@ def train_worker(cfg: TrainConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:  # its own parser: every other flag is a plait train flag
+        from plait.compare import compare_main
+        return compare_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -16,6 +16,9 @@ output for all-gather, the unreduced input for reduce-scatter) we record, per ra
 ``wire`` is kept as an exact fraction so "bytes counted == formula" can be asserted exactly.
 A group of size 1 issues nothing and counts nothing.
 
+Every collective is also recorded, with its start and end time, in the rank's
+``plait.flight_recorder.FlightRecorder`` (the last few hundred), so a hang can be located.
+
 Per-backend choice (measured here, torch 2.13, gloo, 2 and 4 ranks, 1-67 MB): gloo's
 ``all_to_all_single`` moves 2-4x more bytes per second than its ``reduce_scatter`` and
 ``all_gather`` (e.g. 67 MB over 2 ranks: all-to-all 26 ms, all-reduce 55 ms, all-gather 124 ms,
@@ -33,6 +36,8 @@ from fractions import Fraction
 
 import torch
 import torch.distributed as dist
+
+from plait.flight_recorder import Entry, FlightRecorder
 
 ReduceOp = dist.ReduceOp
 
@@ -108,32 +113,58 @@ class _SumAfter:
         self.work = self.received = None
 
 
+class _Recorded:
+    """Work handle that marks its flight-recorder entry done once waited on."""
+
+    def __init__(self, work, recorder: FlightRecorder, entry: Entry) -> None:
+        self.work, self.recorder, self.entry = work, recorder, entry
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+            self.recorder.end(self.entry)
+
+
 class Collectives:
-    """Counted collectives over one process group (``group=None`` with ``size == 1``: no-ops)."""
+    """Counted and recorded collectives over one process group (``group=None`` with ``size == 1``:
+    no-ops)."""
 
     def __init__(self, name: str, group: dist.ProcessGroup | None, counter: TrafficCounter,
-                 device: torch.device = torch.device("cpu")) -> None:
+                 device: torch.device = torch.device("cpu"), recorder: FlightRecorder | None = None) -> None:
         self.name = name
         self.device = device
         self.group = group
         self.counter = counter
+        self.recorder = recorder if recorder is not None else FlightRecorder()
         self.size = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
+        self.ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else (0,)
         # See the module docstring: gloo's all-to-all beats its reduce-scatter and all-gather.
         self.via_all_to_all = group is not None and dist.get_backend(group) == "gloo"
         # Set while plait.tensor_parallel.sequence.keep_sequence_shards is active.
         self.sequence_shards = None
 
-    def _count(self, op: str, tag: str, payload: int, wire: Fraction) -> None:
+    def _count(self, op: str, tag: str, payload: int, wire: Fraction, peer: int | None = None) -> Entry:
+        """Count the collective and record its start; returns the entry to end."""
         self.counter.add(self.name, op, tag, payload, wire)
+        return self.recorder.begin(self.name, self.ranks, op, tag, payload,
+                                   None if peer is None else self.ranks[peer])
+
+    def _issued(self, entry: Entry, work):
+        """An asynchronous handle that ends ``entry`` when waited on; a finished call ends it now."""
+        if work is None:
+            self.recorder.end(entry)
+            return None
+        return _Recorded(work, self.recorder, entry)
 
     def all_reduce(self, tensor: torch.Tensor, op=ReduceOp.SUM, tag: str = "", async_op: bool = False):
         """In-place all-reduce. Returns a work handle when ``async_op`` (else None)."""
         if self.size == 1:
             return None
         n, size = self.size, _nbytes(tensor)
-        self._count("all_reduce", tag, size, Fraction(2 * (n - 1) * size, n))
-        return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
+        entry = self._count("all_reduce", tag, size, Fraction(2 * (n - 1) * size, n))
+        return self._issued(entry, dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op))
 
     def all_gather(self, output: torch.Tensor, shard: torch.Tensor, tag: str = "", async_op: bool = False):
         """``output`` (n x shard along dim 0) receives every rank's ``shard`` in rank order."""
@@ -141,7 +172,7 @@ class Collectives:
             output.copy_(shard.view_as(output))
             return None
         n, size = self.size, _nbytes(output)
-        self._count("all_gather", tag, size, Fraction((n - 1) * size, n))
+        entry = self._count("all_gather", tag, size, Fraction((n - 1) * size, n))
         if self.via_all_to_all:  # point-to-point: send our shard to each peer, receive theirs in place
             chunks = output.view(n, -1)
             flat = shard.contiguous().view(-1)
@@ -153,10 +184,10 @@ class Collectives:
                     works.append(dist.irecv(chunks[peer], group_src=peer, group=self.group, tag=_GATHER_TAG))
             pending = _WaitAll(works, keep=flat)
             if async_op:
-                return pending
+                return self._issued(entry, pending)
             pending.wait()
-            return None
-        return dist.all_gather_single(output, shard, group=self.group, async_op=async_op)
+            return self._issued(entry, None)
+        return self._issued(entry, dist.all_gather_single(output, shard, group=self.group, async_op=async_op))
 
     def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor, op=ReduceOp.SUM, tag: str = "",
                        async_op: bool = False):
@@ -165,7 +196,7 @@ class Collectives:
             output.copy_(full.view_as(output))
             return None
         n, size = self.size, _nbytes(full)
-        self._count("reduce_scatter", tag, size, Fraction((n - 1) * size, n))
+        entry = self._count("reduce_scatter", tag, size, Fraction((n - 1) * size, n))
         if self.via_all_to_all and op == ReduceOp.SUM:
             # chunk j of every rank's input goes to rank j, which sums the n chunks it receives
             received = torch.empty_like(full).view(n, -1)
@@ -173,31 +204,37 @@ class Collectives:
                                           async_op=async_op)
             pending = _SumAfter(work, received, output)
             if async_op:
-                return pending
+                return self._issued(entry, pending)
             pending.wait()
-            return None
-        return dist.reduce_scatter_single(output, full, op=op, group=self.group, async_op=async_op)
+            return self._issued(entry, None)
+        return self._issued(entry, dist.reduce_scatter_single(output, full, op=op, group=self.group,
+                                                              async_op=async_op))
 
     def broadcast(self, tensor: torch.Tensor, src_group_rank: int = 0, tag: str = "") -> None:
         if self.size == 1:
             return
         size = _nbytes(tensor)
-        self._count("broadcast", tag, size, Fraction(size))
+        entry = self._count("broadcast", tag, size, Fraction(size))
         dist.broadcast(tensor, group_src=src_group_rank, group=self.group)
+        self._issued(entry, None)
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int, what: str = "activations"):
         """Asynchronous point-to-point send to group rank ``peer``; returns the work handle.
         Counted on the sender only (``B`` bytes, under ``what``); the matching ``recv`` counts nothing."""
-        self._count("send", what, _nbytes(tensor), Fraction(_nbytes(tensor)))
-        return dist.isend(tensor, group_dst=peer, group=self.group, tag=tag)
+        entry = self._count("send", what, _nbytes(tensor), Fraction(_nbytes(tensor)), peer=peer)
+        return self._issued(entry, dist.isend(tensor, group_dst=peer, group=self.group, tag=tag))
 
     def recv(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
-        """Blocking receive into ``tensor`` from group rank ``peer``."""
+        """Blocking receive into ``tensor`` from group rank ``peer`` (recorded, not counted)."""
+        entry = self.recorder.begin(self.name, self.ranks, "recv", "", _nbytes(tensor), self.ranks[peer])
         dist.irecv(tensor, group_src=peer, group=self.group, tag=tag).wait()
+        self.recorder.end(entry)
 
     def barrier(self) -> None:
         if self.size > 1:
+            entry = self.recorder.begin(self.name, self.ranks, "barrier", "", 0)
             dist.barrier(group=self.group)
+            self.recorder.end(entry)
 
     def all_reduce_scalars(self, values: list[float], op=ReduceOp.SUM, tag: str = "metrics") -> list[float]:
         """Reduce a few Python floats in one float64 message (metrics, token counts)."""

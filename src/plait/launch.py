@@ -37,6 +37,9 @@ def launch_local_workers(nproc: int, max_restarts: int, argv: Sequence[str]) -> 
         # The cause: a worker killed by a signal if any (its peers then fail on the lost connection,
         # sometimes before the agent records the kill), else the earliest failure. The agent stops
         # the survivors with SIGTERM, so another signal names the cause first.
+        from plait.train.watchdog import HANG_EXIT_CODE
+        if any(f.exitcode == HANG_EXIT_CODE for f in error.failures.values()):
+            return HANG_EXIT_CODE  # a worker printed where the job hung
         preempted = {f.exitcode for f in error.failures.values()} & {128 + signal.SIGTERM, 128 + signal.SIGINT}
         if preempted and all(f.exitcode in preempted for f in error.failures.values()):
             return preempted.pop()  # the workers were signalled directly, saved and said so

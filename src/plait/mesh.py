@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from plait.comm import Collectives, TrafficCounter
+from plait.flight_recorder import FlightRecorder
 from plait.layout import LayoutError
 
 DIM_NAMES = ("dp", "pp", "tp")
@@ -98,13 +99,15 @@ class ParallelContext:
     mesh: object | None = None  # torch.distributed.device_mesh.DeviceMesh when world_size > 1
     counter: TrafficCounter = field(default_factory=TrafficCounter)
     comms: dict[str, Collectives] = field(default_factory=dict)
+    recorder: FlightRecorder | None = None  # the last collectives of this rank (hang diagnosis)
 
     def __post_init__(self) -> None:
         self.coords = self.dims.coordinates(self.rank)
+        self.recorder = self.recorder or FlightRecorder(self.rank)
         for name in DIM_NAMES:
             if name not in self.comms:
                 group = self.mesh.get_group(name) if self.mesh is not None else None
-                self.comms[name] = Collectives(name, group, self.counter, self.device)
+                self.comms[name] = Collectives(name, group, self.counter, self.device, self.recorder)
 
     @property
     def world_size(self) -> int:

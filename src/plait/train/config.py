@@ -89,6 +89,7 @@ class TrainConfig:
     peak_tflops: float | None = None     # per-rank peak for MFU; None: measured at start
     bucket_mb: float = 25.0              # data-parallel gradient bucket size
     timeout_s: float = 600.0             # a collective waiting longer than this fails the run
+    hang_timeout_s: float = 120.0        # no progress for this long while waiting in a collective: report, end
     threads: int | None = None           # torch threads per rank; None: cores / local ranks
 
     def __post_init__(self) -> None:
@@ -169,6 +170,8 @@ class TrainConfig:
             raise TrainConfigError(f"--lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.eval_every < 0 or self.grad_clip < 0 or self.checkpoint_every < 0:
             raise TrainConfigError("--warmup-steps, --eval-every, --grad-clip and --checkpoint-every must be >= 0")
+        if self.hang_timeout_s < 0:
+            raise TrainConfigError(f"--hang-timeout must be >= 0 (0: off), got {self.hang_timeout_s}")
         if self.max_restarts < 0:
             raise TrainConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.keep_checkpoints < 1:

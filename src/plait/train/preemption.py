@@ -65,6 +65,6 @@ class StopRequests:
         if ctx.world_size == 1:
             return self.signum
         if self._world is None:
-            self._world = Collectives("world", dist.group.WORLD, ctx.counter, ctx.device)
+            self._world = Collectives("world", dist.group.WORLD, ctx.counter, ctx.device, ctx.recorder)
         (value,) = self._world.all_reduce_scalars([float(self.signum)], op=ReduceOp.MAX, tag="control")
         return int(value)

@@ -19,6 +19,7 @@ from plait.train.config import OnNonFinite, TrainConfig
 from plait.train.metrics import MemoryWatch, MetricsLogger
 from plait.train.preemption import Preempted, StopRequests
 from plait.train.trainer import Trainer
+from plait.train.watchdog import HangWatchdog
 
 
 def load_data_once(cfg: TrainConfig, ctx: ParallelContext, model_vocab: int | None = None):
@@ -118,6 +119,11 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
     configure_threads(cfg.threads)
     tune_cpu_allocator(keep_freed=cfg.zero < 3)  # ZeRO-3: resident memory follows live memory
     ctx = ctx or init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s)
+    with HangWatchdog(ctx.recorder, ctx.world_size, cfg.out, cfg.hang_timeout_s):
+        return _train(cfg, ctx)
+
+
+def _train(cfg: TrainConfig, ctx: ParallelContext) -> list[dict[str, Any]]:
     data = load_data_once(cfg, ctx)
     memory = MemoryWatch(ctx.device)
     trainer = Trainer(cfg, ctx, data)
@@ -154,6 +160,7 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
     try:
         with StopRequests() as stop:
             for step in range(start, cfg.steps):
+                ctx.recorder.set_step(step)  # as metrics.jsonl numbers it
                 record = trainer.train_step(step)
                 last = step == cfg.steps - 1
                 if trainer.val_batches and ((step + 1) % cfg.eval_every == 0 or last):
