@@ -66,6 +66,13 @@ def test_summary_names_the_rank_behind_and_what_the_others_wait_in():
     assert "mismatched collectives" in everyone_waits[0]
 
 
+def test_the_watchdog_fires_before_the_collective_timeout():
+    from helpers import tiny_config
+    assert tiny_config().watchdog_timeout_s == 120.0
+    assert tiny_config(timeout_s=60.0).watchdog_timeout_s == 54.0  # a timeout still ends with a summary
+    assert tiny_config(hang_timeout_s=0.0).watchdog_timeout_s == 0.0
+
+
 def test_recorder_stalls_only_while_waiting():
     recorder = FlightRecorder()
     entry = recorder.begin("dp", (0, 1), "all_reduce", "grads", 8)

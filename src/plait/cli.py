@@ -80,7 +80,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--bucket-mb", "bucket_mb", float, "data-parallel gradient bucket size in MiB"),
     ("--timeout", "timeout_s", float, "seconds a collective may wait before the run fails"),
     ("--hang-timeout", "hang_timeout_s", float, "seconds a rank may wait in a collective with no progress before "
-                                                "the job ends with a summary of where each rank is (0: off)"),
+                                                "the job ends with a summary of where each rank is (at most 0.9 x --timeout; 0: off)"),
     ("--threads", "threads", int, "torch threads per rank (default: cores / local ranks)"),
 ]
 TRAIN_SWITCHES: list[tuple[str, str, str]] = [

@@ -41,6 +41,8 @@ Exit status: 0 within tolerance, 1 beyond it, 2 for a bad flag or a failed run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import re
 import shlex
@@ -291,11 +293,14 @@ def train_fields(flags: Sequence[str]) -> dict:
     """The TrainConfig fields ``flags`` set (plait train's own parser; SUPPRESS keeps only given ones)."""
     from plait.cli import build_parser as build_cli_parser
 
+    said = io.StringIO()
     try:
-        return {key: value for key, value in vars(build_cli_parser().parse_args(["train", *flags])).items()
-                if key != "command"}
-    except SystemExit:  # argparse already printed its one-line usage error
-        raise CompareError(f"bad plait train flags: {' '.join(flags)}") from None
+        with contextlib.redirect_stderr(said):
+            parsed = build_cli_parser().parse_args(["train", *flags])
+    except SystemExit:  # argparse's usage and message, kept to the message's one line
+        message = said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1] if said.getvalue().strip() else ""
+        raise CompareError(f"plait train flags {' '.join(flags)}: {message}") from None
+    return {key: value for key, value in vars(parsed).items() if key != "command"}
 
 
 def flags_of(overrides: dict) -> list[str]:

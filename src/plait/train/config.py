@@ -181,6 +181,12 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise TrainConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
 
+    @property
+    def watchdog_timeout_s(self) -> float:
+        """When the hang watchdog ends a stalled job: ``--hang-timeout``, but before ``--timeout``
+        would fail the collective without a summary (0: off)."""
+        return min(self.hang_timeout_s, 0.9 * self.timeout_s) if self.hang_timeout_s > 0 else 0.0
+
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 

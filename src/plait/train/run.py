@@ -119,7 +119,7 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
     configure_threads(cfg.threads)
     tune_cpu_allocator(keep_freed=cfg.zero < 3)  # ZeRO-3: resident memory follows live memory
     ctx = ctx or init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s)
-    with HangWatchdog(ctx.recorder, ctx.world_size, cfg.out, cfg.hang_timeout_s):
+    with HangWatchdog(ctx.recorder, ctx.world_size, cfg.out, cfg.watchdog_timeout_s):
         return _train(cfg, ctx)
 
 
