@@ -1,14 +1,16 @@
-"""Pipeline parallel, pp = 2, 8 micro-batches, 1F1B: plait vs torch.distributed.pipelining.
+"""Pipeline parallel, pp = 2, 8 micro-batches: plait's 1F1B and zero-bubble ZB-H1 (zb1p) vs
+torch.distributed.pipelining's Schedule1F1B and ScheduleInterleavedZeroBubble.
 
     python benchmarks/pipeline.py
 
 Same model (plait's Llama 'small' preset, blocks split 4 + 4, embedding on stage 0, final norm
-and head on stage 1), same batches, fp32, one thread per rank; steps alternate between the two
-implementations inside the same pair of processes; median step time. PyTorch's side:
-``PipelineStage`` + ``Schedule1F1B`` with ``F.cross_entropy`` on the last stage's logits and
-fused AdamW; plait's side: ``Trainer.train_step`` (which also clips and reduces metrics). Also
-prints plait's measured idle fraction (from its executor's per-action timestamps) beside the
-analytic bubble (p-1)/(m+p-1).
+and head on stage 1), same batches, fp32, one thread per rank; steps alternate between the four
+contestants inside the same pair of processes; median step time. PyTorch's side:
+``PipelineStage`` + the schedule with ``F.cross_entropy`` on the last stage's logits and fused
+AdamW (``ScheduleInterleavedZeroBubble`` with one stage per rank: its ZB-H1-like order with a
+split backward); plait's side: ``Trainer.train_step`` (which also clips and reduces metrics).
+Also prints plait's measured idle fraction per schedule (from its executor's per-action
+timestamps) beside the analytic bubble.
 """
 from __future__ import annotations
 
@@ -61,14 +63,9 @@ class LastStage(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def contest(ctx: ParallelContext, data: TokenData, steps: int, microbatches: int, seq_len: int, batch: int):
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
-
-    config = get_preset("small").replace(vocab_size=data.vocab_size)
-    cfg = TrainConfig(model="small", steps=steps + 1, global_batch=batch, microbatches=microbatches,
-                      seq_len=seq_len, dtype="float32", schedule="1f1b", eval_every=0, progress=False,
-                      tensorboard=False, plot=False, peak_tflops=1.0, out="unused")
-    ours = Trainer(cfg, ctx, data, config)
+def torch_pipeline(ctx: ParallelContext, config, seq_len: int, microbatches: int, zero_bubble: bool):
+    """A torch.distributed.pipelining stage of the same model and its step function."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleavedZeroBubble
 
     model = build_model(config, seed=0)
     half = config.num_hidden_layers // 2
@@ -83,11 +80,13 @@ def contest(ctx: ParallelContext, data: TokenData, steps: int, microbatches: int
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
-    schedule = Schedule1F1B(stage, microbatches, loss_fn=loss_fn)
+    if zero_bubble:
+        schedule = ScheduleInterleavedZeroBubble([stage], microbatches, loss_fn=loss_fn)
+    else:
+        schedule = Schedule1F1B(stage, microbatches, loss_fn=loss_fn)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
 
-    def torch_step(step: int) -> None:
-        inputs, targets = ours.sampler.shard(step, 0, 1)
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
         if rank == 0:
             schedule.step(inputs)
         else:
@@ -95,23 +94,44 @@ def contest(ctx: ParallelContext, data: TokenData, steps: int, microbatches: int
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)  # this stage's part; plait clips globally
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step
 
-    times = {"plait": [], "torch.distributed.pipelining": []}
-    idle = []
+
+CONTESTANTS = ("plait 1f1b", "plait zb1p", "torch Schedule1F1B", "torch ScheduleInterleavedZeroBubble")
+
+
+def contest(ctx: ParallelContext, data: TokenData, steps: int, microbatches: int, seq_len: int, batch: int):
+    config = get_preset("small").replace(vocab_size=data.vocab_size)
+    trainers = {}
+    for schedule in ("1f1b", "zb1p"):
+        cfg = TrainConfig(model="small", steps=steps + 1, global_batch=batch, microbatches=microbatches,
+                          seq_len=seq_len, dtype="float32", schedule=schedule, eval_every=0, progress=False,
+                          tensorboard=False, plot=False, peak_tflops=1.0, out="unused")
+        trainers[schedule] = Trainer(cfg, ctx, data, config)
+    sampler = trainers["1f1b"].sampler
+    torch_steps = {zero_bubble: torch_pipeline(ctx, config, seq_len, microbatches, zero_bubble)
+                   for zero_bubble in (False, True)}
+    runs = {"plait 1f1b": trainers["1f1b"].train_step, "plait zb1p": trainers["zb1p"].train_step,
+            "torch Schedule1F1B": lambda step: torch_steps[False](*sampler.shard(step, 0, 1)),
+            "torch ScheduleInterleavedZeroBubble": lambda step: torch_steps[True](*sampler.shard(step, 0, 1))}
+    times = {name: [] for name in CONTESTANTS}
+    idle = {"1f1b": [], "zb1p": []}
     for step in range(steps + 1):
-        for name, run in (("plait", ours.train_step), ("torch.distributed.pipelining", torch_step)):
+        for name in CONTESTANTS:
             dist.barrier()
             start = time.perf_counter()
-            run(step)
+            runs[name](step)
             dist.barrier()
             if step:
                 times[name].append(time.perf_counter() - start)
         if step:
-            events = [None, None]
-            dist.all_gather_object(events, ours.pipeline.events)
-            slots = [Slot(r, kind, mb, chunk, s, e) for r, ev in enumerate(events) for kind, mb, chunk, s, e in ev]
-            idle.append(bubble_fraction(slots, 2))
-    return {name: statistics.median(values) for name, values in times.items()}, statistics.median(idle)
+            for schedule, trainer in trainers.items():
+                events = [None, None]
+                dist.all_gather_object(events, trainer.pipeline.events)
+                slots = [Slot(r, kind, mb, chunk, s, e) for r, ev in enumerate(events) for kind, mb, chunk, s, e in ev]
+                idle[schedule].append(bubble_fraction(slots, 2))
+    return ({name: statistics.median(values) for name, values in times.items()},
+            {schedule: statistics.median(values) for schedule, values in idle.items()})
 
 
 def main() -> None:
@@ -130,15 +150,18 @@ def main() -> None:
                                args.batch, timeout_s=1800)[0]
     finally:
         pool.shutdown()
-    ours, theirs = times["plait"], times["torch.distributed.pipelining"]
-    print(f"'small' (18.9M), pp=2, 1F1B, m={args.microbatches} micro-batches of {args.batch // args.microbatches} x "
-          f"{args.seq_len}, fp32, 1 thread per rank, median of {args.steps} steps")
-    print("| implementation | step time (s) | ratio |")
-    print("|---|---|---|")
-    print(f"| plait | {ours:.3f} | **{ours / theirs:.2f}x** |")
-    print(f"| torch.distributed.pipelining | {theirs:.3f} | |")
-    print(f"\nplait measured idle fraction {100 * idle:.1f}% vs analytic bubble (p-1)/(m+p-1) = "
-          f"{100 * analytic_bubble('1f1b', 2, args.microbatches):.1f}%")
+    m = args.microbatches
+    print(f"'small' (18.9M), pp=2, m={m} micro-batches of {args.batch // m} x {args.seq_len}, fp32, "
+          f"1 thread per rank, median of {args.steps} steps, the four alternating")
+    print("| implementation | step time (s) | vs plait 1f1b | vs torch's same schedule |")
+    print("|---|---|---|---|")
+    peers = {"plait 1f1b": "torch Schedule1F1B", "plait zb1p": "torch ScheduleInterleavedZeroBubble"}
+    for name in CONTESTANTS:
+        versus = f"**{times[name] / times[peers[name]]:.2f}x**" if name in peers else ""
+        print(f"| {name} | {times[name]:.3f} | {times[name] / times['plait 1f1b']:.2f}x | {versus} |")
+    for schedule in ("1f1b", "zb1p"):
+        print(f"plait {schedule}: measured idle fraction {100 * idle[schedule]:.1f}% vs analytic bubble "
+              f"{100 * analytic_bubble(schedule, 2, m):.1f}%")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,9 @@ def test_schedule_command_draws_and_prints_the_bubble(tmp_path, capsys):
     assert main(["schedule", "--pp", "4", "--microbatches", "6", "--schedule", "interleaved",
                  "--virtual-stages", "2", "-o", str(out)]) == 2
     assert "multiple of pp=4" in capsys.readouterr().err
+    # zero bubble: the default backward (2 forwards) split into B = W = 1
+    assert main(["schedule", "--pp", "4", "--microbatches", "8", "--schedule", "zb1p", "-o", str(out)]) == 0
+    assert "analytic (p-1)/(3m+p-1) = 3/(3*8+3) = 0.1111; simulated 0.1111" in capsys.readouterr().out
 
 
 def test_pipeline_run_writes_its_measured_timeline(text_dir, tmp_path):

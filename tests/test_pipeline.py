@@ -8,27 +8,33 @@ import pytest
 from plait.mesh import LayoutError, ParallelContext, ParallelDims
 from plait.pipeline import (ScheduleError, analytic_bubble, balanced_split, bubble_fraction, build_schedule,
                             peak_in_flight, plan_chunks, simulate)
+from plait.pipeline.schedules import splits_backward
 from plait.train import Trainer
 from helpers import assert_runs_match, train_and_collect, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 CASES = [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("interleaved", 4, 8, 2), ("1f1b", 2, 3, 1),
-         ("gpipe", 3, 5, 1), ("interleaved", 2, 4, 3), ("1f1b", 4, 2, 1)]
+         ("gpipe", 3, 5, 1), ("interleaved", 2, 4, 3), ("1f1b", 4, 2, 1),
+         ("zb1p", 2, 8, 1), ("zb1p", 4, 8, 1), ("zb1p", 3, 5, 1), ("zb1p", 8, 13, 1), ("zb1p", 4, 4, 1)]
 
 
 @pytest.mark.parametrize("schedule, pp, m, v", CASES)
 def test_schedule_is_complete_matched_and_deadlock_free(schedule, pp, m, v):
     plans = build_schedule(schedule, pp, m, v)
     chunks = pp * v
+    kinds = ("F", "B", "W") if splits_backward(schedule) else ("F", "B")
     for rank, plan in enumerate(plans):
-        for kind in ("F", "B"):
+        for kind in kinds:  # each (micro-batch, chunk) of the rank: F, B (and W) exactly once
             done = Counter((a.microbatch, a.chunk) for a in plan if a.kind == kind)
             expected = {(mb, c) for mb in range(m) for c in range(chunks) if c % pp == rank}
             assert set(done) == expected and set(done.values()) == {1}, (rank, kind)
-        # a micro-batch's backward on a chunk comes after its forward
+        assert all(a.kind in kinds or not a.kind.is_compute for a in plan)
+        # a micro-batch's backward on a chunk comes after its forward, its W after its B
         position = {(a.kind, a.microbatch, a.chunk): i for i, a in enumerate(plan)}
         for (mb, c) in expected:
             assert position[("F", mb, c)] < position[("B", mb, c)]
+            if "W" in kinds:
+                assert position[("B", mb, c)] < position[("W", mb, c)]
     sends = Counter((a.kind[-1], a.microbatch, a.chunk, rank, a.peer)
                     for rank, plan in enumerate(plans) for a in plan if a.kind.startswith("SEND"))
     receives = Counter()
@@ -51,12 +57,20 @@ def test_schedule_is_complete_matched_and_deadlock_free(schedule, pp, m, v):
 def test_bubble_and_in_flight_activations(schedule, pp, m, v):
     plans = build_schedule(schedule, pp, m, v)
     bubble = bubble_fraction(simulate(plans), pp)
+    peaks = [peak_in_flight(plan) for plan in plans]
+    if splits_backward(schedule):  # unit F = B = W: Qi et al.'s (p-1)(T_F + T_B - T_W) per rank
+        bubble = bubble_fraction(simulate(plans, 1.0, 1.0, weight_cost=1.0), pp)
+        assert abs(bubble - (pp - 1) / (3 * m + pp - 1)) < 1e-9
+        assert abs(bubble - analytic_bubble(schedule, pp, m, v)) < 1e-9
+        one_f_one_b = build_schedule("1f1b", pp, m)
+        assert bubble < bubble_fraction(simulate(one_f_one_b, 1.0, 2.0), pp)  # 1F1B with B + W as one
+        assert peaks == [peak_in_flight(plan) for plan in one_f_one_b]  # 1F1B's activations in flight
+        return
     if schedule == "interleaved":
         assert bubble < (pp - 1) / (m + pp - 1)  # lower than 1F1B's
         assert abs(bubble - analytic_bubble(schedule, pp, m, v)) < 1e-9
     else:
         assert abs(bubble - (pp - 1) / (m + pp - 1)) < 1e-9
-    peaks = [peak_in_flight(plan) for plan in plans]
     if schedule == "gpipe":
         assert peaks == [m] * pp
     elif schedule == "1f1b":
@@ -89,14 +103,16 @@ def check_against_reference(results, reference):
 
 
 @pytest.mark.parametrize("pp, schedule, v", [(2, "gpipe", 1), (2, "1f1b", 1), (2, "interleaved", 2),
-                                             (4, "gpipe", 1), (4, "1f1b", 1), (4, "interleaved", 2)])
+                                             (4, "gpipe", 1), (4, "1f1b", 1), (4, "interleaved", 2),
+                                             (2, "zb1p", 1), (4, "zb1p", 1)])
 def test_twenty_steps_match_one_process(pool, data, model_config, reference, pp, schedule, v):
     cfg = tiny_config(micro_batch=None, microbatches=8, schedule=schedule, virtual_stages=v, eval_every=10)
     check_against_reference(pool.run(train_and_collect, ParallelDims(pp=pp), cfg, data, model_config), reference)
 
 
-def test_three_d_with_sequence_parallel_and_zero1(pool, data, model_config, reference):
-    cfg = tiny_config(micro_batch=None, microbatches=4, schedule="1f1b", tp=2, sequence_parallel=True,
+@pytest.mark.parametrize("schedule", ["1f1b", "zb1p"])
+def test_three_d_with_sequence_parallel_and_zero1(pool, data, model_config, reference, schedule):
+    cfg = tiny_config(micro_batch=None, microbatches=4, schedule=schedule, tp=2, sequence_parallel=True,
                       loss_parallel=True, zero=1, eval_every=10)
     results = pool.run(train_and_collect, ParallelDims(dp=2, pp=2, tp=2), cfg, data, model_config, timeout_s=300)
     check_against_reference(results, reference)
@@ -127,3 +143,37 @@ def test_pipeline_layout_errors(data, model_config):
         # validation happens before any communication, so a fake pp size is enough to check it
         Trainer(tiny_config(microbatches=8, micro_batch=None, pipeline_split="3,3"),
                 ctx.__class__(dims=ParallelDims(pp=2)), data, model_config)
+    with pytest.raises(LayoutError, match="use --zero 0 or 1 with it"):  # ZeRO-2/3 reduce before W
+        Trainer(tiny_config(microbatches=4, micro_batch=None, schedule="zb1p", zero=2),
+                ctx.__class__(dims=ParallelDims(dp=2, pp=2)), data, model_config)
+    with pytest.raises(LayoutError, match="not zb1p"):
+        Trainer(tiny_config(microbatches=8, micro_batch=None, schedule="zb1p", virtual_stages=2),
+                ctx.__class__(dims=ParallelDims(pp=2)), data, model_config)
+
+
+def test_split_backward_defers_exactly_the_blocks_weight_products():
+    """B computes input gradients and every non-matmul gradient; W adds the linear layers' dW,
+    and B + W equal one ordinary backward."""
+    import torch
+
+    from plait.models import LlamaForCausalLM
+    from plait.pipeline.weight_grad import DeferredWeightGradients, defer_weight_gradients
+
+    config = tiny_model_config(num_hidden_layers=2)
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config)
+    split = LlamaForCausalLM(config)
+    split.load_state_dict(reference.state_dict())
+    store = DeferredWeightGradients()
+    assert defer_weight_gradients(split.model.layers, store) == 2 * 7  # q k v o gate up down per block
+    ids = torch.randint(0, 256, (2, 16))
+    reference(ids).square().mean().backward()
+    x = split(ids).square().mean()
+    with store.deferring("mb0"):
+        x.backward()
+    deferred = {name for name, p in split.named_parameters() if p.grad is None}
+    assert deferred == {name for name, p in split.named_parameters() if ".layers." in name and p.dim() == 2}
+    store.apply("mb0")
+    assert store.pending == 0
+    for (name, got), (_, want) in zip(split.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(got.grad, want.grad, rtol=1e-5, atol=1e-7), name

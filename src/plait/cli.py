@@ -22,6 +22,7 @@ from plait.launch import launch_local_workers, under_launcher
 from plait.layout import Recompute
 from plait.mesh import ParallelDims
 from plait.models import PRESETS, get_preset
+from plait.pipeline.schedules import SCHEDULES
 from plait.train.config import DTYPES, OnNonFinite, TrainConfig, TrainConfigError, load_toml
 
 
@@ -44,7 +45,9 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--pp", "pp", int, "pipeline-parallel size"),
     ("--zero", "zero", int, "ZeRO level over the data-parallel ranks: 0 replicated, 1 optimizer state "
                             "sharded, 2 + gradients, 3 + parameters (FSDP-style, per block)"),
-    ("--schedule", "schedule", str, "pipeline schedule: gpipe, 1f1b, interleaved (needs --virtual-stages >= 2)"),
+    ("--schedule", "schedule", str, "pipeline schedule: gpipe, 1f1b, interleaved (needs --virtual-stages >= 2), "
+                                    "zb1p (zero-bubble ZB-H1: backward split into input and weight gradients, "
+                                    "the weight half deferred into the bubbles; --zero 0 or 1)"),
     ("--microbatches", "microbatches", int, "micro-batches per step and data-parallel rank (instead of "
                                             "--micro-batch); a pipeline needs at least --pp"),
     ("--virtual-stages", "virtual_stages", int, "model chunks per pipeline rank (interleaved schedule)"),
@@ -107,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS)
     train.add_argument("--config", help="TOML file of options (keys as the long flags, '-' or '_')")
     choices = {"dtype": DTYPES, "zero": (0, 1, 2, 3), "on_nonfinite": [mode.value for mode in OnNonFinite],
-               "schedule": ("gpipe", "1f1b", "interleaved")}
+               "schedule": SCHEDULES}
     for flag, field, kind, text in TRAIN_FLAGS:
         shown = text if "default" in text else f"{text} (default: {getattr(defaults, field)})"
         train.add_argument(flag, dest=field, type=kind, choices=choices.get(field), help=shown)
@@ -142,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "analytic and simulated bubble fractions.")
     schedule.add_argument("--pp", type=int, default=4, help="pipeline ranks")
     schedule.add_argument("--microbatches", type=int, default=8, help="micro-batches per step")
-    schedule.add_argument("--schedule", default="1f1b", choices=("gpipe", "1f1b", "interleaved"))
+    schedule.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
     schedule.add_argument("--virtual-stages", type=int, default=1, help="chunks per rank (interleaved)")
     schedule.add_argument("--backward-cost", type=float, default=2.0, help="backward time / forward time")
     schedule.add_argument("-o", "--output", default="schedule.png", help="PNG to write")
@@ -158,19 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
 def schedule_command(args: argparse.Namespace) -> int:
     from plait.pipeline import ScheduleError, analytic_bubble, bubble_fraction, build_schedule, peak_in_flight, simulate
     from plait.pipeline.diagram import draw_slots
+    from plait.pipeline.schedules import analytic_bubble_formula, splits_backward
 
     try:
         plans = build_schedule(args.schedule, args.pp, args.microbatches, args.virtual_stages)
         # interleaved chunks are 1/v of a stage: keep one time unit = one forward of a whole stage
         v = args.virtual_stages if args.schedule == "interleaved" else 1
-        slots = simulate(plans, forward_cost=1.0 / v, backward_cost=args.backward_cost / v)
+        backward = args.backward_cost / v
+        if splits_backward(args.schedule):  # B (input gradients) and W (weights) share the backward
+            slots = simulate(plans, forward_cost=1.0 / v, backward_cost=backward / 2, weight_cost=backward / 2)
+        else:
+            slots = simulate(plans, forward_cost=1.0 / v, backward_cost=backward)
     except ScheduleError as error:
         print(f"plait: error: {error}", file=sys.stderr)
         return 2
     simulated = bubble_fraction(slots, args.pp)
     analytic = analytic_bubble(args.schedule, args.pp, args.microbatches, args.virtual_stages)
-    formula = f"(p-1)/(v*m+p-1) = {args.pp - 1}/({v}*{args.microbatches}+{args.pp - 1})" if v > 1 else \
-        f"(p-1)/(m+p-1) = {args.pp - 1}/({args.microbatches}+{args.pp - 1})"
+    formula = analytic_bubble_formula(args.schedule, args.pp, args.microbatches, v)
     title = (f"{args.schedule}, pp={args.pp}, m={args.microbatches}" + (f", v={v}" if v > 1 else "")
              + f": bubble {100 * simulated:.1f}% (analytic {formula} = {100 * analytic:.1f}%)")
     draw_slots(slots, args.pp, args.output, title)

@@ -1,8 +1,8 @@
 """Pictures of pipeline schedules: simulated (from the action lists) or measured (a run's timeline).
 
-Rows are pipeline ranks, the x axis is time; forward slots are blue, backward slots green
-(darker for later chunks when interleaving), each labelled with its micro-batch; white is the
-bubble. The measured timeline is also written as Chrome-trace / Perfetto JSON.
+Rows are pipeline ranks, the x axis is time; forward slots are blue, backward slots green,
+deferred weight-gradient slots (zero bubble's W) orange (darker for later chunks when
+interleaving), each labelled with its micro-batch; white is the bubble. The measured timeline is also written as Chrome-trace / Perfetto JSON.
 """
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from plait.pipeline.schedules import Slot
 
 _FORWARD = ("#9ecae1", "#4292c6", "#08519c", "#08306b")
 _BACKWARD = ("#a1d99b", "#41ab5d", "#006d2c", "#00441b")
+_WEIGHT = ("#fdae6b", "#f16913", "#a63603", "#7f2704")
+_PALETTES = {"F": _FORWARD, "B": _BACKWARD, "W": _WEIGHT}
+_CATEGORIES = {"F": "forward", "B": "backward", "W": "weight gradients"}
 
 
 def draw_slots(slots: Iterable[Slot], pp: int, path: str | Path, title: str, pp_size_chunks: int = 1,
@@ -28,7 +31,7 @@ def draw_slots(slots: Iterable[Slot], pp: int, path: str | Path, title: str, pp_
     figure, axis = plt.subplots(figsize=(min(18, 5 + 0.5 * per_rank), 0.6 * pp + 1.6))
     for slot in slots:
         local_chunk = slot.chunk // pp
-        palette = _FORWARD if slot.kind == "F" else _BACKWARD
+        palette = _PALETTES[slot.kind]
         color = palette[min(local_chunk, len(palette) - 1)]
         axis.barh(slot.rank, slot.end - slot.start, left=slot.start, height=0.8, color=color,
                   edgecolor="black", linewidth=0.4)
@@ -43,9 +46,10 @@ def draw_slots(slots: Iterable[Slot], pp: int, path: str | Path, title: str, pp_
     axis.set_xlabel(time_unit)
     axis.set_title(title, fontsize=10)
     from matplotlib.patches import Patch
-    axis.legend(handles=[Patch(color=_FORWARD[0], label="forward"), Patch(color=_BACKWARD[0], label="backward"),
-                         Patch(facecolor="white", edgecolor="gray", label="idle (bubble)")],
-                loc="upper center", bbox_to_anchor=(0.5, -0.35 if pp < 3 else -0.2), ncol=3, fontsize=8, frameon=False)
+    kinds = [kind for kind in _PALETTES if any(slot.kind == kind for slot in slots)]
+    axis.legend(handles=[Patch(color=_PALETTES[kind][0], label=_CATEGORIES[kind]) for kind in kinds]
+                + [Patch(facecolor="white", edgecolor="gray", label="idle (bubble)")],
+                loc="upper center", bbox_to_anchor=(0.5, -0.35 if pp < 3 else -0.2), ncol=4, fontsize=8, frameon=False)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -54,7 +58,7 @@ def draw_slots(slots: Iterable[Slot], pp: int, path: str | Path, title: str, pp_
 def write_chrome_trace(slots: Iterable[Slot], path: str | Path) -> None:
     """Chrome-trace / Perfetto JSON: one process per rank, times in microseconds."""
     events = [{"name": f"{slot.kind}{slot.microbatch}" + (f" c{slot.chunk}" if slot.chunk else ""),
-               "cat": "forward" if slot.kind == "F" else "backward", "ph": "X", "pid": slot.rank, "tid": 0,
+               "cat": _CATEGORIES[slot.kind], "ph": "X", "pid": slot.rank, "tid": 0,
                "ts": slot.start * 1e6, "dur": (slot.end - slot.start) * 1e6} for slot in slots]
     events += [{"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"pipeline rank {rank}"}}
                for rank in sorted({slot.rank for slot in slots})]

@@ -9,6 +9,9 @@ micro-batch, so messages of different chunks between the same two ranks cannot b
 Loss: the last chunk returns a token-loss *sum*; its backward seeds ``1 / N`` with N the
 global number of target tokens in the step, so micro-batching and pipelining leave the
 gradient of the step's loss unchanged.
+
+Split backward (zero-bubble schedules): B runs the chunk's backward while ``weight_gradients``
+defers the linear layers' weight products, W computes them (``plait.pipeline.weight_grad``).
 """
 from __future__ import annotations
 
@@ -20,13 +23,14 @@ import torch
 from torch import nn
 
 from plait.comm import Collectives
-from plait.pipeline.schedules import Action
+from plait.pipeline.schedules import Action, Op
 from plait.pipeline.stage import PipelineChunk, chunk_forward
+from plait.pipeline.weight_grad import DeferredWeightGradients
 
 
-def message_tag(direction: str, microbatch: int, boundary: int, microbatches: int) -> int:
+def message_tag(direction: Op, microbatch: int, boundary: int, microbatches: int) -> int:
     """Tag of the message crossing the boundary between chunks ``boundary`` and ``boundary+1``."""
-    return ((boundary * microbatches + microbatch) << 1) | (direction == "B")
+    return ((boundary * microbatches + microbatch) << 1) | (direction == Op.B)
 
 
 class PipelineExecutor:
@@ -34,8 +38,10 @@ class PipelineExecutor:
                  microbatches: int, seq_len: int, activation_shape: tuple[int, ...],
                  activation_dtype: Callable[[], torch.dtype],
                  loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-                 forward_context: Callable[[], contextlib.AbstractContextManager]) -> None:
+                 forward_context: Callable[[], contextlib.AbstractContextManager],
+                 weight_gradients: DeferredWeightGradients | None = None) -> None:
         self.model, self.pp, self.plan = model, pp, plan
+        self.weight_gradients = weight_gradients
         self.chunks = {chunk.index: chunk for chunk in chunks}
         self.microbatches, self.seq_len = microbatches, seq_len
         self.activation_shape = activation_shape
@@ -65,13 +71,13 @@ class PipelineExecutor:
             started = time.perf_counter()
             key = (action.microbatch, action.chunk)
             chunk = self.chunks.get(action.chunk)
-            if forward_only and action.kind in ("B", "RECV_B", "SEND_B"):
+            if forward_only and action.kind in (Op.B, Op.W, Op.RECV_B, Op.SEND_B):
                 continue
-            if action.kind == "RECV_F":
+            if action.kind == Op.RECV_F:
                 buffer = self._empty_activation(device)
-                self.pp.recv(buffer, action.peer, message_tag("F", action.microbatch, action.chunk - 1, m))
+                self.pp.recv(buffer, action.peer, message_tag(Op.F, action.microbatch, action.chunk - 1, m))
                 received[key] = buffer.requires_grad_(not forward_only)
-            elif action.kind == "F":
+            elif action.kind == Op.F:
                 x = inputs[action.microbatch] if chunk.is_first else \
                     (received.pop(key) if forward_only else received[key])
                 with self.forward_context():
@@ -85,30 +91,37 @@ class PipelineExecutor:
                     outputs[key] = out
                 self.events.append(("F", action.microbatch, action.chunk, started - origin,
                                     time.perf_counter() - origin))
-            elif action.kind == "SEND_F":
+            elif action.kind == Op.SEND_F:
                 tensor = outputs[key] if forward_only else outputs[key].detach()
                 if forward_only:
                     outputs.pop(key)
                 pending_sends.append((self.pp.send(tensor.contiguous(), action.peer,
-                                                   message_tag("F", action.microbatch, action.chunk, m)), tensor))
-            elif action.kind == "RECV_B":
+                                                   message_tag(Op.F, action.microbatch, action.chunk, m)), tensor))
+            elif action.kind == Op.RECV_B:
                 buffer = self._empty_activation(device)
-                self.pp.recv(buffer, action.peer, message_tag("B", action.microbatch, action.chunk, m))
+                self.pp.recv(buffer, action.peer, message_tag(Op.B, action.microbatch, action.chunk, m))
                 grads[key] = buffer
-            elif action.kind == "B":
+            elif action.kind == Op.B:
                 out = outputs.pop(key)
-                if chunk.is_last:
-                    out.backward()
-                else:
-                    out.backward(grads.pop(key))
+                deferring = self.weight_gradients.deferring(key) if self.weight_gradients is not None \
+                    else contextlib.nullcontext()
+                with deferring:
+                    if chunk.is_last:
+                        out.backward()
+                    else:
+                        out.backward(grads.pop(key))
                 if not chunk.is_first:
                     input_grads[key] = received.pop(key).grad
                 self.events.append(("B", action.microbatch, action.chunk, started - origin,
                                     time.perf_counter() - origin))
-            elif action.kind == "SEND_B":
+            elif action.kind == Op.W:
+                self.weight_gradients.apply(key)
+                self.events.append(("W", action.microbatch, action.chunk, started - origin,
+                                    time.perf_counter() - origin))
+            elif action.kind == Op.SEND_B:
                 tensor = input_grads.pop(key).contiguous()
                 pending_sends.append((self.pp.send(tensor, action.peer,
-                                                   message_tag("B", action.microbatch, action.chunk - 1, m)), tensor))
+                                                   message_tag(Op.B, action.microbatch, action.chunk - 1, m)), tensor))
         for work, _ in pending_sends:
             work.wait()
         return float(loss_sum)

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from plait.errors import PlaitError
-from plait.pipeline.schedules import build_schedule, in_flight_per_rank, simulate
+from plait.pipeline.schedules import build_schedule, in_flight_per_rank, simulate, splits_backward
 from plait.pipeline.stage import balanced_split
 from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
                                    head_backward, head_forward, layer_backward, layer_forward)
@@ -262,11 +262,18 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
         bubble = 0.0
     elif not exact_pipeline:
         per_rank = [sum(forwards[c].seconds + backwards[c].seconds for c in range(r, pp * v, pp)) for r in range(pp)]
-        makespan = m * max(per_rank) + (pp - 1) / v * max(per_rank)
-        bubble = (pp - 1) / (v * m + pp - 1)
+        if splits_backward(schedule):  # ZB-H1 idles (p - 1)(T_F + T_B - T_W) per rank
+            weight = max(counts) * model.layer_f.gemm
+            makespan = m * max(per_rank) + (pp - 1) * max(0.0, max(per_rank) - 2 * weight)
+        else:
+            makespan = m * max(per_rank) + (pp - 1) / v * max(per_rank)
+        bubble = 1.0 - m * max(per_rank) / makespan
     else:
+        # a split backward's W: the blocks' weight-gradient products, as many FLOPs as their forward GEMMs
+        weights = [counts[c] * model.layer_f.gemm if splits_backward(schedule) else 0.0 for c in range(parts)]
         slots = simulate(_schedule(schedule, pp, m, v), forward_cost=lambda c: forwards[c].seconds,
-                         backward_cost=lambda c: backwards[c].seconds, comm_cost=model.p2p_time())
+                         backward_cost=lambda c: backwards[c].seconds - weights[c], comm_cost=model.p2p_time(),
+                         weight_cost=lambda c: weights[c])
         makespan = max(slot.end for slot in slots)
         busy = sum(slot.end - slot.start for slot in slots)
         bubble = 1.0 - busy / (pp * makespan)

@@ -25,6 +25,7 @@ from torch import nn
 
 from plait.comm import (Collectives, copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp,
                         reduce_scatter_sequence)
+from plait.pipeline.weight_grad import DeferrableLinear, DeferredWeightGradients, compute_dtype
 from plait.sharding import TensorShard, set_shard
 
 INPUT_MODES = ("copy", "gather_sequence", "none")
@@ -47,9 +48,12 @@ def reduce_output(y: torch.Tensor, mode: str, comm: Collectives) -> torch.Tensor
     return reduce_from_tp(y, comm)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+def _linear(x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None,
+            weight_gradients: DeferredWeightGradients | None) -> torch.Tensor:
+    """F.linear, or its deferrable form under a split-backward pipeline schedule."""
+    if weight_gradients is None:
+        return F.linear(x, weight, bias)
+    return DeferrableLinear.apply(x, weight, bias, weight_gradients)
 
 
 class _CopyThenLinear(torch.autograd.Function):
@@ -60,16 +64,19 @@ class _CopyThenLinear(torch.autograd.Function):
               while dW = dY^T X and db = sum dY are computed; then wait.
     Same math and traffic as f + F.linear; the all-reduce hides behind the weight-gradient
     matmul where the backend runs collectives concurrently (NCCL streams, gloo's threads).
+    With ``weight_gradients`` deferring (a zero-bubble B), dW is queued for the W instead.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, comm: Collectives):
-        dtype = _compute_dtype(x)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, comm: Collectives,
+                weight_gradients: DeferredWeightGradients | None = None):
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x_c, w_c = x.to(dtype), weight.to(dtype)
             y = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
         ctx.save_for_backward(x_c, w_c)
         ctx.comm, ctx.has_bias = comm, bias is not None
+        ctx.weight, ctx.weight_gradients = weight, weight_gradients
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return y
 
@@ -81,11 +88,13 @@ class _CopyThenLinear(torch.autograd.Function):
         grad_x = (grad_y @ w_c).to(x_dtype).contiguous()
         work = ctx.comm.all_reduce(grad_x, tag="tp_bwd", async_op=True)
         grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_w = (grad_2d.t() @ x_c.reshape(-1, x_c.shape[-1])).to(w_dtype)
+        grad_w = None
+        if ctx.weight_gradients is None or not ctx.weight_gradients.defer(ctx.weight, x_c, grad_y):
+            grad_w = (grad_2d.t() @ x_c.reshape(-1, x_c.shape[-1])).to(w_dtype)
         grad_b = grad_2d.sum(0).to(b_dtype) if ctx.has_bias else None
         if work is not None:
             work.wait()
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _sharded_parameter(full: torch.Tensor, dim: int, comm: Collectives) -> nn.Parameter:
@@ -107,12 +116,13 @@ class ColumnParallelLinear(nn.Module):
         self.out_features = linear.out_features // comm.size  # local
         self.weight = _sharded_parameter(linear.weight, 0, comm)
         self.bias = _sharded_parameter(linear.bias, 0, comm) if linear.bias is not None else None
+        self.weight_gradients: DeferredWeightGradients | None = None  # set by split-backward schedules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_mode == "copy" and self.comm.size > 1 and torch.is_grad_enabled():
-            y = _CopyThenLinear.apply(x, self.weight, self.bias, self.comm)
+            y = _CopyThenLinear.apply(x, self.weight, self.bias, self.comm, self.weight_gradients)
         else:
-            y = F.linear(prepare_input(x, self.input_mode, self.comm), self.weight, self.bias)
+            y = _linear(prepare_input(x, self.input_mode, self.comm), self.weight, self.bias, self.weight_gradients)
         return gather_from_tp(y, self.comm) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -134,9 +144,10 @@ class RowParallelLinear(nn.Module):
             # under SP the bias is added on each rank's sequence shard: its gradient is partial
             set_shard(self.bias, TensorShard.replicated(comm.rank, comm.size,
                                                         partial_grad=output_mode == "reduce_scatter_sequence"))
+        self.weight_gradients: DeferredWeightGradients | None = None  # set by split-backward schedules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_output(F.linear(x, self.weight), self.output_mode, self.comm)
+        y = reduce_output(_linear(x, self.weight, None, self.weight_gradients), self.output_mode, self.comm)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

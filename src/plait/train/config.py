@@ -12,6 +12,7 @@ from plait.data.corpus import DataError
 from plait.data.mixture import format_data_spec, has_text_source, parse_data_spec
 from plait.errors import PlaitError
 from plait.layout import Recompute
+from plait.pipeline.schedules import SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,7 +52,7 @@ class TrainConfig:
     sequence_parallel: bool = False      # norms and residuals on sequence shards (needs tp > 1)
     loss_parallel: bool = False          # cross-entropy on vocabulary-sharded logits (needs tp > 1)
     zero: int = 0                        # 0: replicated DP; 1/2/3: shard optimizer state / + grads / + params
-    schedule: str = "1f1b"               # pipeline schedule: gpipe, 1f1b, interleaved
+    schedule: str = "1f1b"               # pipeline schedule: gpipe, 1f1b, interleaved, zb1p
     microbatches: int | None = None      # micro-batches per step and rank (sets micro_batch); pipeline needs >= pp
     virtual_stages: int = 1              # chunks per pipeline rank (interleaved)
     pipeline_split: str | None = None    # explicit blocks per chunk, e.g. "3,5"; default: balanced by FLOPs
@@ -134,8 +135,8 @@ class TrainConfig:
             self.activation_checkpointing = Recompute.parse(self.activation_checkpointing).value
         except ValueError as error:
             raise TrainConfigError(str(error)) from None
-        if self.schedule not in ("gpipe", "1f1b", "interleaved"):
-            raise TrainConfigError(f"--schedule must be gpipe, 1f1b or interleaved, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise TrainConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.microbatches is not None and self.microbatches < 1 or self.virtual_stages < 1:
             raise TrainConfigError("--microbatches and --virtual-stages must be >= 1")
         if self.microbatches is not None and self.micro_batch is not None:

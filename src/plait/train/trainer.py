@@ -31,6 +31,8 @@ from plait.models import LlamaConfig, build_meta_model, get_preset, model_parame
 from plait.runtime import gemm_context
 from plait.pipeline import (PipelineExecutor, ScheduleError, StageError, build_schedule, keep_stage,
                             named_blocks, plan_chunks)
+from plait.pipeline.schedules import splits_backward
+from plait.pipeline.weight_grad import DeferredWeightGradients, defer_weight_gradients
 from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize
 from plait.train.config import TrainConfig
 from plait.loss import IGNORE_INDEX, linear_cross_entropy_sum
@@ -188,12 +190,19 @@ class Trainer:
             stack.enter_context(self._keep_shards())
             return stack
 
-        def executor(plan, microbatches):
+        weight_gradients = None
+        if splits_backward(cfg.schedule):  # zero bubble: the blocks' weight products wait for W
+            weight_gradients = DeferredWeightGradients()
+            layers = self.model.model.layers
+            defer_weight_gradients((layers[str(i)] for chunk in mine for i in chunk.layers), weight_gradients)
+
+        def executor(plan, microbatches, split=weight_gradients):
             return PipelineExecutor(self.model, mine, plan, ctx.comm("pp"), microbatches, cfg.seq_len, shape,
-                                    activation_dtype, loss_fn, forward_context)
+                                    activation_dtype, loss_fn, forward_context, split)
 
         self.pipeline = executor(plans[ctx.pp_rank], self.n_micro)
-        self._eval_executor = lambda m: executor(build_schedule("gpipe", dims.pp, m, cfg.virtual_stages)[ctx.pp_rank], m)
+        self._eval_executor = lambda m: executor(build_schedule("gpipe", dims.pp, m, cfg.virtual_stages)[ctx.pp_rank], m,
+                                                 None)
         layers = self.model.model.layers
         return [[(f"model.layers.{i}", layers[str(i)]) for i in chunk.layers] for chunk in mine]
 

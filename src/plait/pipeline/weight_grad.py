@@ -1,0 +1,120 @@
+"""Deferred weight gradients: zero-bubble's split of a backward into B and W.
+
+For a linear layer Y = X A^T the backward is two products: dX = dY A (B: the gradient the
+previous chunk waits for) and dA = dY^T X (W: needed only by the optimizer step). Under a
+split-backward schedule each linear layer of the rank's blocks runs through
+``DeferrableLinear``: while ``DeferredWeightGradients.deferring(key)`` is active (the executor's
+B of micro-batch/chunk ``key``), its backward computes dX and the bias gradient and queues
+(A, X, dY); the executor's W of ``key`` then computes each dA and accumulates it into A.grad
+through autograd (``A.backward(dA)``), so the data-parallel strategy's gradient hooks fire
+exactly as for an undeferred backward. Outside ``deferring`` (evaluation, other schedules)
+the layers compute both products at once.
+
+What W keeps alive between B and W is X and dY of every deferred product: the price of moving
+W into the bubbles. Norm weights, the embedding and the head keep their gradients in B (the
+head's is fused with the loss), so W is the blocks' matmul weights: about half of a block's
+backward FLOPs.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Hashable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in: autocast's, else the input's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class DeferredWeightGradients:
+    """The weight-gradient products of each B, queued until its W."""
+
+    def __init__(self) -> None:
+        self._collecting: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] | None = None
+        self._pending: dict[Hashable, list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]] = {}
+
+    @contextlib.contextmanager
+    def deferring(self, key: Hashable) -> Iterator[None]:
+        """Within: linear layers queue their dA under ``key`` instead of computing it."""
+        self._collecting = []
+        try:
+            yield
+        finally:
+            self._pending[key] = self._collecting
+            self._collecting = None
+
+    def defer(self, weight: nn.Parameter, x: torch.Tensor, grad_y: torch.Tensor) -> bool:
+        """Queue dA = grad_y^T x for ``weight``; False (compute it now) when not deferring."""
+        if self._collecting is None:
+            return False
+        self._collecting.append((weight, x, grad_y))
+        return True
+
+    def apply(self, key: Hashable) -> None:
+        """W of ``key``: every queued dA, accumulated into its weight's ``.grad``."""
+        for weight, x, grad_y in self._pending.pop(key):
+            grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
+            grad_w = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+            weight.backward(grad_w.to(weight.dtype))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+class DeferrableLinear(torch.autograd.Function):
+    """Y = X A^T (+ b) whose dA may be deferred to ``store``'s W (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None,
+                store: DeferredWeightGradients) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x_c, w_c = x.to(dtype), weight.to(dtype)
+            y = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
+        ctx.save_for_backward(x_c, w_c)
+        ctx.weight, ctx.store, ctx.has_bias = weight, store, bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x_c, w_c = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_y = grad_y.to(w_c.dtype)
+        grad_x = (grad_y @ w_c).to(x_dtype)
+        grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_b = grad_2d.sum(0).to(b_dtype) if ctx.has_bias else None
+        grad_w = None
+        if ctx.needs_input_grad[1] and not ctx.store.defer(ctx.weight, x_c, grad_y):
+            grad_w = (grad_2d.t() @ x_c.reshape(-1, x_c.shape[-1])).to(w_dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def _deferrable_forward(module: nn.Linear, store: DeferredWeightGradients, x: torch.Tensor) -> torch.Tensor:
+    return DeferrableLinear.apply(x, module.weight, module.bias, store)
+
+
+def defer_weight_gradients(blocks: Iterable[nn.Module], store: DeferredWeightGradients) -> int:
+    """Route every linear layer of ``blocks`` through ``store`` (plain ``nn.Linear`` by patching
+    its forward, as recomputation patches blocks; tensor-parallel layers by their
+    ``weight_gradients`` slot). Returns how many layers were routed."""
+    from plait.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    routed = 0
+    for block in blocks:
+        for module in block.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                module.weight_gradients = store
+            elif isinstance(module, nn.Linear):
+                module.forward = functools.partial(_deferrable_forward, module, store)
+            else:
+                continue
+            routed += 1
+    return routed
