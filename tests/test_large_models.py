@@ -41,7 +41,9 @@ def test_zero3_with_recomputation_matches_one_process(pool, data, model_config, 
     assert_runs_match(pool.run(train_and_collect, dims, cfg, data, model_config), reference, TOLERANCE)
 
 
-@pytest.mark.parametrize("zero, schedule", [(2, "1f1b"), (3, "1f1b"), (2, "interleaved"), (3, "interleaved")])
+@pytest.mark.parametrize("zero, schedule", [(2, "1f1b"), pytest.param(3, "1f1b", marks=pytest.mark.large),
+                                            pytest.param(2, "interleaved", marks=pytest.mark.large),
+                                            (3, "interleaved")])  # all four in make test-large
 def test_zero2_and_zero3_with_pipelines_match_one_process(pool, data, model_config, reference, zero, schedule):
     cfg = tiny_config(micro_batch=None, microbatches=4, zero=zero, schedule=schedule,
                       virtual_stages=2 if schedule == "interleaved" else 1)

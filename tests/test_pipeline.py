@@ -103,14 +103,15 @@ def check_against_reference(results, reference):
 
 
 @pytest.mark.parametrize("pp, schedule, v", [(2, "gpipe", 1), (2, "1f1b", 1), (2, "interleaved", 2),
-                                             (4, "gpipe", 1), (4, "1f1b", 1), (4, "interleaved", 2),
-                                             (2, "zb1p", 1), (4, "zb1p", 1)])
+                                             pytest.param(4, "gpipe", 1, marks=pytest.mark.large),
+                                             (4, "1f1b", 1), (4, "interleaved", 2), (2, "zb1p", 1), (4, "zb1p", 1)])
 def test_twenty_steps_match_one_process(pool, data, model_config, reference, pp, schedule, v):
     cfg = tiny_config(micro_batch=None, microbatches=8, schedule=schedule, virtual_stages=v, eval_every=10)
     check_against_reference(pool.run(train_and_collect, ParallelDims(pp=pp), cfg, data, model_config), reference)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb1p"])
+@pytest.mark.parametrize("schedule", [pytest.param("1f1b", marks=pytest.mark.large),  # 21-30 s each; make test
+                                      pytest.param("zb1p", marks=pytest.mark.large)])  # draws 3-D random layouts
 def test_three_d_with_sequence_parallel_and_zero1(pool, data, model_config, reference, schedule):
     cfg = tiny_config(micro_batch=None, microbatches=4, schedule=schedule, tp=2, sequence_parallel=True,
                       loss_parallel=True, zero=1, eval_every=10)

@@ -27,7 +27,7 @@ from plait.mesh import ParallelDims
 
 SEED = int(os.environ.get("PLAIT_RANDOM_SEED", "20261204"))
 DRAWS = int(os.environ.get("PLAIT_RANDOM_DRAWS", "3"))
-STEPS = 5
+STEPS = 4
 MODELS = {  # name: (tie_word_embeddings, num_key_value_heads)
     "untied-mha": (False, 8), "untied-gqa": (False, 4), "tied-mha": (True, 8), "tied-gqa": (True, 4)}
 
@@ -118,16 +118,25 @@ def _train(pool, flags: list[str], run_dir) -> None:
                                           timeout_s=240), run_dir, STEPS)
 
 
+def _to_terminal(capsys):
+    """Print past pytest's capture: the seed and draws belong in the test log of every run."""
+    def report(line: str) -> None:
+        with capsys.disabled():
+            print(line, flush=True)
+    return report
+
+
 @pytest.mark.timeout(120 + 20 * DRAWS)
-def test_random_layouts_match_one_process(pool, job, tmp_path):
+def test_random_layouts_match_one_process(pool, job, tmp_path, capsys):
     root, common = job
     rng = random.Random(SEED)
     draws = valid_draws(rng, common, DRAWS)
-    print(f"randomized layouts: seed {SEED}, {DRAWS} draws (PLAIT_RANDOM_SEED, PLAIT_RANDOM_DRAWS)")
+    report = _to_terminal(capsys)
+    report(f"\nrandomized layouts: seed {SEED}, {DRAWS} draws (PLAIT_RANDOM_SEED, PLAIT_RANDOM_DRAWS; make test-random)")
     references = {}
     failures = []
     for index, (model, dtype, flags) in enumerate(draws):
-        print(f"draw {index}: {model} {dtype} {' '.join(flags)}")
+        report(f"draw {index}: {model} {dtype} {' '.join(flags)}")
         job_flags = [*common[model], "--dtype", dtype]
         if (model, dtype) not in references:
             reference = root / f"reference-{model}-{dtype}"
@@ -138,7 +147,7 @@ def test_random_layouts_match_one_process(pool, job, tmp_path):
         comparison = Comparison.of(references[model, dtype], read_run(run_dir, 0.9), Tolerance.for_dtype(dtype))
         worst = (max(rel for *_, rel in comparison.losses), max(rel for _, rel in comparison.grads),
                  max(rel for _, rel in comparison.weights))
-        print(f"  worst {dtype}: loss {worst[0]:.2e}, first-step gradients {worst[1]:.2e}, weights {worst[2]:.2e}")
+        report(f"  worst {dtype}: loss {worst[0]:.2e}, first-step gradients {worst[1]:.2e}, weights {worst[2]:.2e}")
         if not comparison.ok:
             shown = [flag for flag in job_flags if flag not in ("--no-progress", "--no-plot", "--no-tensorboard")]
             command = (f"plait compare {shlex.join(shown)} --layout-a '--nproc 1' "

@@ -64,10 +64,10 @@ def test_logits_loss_and_gradients_match_one_process(pool, data, tp, sp, lp):
 
 
 @pytest.mark.parametrize("dims, sp, lp", [
-    (ParallelDims(tp=2), False, False),
+    pytest.param(ParallelDims(tp=2), False, False, marks=pytest.mark.large),  # tp2 alone: one-step tests here
     (ParallelDims(tp=2), True, True),
-    (ParallelDims(tp=4), True, False),
-    pytest.param(ParallelDims(tp=4), False, True, marks=pytest.mark.large),  # 16 s; tp4 also in random layouts
+    pytest.param(ParallelDims(tp=4), True, False, marks=pytest.mark.large),  # 22 s; tp4: one-step tests, random layouts
+    pytest.param(ParallelDims(tp=4), False, True, marks=pytest.mark.large),  # 16 s
     (ParallelDims(dp=2, tp=2), True, True),
 ])
 def test_twenty_steps_match_one_process(pool, data, dims, sp, lp):
@@ -182,7 +182,7 @@ def test_plan_errors_name_the_module():
     assert set(llama_plan(True, True)) > set(llama_plan(False, False))
 
 
-@pytest.mark.parametrize("sp, lp", [(False, False), (True, True)])
+@pytest.mark.parametrize("sp, lp", [pytest.param(False, False, marks=pytest.mark.large), (True, True)])
 def test_bfloat16_tensor_parallel_tracks_one_process(pool, data, sp, lp):
     cfg = tiny_config(dtype="bfloat16", steps=10)
     model_config = tiny_model_config()

@@ -21,12 +21,13 @@ the dtype's rounding ``eps`` (fp32 2^-23 ~ 1.2e-7; bf16 2^-7 ~ 7.8e-3), and trai
 the differences forward; AdamW divides each gradient element by its own running magnitude, so
 weights whose gradients are tiny move by a full step on rounding noise. The bounds are
 multiples of ``eps`` above the worst differences measured over 36 randomized layouts
-(tests/test_random_layouts.py, seed 1: tiny models, 6 steps at lr 2e-3), ~4x the worst seen:
+(tests/test_random_layouts.py, seed 1: tiny models, 6 steps at lr 2e-3; weights: also the
+4-step draws of make test, worst 4.9e-4), 2-4x the worst seen:
 
 =========  =========================  ===========================  =========================
 dtype      loss (per step)            first-step gradients         final weights
 =========  =========================  ===========================  =========================
-float32    worst 1.7e-7; 128 eps      worst 1.4e-6; 128 eps        worst 2.7e-4; 8192 eps
+float32    worst 1.7e-7; 128 eps      worst 1.4e-6; 128 eps        worst 4.9e-4; 16384 eps
 bfloat16   worst 2.5e-4; eps / 8      worst 2.8e-2; 8 eps          worst 0.12; 64 eps
 =========  =========================  ===========================  =========================
 
@@ -83,7 +84,7 @@ class Tolerance:
     grads: float    # max relative difference per parameter, first step's gradients
     weights: float  # max relative difference per parameter, final weights
 
-    MULTIPLES = {"float32": (128, 128, 8192), "bfloat16": (1 / 8, 8, 64)}
+    MULTIPLES = {"float32": (128, 128, 16384), "bfloat16": (1 / 8, 8, 64)}
 
     @classmethod
     def for_dtype(cls, dtype: str) -> "Tolerance":

@@ -68,33 +68,50 @@ class DeferredWeightGradients:
         return len(self._pending)
 
 
+def save_linear(ctx, x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None,
+                store: DeferredWeightGradients | None) -> torch.Tensor:
+    """Y = X W^T (+ b) in the compute dtype, keeping on ``ctx`` what ``linear_grads`` needs."""
+    dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        x_c, w_c = x.to(dtype), weight.to(dtype)
+        y = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
+    ctx.save_for_backward(x_c, w_c)
+    ctx.weight, ctx.weight_gradients, ctx.has_bias = weight, store, bias is not None
+    ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    return y
+
+
+def input_grad(ctx, grad_y: torch.Tensor) -> torch.Tensor:
+    """dX = dY W of a ``save_linear`` (B's part, on the critical path)."""
+    _, w_c = ctx.saved_tensors
+    return (grad_y.to(w_c.dtype) @ w_c).to(ctx.dtypes[0]).contiguous()
+
+
+def weight_and_bias_grads(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dW, db) of a ``save_linear``; dW is None when the store defers it to W."""
+    x_c, w_c = ctx.saved_tensors
+    _, w_dtype, b_dtype = ctx.dtypes
+    grad_y = grad_y.to(w_c.dtype)
+    grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
+    grad_b = grad_2d.sum(0).to(b_dtype) if ctx.has_bias else None
+    grad_w = None
+    store = ctx.weight_gradients
+    if ctx.needs_input_grad[1] and (store is None or not store.defer(ctx.weight, x_c, grad_y)):
+        grad_w = (grad_2d.t() @ x_c.reshape(-1, x_c.shape[-1])).to(w_dtype)
+    return grad_w, grad_b
+
+
 class DeferrableLinear(torch.autograd.Function):
     """Y = X A^T (+ b) whose dA may be deferred to ``store``'s W (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None,
                 store: DeferredWeightGradients) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x_c, w_c = x.to(dtype), weight.to(dtype)
-            y = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
-        ctx.save_for_backward(x_c, w_c)
-        ctx.weight, ctx.store, ctx.has_bias = weight, store, bias is not None
-        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return y
+        return save_linear(ctx, x, weight, bias, store)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x_c, w_c = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_y = grad_y.to(w_c.dtype)
-        grad_x = (grad_y @ w_c).to(x_dtype)
-        grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_b = grad_2d.sum(0).to(b_dtype) if ctx.has_bias else None
-        grad_w = None
-        if ctx.needs_input_grad[1] and not ctx.store.defer(ctx.weight, x_c, grad_y):
-            grad_w = (grad_2d.t() @ x_c.reshape(-1, x_c.shape[-1])).to(w_dtype)
-        return grad_x, grad_w, grad_b, None
+        return (input_grad(ctx, grad_y), *weight_and_bias_grads(ctx, grad_y), None)
 
 
 def _deferrable_forward(module: nn.Linear, store: DeferredWeightGradients, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ from torch import nn
 
 from plait.comm import (Collectives, copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp,
                         reduce_scatter_sequence)
-from plait.pipeline.weight_grad import DeferrableLinear, DeferredWeightGradients, compute_dtype
+from plait.pipeline.weight_grad import (DeferrableLinear, DeferredWeightGradients, input_grad, save_linear,
+                                       weight_and_bias_grads)
 from plait.sharding import TensorShard, set_shard
 
 INPUT_MODES = ("copy", "gather_sequence", "none")
@@ -70,28 +71,14 @@ class _CopyThenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, comm: Collectives,
                 weight_gradients: DeferredWeightGradients | None = None):
-        dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x_c, w_c = x.to(dtype), weight.to(dtype)
-            y = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
-        ctx.save_for_backward(x_c, w_c)
-        ctx.comm, ctx.has_bias = comm, bias is not None
-        ctx.weight, ctx.weight_gradients = weight, weight_gradients
-        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return y
+        ctx.comm = comm
+        return save_linear(ctx, x, weight, bias, weight_gradients)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x_c, w_c = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_y = grad_y.to(w_c.dtype)
-        grad_x = (grad_y @ w_c).to(x_dtype).contiguous()
+        grad_x = input_grad(ctx, grad_y)  # first: its all-reduce runs while dW (or its deferral) and db are made
         work = ctx.comm.all_reduce(grad_x, tag="tp_bwd", async_op=True)
-        grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_w = None
-        if ctx.weight_gradients is None or not ctx.weight_gradients.defer(ctx.weight, x_c, grad_y):
-            grad_w = (grad_2d.t() @ x_c.reshape(-1, x_c.shape[-1])).to(w_dtype)
-        grad_b = grad_2d.sum(0).to(b_dtype) if ctx.has_bias else None
+        grad_w, grad_b = weight_and_bias_grads(ctx, grad_y)
         if work is not None:
             work.wait()
         return grad_x, grad_w, grad_b, None, None
