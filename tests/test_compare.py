@@ -62,6 +62,11 @@ def test_comparison_names_the_first_step_and_parameter_beyond_tolerance():
     report = "\n".join(differing.report())
     assert "DIFFERENT: loss at step 4" in report and "beyond" in report
     assert len(differing.report()) < 25  # one screen
+    long = RunResult([5.0] * 40, {}, {})
+    late = RunResult([5.0] * 22 + [5.1] + [5.0] * 17, {}, {})
+    table = [line.split()[0] for line in Comparison.of(long, late, tolerance).report()
+             if line.split()[0].isdigit()]
+    assert len(table) <= 10 and {"1", "23", "40"} <= set(table)  # first, first beyond (= worst), last
 
 
 def test_tolerance_scales_with_the_dtype_and_max_relative_ignores_near_zero_elements():

@@ -239,14 +239,18 @@ class Comparison:
 
 
 def _pick_rows(rows: list, count: int, beyond) -> list:
+    """At most ``count`` of ``rows``: the first, the last, the worst and the first beyond
+    tolerance always, then evenly spaced ones."""
     if len(rows) <= count:
         return rows
-    keep = {0, len(rows) - 1, max(range(len(rows)), key=lambda i: rows[i][3])}
+    chosen = {0, len(rows) - 1, max(range(len(rows)), key=lambda i: rows[i][3])}
     if beyond is not None:
-        keep.add(beyond[0] - 1)
-    stride = max(1, len(rows) // max(1, count - len(keep)))
-    keep |= set(range(0, len(rows), stride))
-    return [rows[i] for i in sorted(keep)[:count]] if len(keep) > count else [rows[i] for i in sorted(keep)]
+        chosen.add(beyond[0] - 1)
+    for index in (round(k * (len(rows) - 1) / (count - 1)) for k in range(count)):
+        if len(chosen) >= count:
+            break
+        chosen.add(index)
+    return [rows[i] for i in sorted(chosen)]
 
 
 def run_phases(run: Callable[[dict], None], run_dir: Path, steps: int) -> None:
