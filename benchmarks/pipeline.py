@@ -1,16 +1,19 @@
-"""Pipeline parallel, pp = 2, 8 micro-batches: plait's 1F1B and zero-bubble ZB-H1 (zb1p) vs
-torch.distributed.pipelining's Schedule1F1B and ScheduleInterleavedZeroBubble.
+"""Pipeline parallel, pp = 2, 8 micro-batches: plait's 1F1B and zero-bubble ZB-H1 (zb1p) and ZB-V
+(zbv) vs torch.distributed.pipelining's Schedule1F1B, ScheduleInterleavedZeroBubble and
+ScheduleZBVZeroBubble.
 
     python benchmarks/pipeline.py
 
-Same model (plait's Llama 'small' preset, blocks split 4 + 4, embedding on stage 0, final norm
-and head on stage 1), same batches, fp32, one thread per rank; steps alternate between the four
+Same model (plait's Llama 'small' preset), same blocks per chunk on both sides (plait's FLOP-
+balanced split: 5 + 3 for one chunk per rank; 2 + 2 + 3 + 1 for ZB-V's four chunks, placed
+0 and 3 on rank 0, 1 and 2 on rank 1), embedding with the first chunk, final norm and head
+with the last, same batches, fp32, one thread per rank; steps alternate between the six
 contestants inside the same pair of processes; median step time. PyTorch's side:
-``PipelineStage`` + the schedule with ``F.cross_entropy`` on the last stage's logits and fused
-AdamW (``ScheduleInterleavedZeroBubble`` with one stage per rank: its ZB-H1-like order with a
-split backward); plait's side: ``Trainer.train_step`` (which also clips and reduces metrics).
-Also prints plait's measured idle fraction per schedule (from its executor's per-action
-timestamps) beside the analytic bubble.
+``PipelineStage`` per chunk + the schedule with ``F.cross_entropy`` on the last chunk's logits
+and fused AdamW (``ScheduleInterleavedZeroBubble`` with one stage per rank: its ZB-H1-like
+order with a split backward; ``ScheduleZBVZeroBubble`` with two); plait's side:
+``Trainer.train_step`` (which also clips and reduces metrics). Also prints plait's measured idle
+fraction per schedule (from its executor's per-action timestamps) beside the analytic bubble.
 """
 from __future__ import annotations
 
@@ -26,96 +29,91 @@ from torch import nn
 from plait.data import TokenData
 from plait.mesh import ParallelContext, ParallelDims
 from plait.models import build_model, get_preset
-from plait.pipeline import analytic_bubble
-from plait.pipeline.schedules import Slot, bubble_fraction
+from plait.pipeline import analytic_bubble, plan_chunks
+from plait.pipeline.schedules import Slot, bubble_fraction, placement_of
 from plait.testing import WorkerPool
 from plait.train import TrainConfig, Trainer
 
+PLAIT_SCHEDULES = {"1f1b": 1, "zb1p": 1, "zbv": 2}  # schedule -> chunks per rank
+TORCH_SCHEDULES = {"Schedule1F1B": "1f1b", "ScheduleInterleavedZeroBubble": "zb1p", "ScheduleZBVZeroBubble": "zbv"}
+CONTESTANTS = tuple(f"plait {s}" for s in PLAIT_SCHEDULES) + tuple(f"torch {s}" for s in TORCH_SCHEDULES)
 
-class FirstStage(nn.Module):
-    def __init__(self, model: nn.Module, layers: list[int], seq_len: int) -> None:
+
+class Chunk(nn.Module):
+    """Consecutive blocks of the model, with the embedding (first chunk) or norm and head (last)."""
+
+    def __init__(self, model: nn.Module, layers: tuple[int, ...], seq_len: int, first: bool, last: bool) -> None:
         super().__init__()
-        self.embed_tokens = model.model.embed_tokens
+        self.embed_tokens = model.model.embed_tokens if first else None
         self.layers = nn.ModuleList(model.model.layers[i] for i in layers)
+        self.norm, self.lm_head = (model.model.norm, model.lm_head) if last else (None, None)
         self.decoder = [model.model]  # not registered: only for the RoPE tables
         self.seq_len = seq_len
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(ids)
-        cos, sin = self.decoder[0].position_tables(self.seq_len, x)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return x
-
-
-class LastStage(nn.Module):
-    def __init__(self, model: nn.Module, layers: list[int], seq_len: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(model.model.layers[i] for i in layers)
-        self.norm, self.lm_head = model.model.norm, model.lm_head
-        self.decoder = [model.model]
-        self.seq_len = seq_len
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed_tokens is not None:
+            x = self.embed_tokens(x)
         cos, sin = self.decoder[0].position_tables(self.seq_len, x)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x)) if self.lm_head is not None else x
 
 
-def torch_pipeline(ctx: ParallelContext, config, seq_len: int, microbatches: int, zero_bubble: bool):
-    """A torch.distributed.pipelining stage of the same model and its step function."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleavedZeroBubble
+def torch_pipeline(ctx: ParallelContext, config, seq_len: int, microbatches: int, name: str):
+    """torch.distributed.pipelining stages of the same model and chunks, and the step function."""
+    from torch.distributed import pipelining
 
+    ours = TORCH_SCHEDULES[name]
+    v = PLAIT_SCHEDULES[ours]
+    chunks = plan_chunks(config, 2, v, seq_len)
+    placement = placement_of(ours)
     model = build_model(config, seed=0)
-    half = config.num_hidden_layers // 2
     rank = ctx.pp_rank
-    if rank == 0:
-        module = FirstStage(model, list(range(half)), seq_len)
-    else:
-        module = LastStage(model, list(range(half, config.num_hidden_layers)), seq_len)
+    stages, modules = [], []
+    for index in placement.chunks_of(rank, 2, v):
+        chunk = chunks[index]
+        module = Chunk(model, chunk.layers, seq_len, chunk.is_first, chunk.is_last)
+        modules.append(module)
+        stages.append(pipelining.PipelineStage(module, index, len(chunks), torch.device("cpu"),
+                                               group=ctx.comm("pp").group))
     del model
-    stage = PipelineStage(module, rank, 2, torch.device("cpu"), group=ctx.comm("pp").group)
 
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
-    if zero_bubble:
-        schedule = ScheduleInterleavedZeroBubble([stage], microbatches, loss_fn=loss_fn)
-    else:
-        schedule = Schedule1F1B(stage, microbatches, loss_fn=loss_fn)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
+    kind = getattr(pipelining, name)
+    schedule = kind(stages[0], microbatches, loss_fn=loss_fn) if name == "Schedule1F1B" else \
+        kind(stages, microbatches, loss_fn=loss_fn)
+    parameters = [p for module in modules for p in module.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, fused=True)
+    holds_first = any(chunks[i].is_first for i in placement.chunks_of(rank, 2, v))
+    holds_last = any(chunks[i].is_last for i in placement.chunks_of(rank, 2, v))
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        if rank == 0:
-            schedule.step(inputs)
-        else:
-            schedule.step(target=targets, losses=[])
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)  # this stage's part; plait clips globally
+        args = (inputs,) if holds_first else ()
+        kwargs = dict(target=targets, losses=[]) if holds_last else {}
+        schedule.step(*args, **kwargs)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)  # this rank's part; plait clips globally
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
-CONTESTANTS = ("plait 1f1b", "plait zb1p", "torch Schedule1F1B", "torch ScheduleInterleavedZeroBubble")
-
-
 def contest(ctx: ParallelContext, data: TokenData, steps: int, microbatches: int, seq_len: int, batch: int):
     config = get_preset("small").replace(vocab_size=data.vocab_size)
     trainers = {}
-    for schedule in ("1f1b", "zb1p"):
+    for schedule, v in PLAIT_SCHEDULES.items():
         cfg = TrainConfig(model="small", steps=steps + 1, global_batch=batch, microbatches=microbatches,
-                          seq_len=seq_len, dtype="float32", schedule=schedule, eval_every=0, progress=False,
-                          tensorboard=False, plot=False, peak_tflops=1.0, out="unused")
+                          seq_len=seq_len, dtype="float32", schedule=schedule, virtual_stages=v, eval_every=0,
+                          progress=False, tensorboard=False, plot=False, peak_tflops=1.0, out="unused")
         trainers[schedule] = Trainer(cfg, ctx, data, config)
     sampler = trainers["1f1b"].sampler
-    torch_steps = {zero_bubble: torch_pipeline(ctx, config, seq_len, microbatches, zero_bubble)
-                   for zero_bubble in (False, True)}
-    runs = {"plait 1f1b": trainers["1f1b"].train_step, "plait zb1p": trainers["zb1p"].train_step,
-            "torch Schedule1F1B": lambda step: torch_steps[False](*sampler.shard(step, 0, 1)),
-            "torch ScheduleInterleavedZeroBubble": lambda step: torch_steps[True](*sampler.shard(step, 0, 1))}
+    runs = {f"plait {schedule}": trainer.train_step for schedule, trainer in trainers.items()}
+    for name in TORCH_SCHEDULES:
+        torch_step = torch_pipeline(ctx, config, seq_len, microbatches, name)
+        runs[f"torch {name}"] = lambda step, torch_step=torch_step: torch_step(*sampler.shard(step, 0, 1))
     times = {name: [] for name in CONTESTANTS}
-    idle = {"1f1b": [], "zb1p": []}
+    idle = {schedule: [] for schedule in PLAIT_SCHEDULES}
     for step in range(steps + 1):
         for name in CONTESTANTS:
             dist.barrier()
@@ -152,16 +150,16 @@ def main() -> None:
         pool.shutdown()
     m = args.microbatches
     print(f"'small' (18.9M), pp=2, m={m} micro-batches of {args.batch // m} x {args.seq_len}, fp32, "
-          f"1 thread per rank, median of {args.steps} steps, the four alternating")
+          f"1 thread per rank, median of {args.steps} steps, the six alternating")
     print("| implementation | step time (s) | vs plait 1f1b | vs torch's same schedule |")
     print("|---|---|---|---|")
-    peers = {"plait 1f1b": "torch Schedule1F1B", "plait zb1p": "torch ScheduleInterleavedZeroBubble"}
+    peers = {f"plait {ours}": f"torch {name}" for name, ours in TORCH_SCHEDULES.items()}
     for name in CONTESTANTS:
         versus = f"**{times[name] / times[peers[name]]:.2f}x**" if name in peers else ""
         print(f"| {name} | {times[name]:.3f} | {times[name] / times['plait 1f1b']:.2f}x | {versus} |")
-    for schedule in ("1f1b", "zb1p"):
+    for schedule, v in PLAIT_SCHEDULES.items():
         print(f"plait {schedule}: measured idle fraction {100 * idle[schedule]:.1f}% vs analytic bubble "
-              f"{100 * analytic_bubble(schedule, 2, m):.1f}%")
+              f"{100 * analytic_bubble(schedule, 2, m, v):.1f}%")
 
 
 if __name__ == "__main__":

@@ -51,15 +51,19 @@ def test_zero2_and_zero3_with_pipelines_match_one_process(pool, data, model_conf
     assert_runs_match(results, reference, TOLERANCE)
 
 
-@pytest.mark.parametrize("dims, zero", [(ParallelDims(pp=2), 0), (ParallelDims(dp=2, pp=2), 1)],
-                         ids=["pp2", "dp2-pp2-zero1"])
-def test_tied_embeddings_with_pipelines_match_one_process(pool, data, tied_config, tied_reference, dims, zero):
-    """The first stage's table and the last stage's head stay one weight: both end equal to it."""
-    cfg = tiny_config(micro_batch=None, microbatches=4, zero=zero)
+@pytest.mark.parametrize("dims, zero, schedule", [(ParallelDims(pp=2), 0, "1f1b"), (ParallelDims(dp=2, pp=2), 1, "1f1b"),
+                                                  (ParallelDims(pp=2), 0, "zbv")],
+                         ids=["pp2", "dp2-pp2-zero1", "pp2-zbv"])
+def test_tied_embeddings_with_pipelines_match_one_process(pool, data, tied_config, tied_reference, dims, zero,
+                                                          schedule):
+    """The first stage's table and the last stage's head stay one weight: both end equal to it.
+    Under ZB-V both are rank 0's: one parameter, nothing exchanged."""
+    v = 2 if schedule == "zbv" else 1
+    cfg = tiny_config(micro_batch=None, microbatches=4, zero=zero, schedule=schedule, virtual_stages=v)
     results = pool.run(train_and_collect, dims, cfg, data, tied_config, timeout_s=240)
     assert_runs_match(results, tied_reference, TOLERANCE)
     holders = [rank for rank, (_, _, params, _) in enumerate(results) if "model.embed_tokens.weight" in params]
-    assert len(holders) == 2 * dims.dp  # the first and the last stage of every replica
+    assert len(holders) == (1 if schedule == "zbv" else 2) * dims.dp  # first and last stage of every replica
 
 
 def first_step_gradients(ctx, cfg, data, model_config):

@@ -8,14 +8,15 @@ import pytest
 from plait.mesh import LayoutError, ParallelContext, ParallelDims
 from plait.pipeline import (ScheduleError, analytic_bubble, balanced_split, bubble_fraction, build_schedule,
                             peak_in_flight, plan_chunks, simulate)
-from plait.pipeline.schedules import splits_backward
+from plait.pipeline.schedules import Op, Placement, in_flight_per_rank, placement_of, splits_backward
 from plait.train import Trainer
 from helpers import assert_runs_match, train_and_collect, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 CASES = [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("interleaved", 4, 8, 2), ("1f1b", 2, 3, 1),
          ("gpipe", 3, 5, 1), ("interleaved", 2, 4, 3), ("1f1b", 4, 2, 1),
-         ("zb1p", 2, 8, 1), ("zb1p", 4, 8, 1), ("zb1p", 3, 5, 1), ("zb1p", 8, 13, 1), ("zb1p", 4, 4, 1)]
+         ("zb1p", 2, 8, 1), ("zb1p", 4, 8, 1), ("zb1p", 3, 5, 1), ("zb1p", 8, 13, 1), ("zb1p", 4, 4, 1),
+         ("zbv", 2, 8, 2), ("zbv", 4, 8, 2), ("zbv", 3, 5, 2), ("zbv", 8, 16, 2), ("zbv", 4, 4, 2), ("zbv", 2, 1, 2)]
 
 
 @pytest.mark.parametrize("schedule, pp, m, v", CASES)
@@ -26,7 +27,8 @@ def test_schedule_is_complete_matched_and_deadlock_free(schedule, pp, m, v):
     for rank, plan in enumerate(plans):
         for kind in kinds:  # each (micro-batch, chunk) of the rank: F, B (and W) exactly once
             done = Counter((a.microbatch, a.chunk) for a in plan if a.kind == kind)
-            expected = {(mb, c) for mb in range(m) for c in range(chunks) if c % pp == rank}
+            expected = {(mb, c) for mb in range(m) for c in range(chunks)
+                        if placement_of(schedule).rank_of(c, pp) == rank}
             assert set(done) == expected and set(done.values()) == {1}, (rank, kind)
         assert all(a.kind in kinds or not a.kind.is_compute for a in plan)
         # a micro-batch's backward on a chunk comes after its forward, its W after its B
@@ -43,7 +45,11 @@ def test_schedule_is_complete_matched_and_deadlock_free(schedule, pp, m, v):
             if a.kind.startswith("RECV"):
                 source_chunk = a.chunk - 1 if a.kind == "RECV_F" else a.chunk + 1
                 receives[(a.kind[-1], a.microbatch, source_chunk, a.peer, rank)] += 1
-    assert sends == receives and set(sends.values()) == {1}
+    assert sends == receives and set(sends.values()) in ({1}, set())
+    # a message per boundary between chunks of different ranks, none between chunks of one rank
+    placement = placement_of(schedule)
+    crossing = sum(placement.rank_of(c, pp) != placement.rank_of(c + 1, pp) for c in range(chunks - 1))
+    assert len(sends) == 2 * m * crossing
     # the simulator runs every list to completion (it raises on a deadlock), respecting the data flow
     slots = simulate(plans)
     finish = {(s.kind, s.microbatch, s.chunk): s for s in slots}
@@ -58,6 +64,21 @@ def test_bubble_and_in_flight_activations(schedule, pp, m, v):
     plans = build_schedule(schedule, pp, m, v)
     bubble = bubble_fraction(simulate(plans), pp)
     peaks = [peak_in_flight(plan) for plan in plans]
+    if schedule == "zbv":  # each chunk's F = B = W = 1: idle p - 1 per rank once m >= 2p - 1
+        bubble = bubble_fraction(simulate(plans, 1.0, 1.0, weight_cost=1.0), pp)
+        if m >= 2 * pp - 1:
+            assert abs(bubble - (pp - 1) / (6 * m + pp - 1)) < 1e-9
+            assert abs(bubble - analytic_bubble(schedule, pp, m, v)) < 1e-9
+        if m % pp == 0:  # interleaved 1F1B on the same two chunks per rank, B + W as one backward
+            interleaved = bubble_fraction(simulate(build_schedule("interleaved", pp, m, 2), 1.0, 2.0), pp)
+            assert bubble < interleaved
+        zb1p = bubble_fraction(simulate(build_schedule("zb1p", pp, m), 2.0, 2.0, weight_cost=2.0), pp)
+        assert bubble <= zb1p
+        # in flight: at most 2p half-size chunks, 1F1B's p whole stages (its rank 0's peak)
+        one_f_one_b = [peak_in_flight(plan) for plan in build_schedule("1f1b", pp, m)]
+        assert max(peaks) == 2 * max(one_f_one_b) if m >= 2 * pp - 1 else max(peaks) <= 2 * max(one_f_one_b)
+        assert peaks == in_flight_per_rank(schedule, pp, m, v)
+        return
     if splits_backward(schedule):  # unit F = B = W: Qi et al.'s (p-1)(T_F + T_B - T_W) per rank
         bubble = bubble_fraction(simulate(plans, 1.0, 1.0, weight_cost=1.0), pp)
         assert abs(bubble - (pp - 1) / (3 * m + pp - 1)) < 1e-9
@@ -84,6 +105,24 @@ def test_schedule_errors():
         build_schedule("zigzag", 2, 4)
     with pytest.raises(ScheduleError, match="needs --schedule interleaved"):
         build_schedule("1f1b", 2, 4, 2)
+    with pytest.raises(ScheduleError, match="zbv places two chunks on each rank; set --virtual-stages 2"):
+        build_schedule("zbv", 2, 4, 1)
+
+
+def test_v_placement_puts_embedding_and_head_on_rank_zero_and_turns_locally():
+    pp = 4
+    assert [Placement.V.rank_of(c, pp) for c in range(2 * pp)] == [0, 1, 2, 3, 3, 2, 1, 0]
+    assert [Placement.LOOP.rank_of(c, pp) for c in range(2 * pp)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert Placement.V.chunks_of(1, pp, 2) == [1, 6]
+    plans = build_schedule("zbv", pp, 8, 2)
+    # chunk 3 -> 4 stays on rank 3: no message crosses that boundary, and rank 3 runs F of 3 before F of 4
+    assert not any(a.chunk in (3, 4) and a.kind in (Op.SEND_F, Op.RECV_F) and a.peer == 3
+                   for plan in plans for a in plan)
+    assert not any(a.kind == Op.RECV_F and a.chunk == 4 or a.kind == Op.RECV_B and a.chunk == 3 for a in plans[3])
+    # evaluation's forward-only GPipe order follows the same V
+    eval_plans = build_schedule("gpipe", pp, 3, 2, Placement.V)
+    assert {a.chunk for a in eval_plans[0] if a.kind == Op.F} == {0, 7}
+    simulate(eval_plans)
 
 
 def test_balanced_split():
@@ -104,17 +143,19 @@ def check_against_reference(results, reference):
 
 @pytest.mark.parametrize("pp, schedule, v", [(2, "gpipe", 1), (2, "1f1b", 1), (2, "interleaved", 2),
                                              pytest.param(4, "gpipe", 1, marks=pytest.mark.large),
-                                             (4, "1f1b", 1), (4, "interleaved", 2), (2, "zb1p", 1), (4, "zb1p", 1)])
+                                             (4, "1f1b", 1), (4, "interleaved", 2), (2, "zb1p", 1), (4, "zb1p", 1),
+                                             (2, "zbv", 2), (4, "zbv", 2)])
 def test_twenty_steps_match_one_process(pool, data, model_config, reference, pp, schedule, v):
     cfg = tiny_config(micro_batch=None, microbatches=8, schedule=schedule, virtual_stages=v, eval_every=10)
     check_against_reference(pool.run(train_and_collect, ParallelDims(pp=pp), cfg, data, model_config), reference)
 
 
 @pytest.mark.parametrize("schedule", [pytest.param("1f1b", marks=pytest.mark.large),  # 21-30 s each; make test
-                                      pytest.param("zb1p", marks=pytest.mark.large)])  # draws 3-D random layouts
+                                      pytest.param("zb1p", marks=pytest.mark.large),  # draws 3-D random layouts
+                                      pytest.param("zbv", marks=pytest.mark.large)])
 def test_three_d_with_sequence_parallel_and_zero1(pool, data, model_config, reference, schedule):
     cfg = tiny_config(micro_batch=None, microbatches=4, schedule=schedule, tp=2, sequence_parallel=True,
-                      loss_parallel=True, zero=1, eval_every=10)
+                      loss_parallel=True, zero=1, eval_every=10, virtual_stages=2 if schedule == "zbv" else 1)
     results = pool.run(train_and_collect, ParallelDims(dp=2, pp=2, tp=2), cfg, data, model_config, timeout_s=300)
     check_against_reference(results, reference)
 

@@ -80,10 +80,10 @@ def draw_layout(rng: random.Random) -> list[str]:
                   rng.choice(["--loss-parallel", "--no-loss-parallel"])]
     per_rank = 8 // sizes["dp"]
     if sizes["pp"] > 1:
-        schedule = rng.choice(["gpipe", "1f1b", "interleaved", "zb1p"])
+        schedule = rng.choice(["gpipe", "1f1b", "interleaved", "zb1p", "zbv"])
         flags += ["--schedule", schedule, "--microbatches", str(rng.choice([m for m in (2, 4, 8) if m <= per_rank]
                                                                            or [per_rank]))]
-        if schedule == "interleaved":
+        if schedule in ("interleaved", "zbv"):
             flags += ["--virtual-stages", "2"]
     else:
         flags += ["--micro-batch", str(rng.choice([b for b in (1, 2, 4, 8) if b <= per_rank]))]

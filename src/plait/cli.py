@@ -47,10 +47,11 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
                             "sharded, 2 + gradients, 3 + parameters (FSDP-style, per block)"),
     ("--schedule", "schedule", str, "pipeline schedule: gpipe, 1f1b, interleaved (needs --virtual-stages >= 2), "
                                     "zb1p (zero-bubble ZB-H1: backward split into input and weight gradients, "
-                                    "the weight half deferred into the bubbles; --zero 0 or 1)"),
+                                    "the weight half deferred into the bubbles; --zero 0 or 1), zbv (ZB-V: the "
+                                    "same split over two chunks per rank in a V; --virtual-stages 2)"),
     ("--microbatches", "microbatches", int, "micro-batches per step and data-parallel rank (instead of "
                                             "--micro-batch); a pipeline needs at least --pp"),
-    ("--virtual-stages", "virtual_stages", int, "model chunks per pipeline rank (interleaved schedule)"),
+    ("--virtual-stages", "virtual_stages", int, "model chunks per pipeline rank (interleaved; 2 for zbv)"),
     ("--pipeline-split", "pipeline_split", str, "blocks per pipeline chunk, e.g. 3,5 (default: balanced by FLOPs)"),
     ("--label-smoothing", "label_smoothing", float, "label smoothing of the cross-entropy"),
     ("--steps", "steps", int, "optimizer steps"),
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--pp", type=int, default=4, help="pipeline ranks")
     schedule.add_argument("--microbatches", type=int, default=8, help="micro-batches per step")
     schedule.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
-    schedule.add_argument("--virtual-stages", type=int, default=1, help="chunks per rank (interleaved)")
+    schedule.add_argument("--virtual-stages", type=int, default=1, help="chunks per rank (interleaved; 2 for zbv)")
     schedule.add_argument("--backward-cost", type=float, default=2.0, help="backward time / forward time")
     schedule.add_argument("-o", "--output", default="schedule.png", help="PNG to write")
     commands.add_parser("compare", add_help=False, help="run one job under two layouts and report where they "
@@ -165,8 +166,8 @@ def schedule_command(args: argparse.Namespace) -> int:
 
     try:
         plans = build_schedule(args.schedule, args.pp, args.microbatches, args.virtual_stages)
-        # interleaved chunks are 1/v of a stage: keep one time unit = one forward of a whole stage
-        v = args.virtual_stages if args.schedule == "interleaved" else 1
+        # interleaved and ZB-V chunks are 1/v of a stage: keep one time unit = one forward of a whole stage
+        v = args.virtual_stages if args.schedule in ("interleaved", "zbv") else 1
         backward = args.backward_cost / v
         if splits_backward(args.schedule):  # B (input gradients) and W (weights) share the backward
             slots = simulate(plans, forward_cost=1.0 / v, backward_cost=backward / 2, weight_cost=backward / 2)
@@ -183,7 +184,8 @@ def schedule_command(args: argparse.Namespace) -> int:
     draw_slots(slots, args.pp, args.output, title)
     print(f"schedule {args.schedule}: pp={args.pp}, microbatches={args.microbatches}, virtual stages={v}")
     print(f"bubble fraction: analytic {formula} = {analytic:.4f}; simulated {simulated:.4f}")
-    print(f"peak in-flight micro-batch activations per rank: {[peak_in_flight(p) for p in plans]}")
+    size = f" (each 1/{v} of a stage)" if v > 1 else ""
+    print(f"peak in-flight micro-batch activations per rank, in chunks{size}: {[peak_in_flight(p) for p in plans]}")
     print(f"wrote {args.output}")
     return 0
 

@@ -5,6 +5,9 @@ every rank's list is a valid order of the same dependency graph (``schedules.sim
 checks it), a rank only ever waits for a send its peer reaches without waiting on it: no
 deadlock, on gloo as on NCCL. Each message carries a tag naming its boundary and
 micro-batch, so messages of different chunks between the same two ranks cannot be confused.
+Neighbouring chunks on one rank (ZB-V's turn of the V) exchange no message: the next chunk's
+forward takes the previous chunk's output, detached as a received tensor would be, and its
+backward leaves the input gradient where the previous chunk's backward looks for it.
 
 Loss: the last chunk returns a token-loss *sum*; its backward seeds ``1 / N`` with N the
 global number of target tokens in the step, so micro-batching and pipelining leave the
@@ -78,6 +81,12 @@ class PipelineExecutor:
                 self.pp.recv(buffer, action.peer, message_tag(Op.F, action.microbatch, action.chunk - 1, m))
                 received[key] = buffer.requires_grad_(not forward_only)
             elif action.kind == Op.F:
+                previous = (action.microbatch, action.chunk - 1)
+                if not chunk.is_first and previous[1] in self.chunks:  # local hand-off, no message
+                    handed = outputs[previous] if forward_only else outputs[previous].detach()
+                    received[key] = handed if forward_only else handed.requires_grad_()
+                    if forward_only:
+                        outputs.pop(previous)
                 x = inputs[action.microbatch] if chunk.is_first else \
                     (received.pop(key) if forward_only else received[key])
                 with self.forward_context():
@@ -111,7 +120,11 @@ class PipelineExecutor:
                     else:
                         out.backward(grads.pop(key))
                 if not chunk.is_first:
-                    input_grads[key] = received.pop(key).grad
+                    grad = received.pop(key).grad
+                    if action.chunk - 1 in self.chunks:  # the local previous chunk's output gradient
+                        grads[(action.microbatch, action.chunk - 1)] = grad
+                    else:
+                        input_grads[key] = grad
                 self.events.append(("B", action.microbatch, action.chunk, started - origin,
                                     time.perf_counter() - origin))
             elif action.kind == Op.W:

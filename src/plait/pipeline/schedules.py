@@ -1,8 +1,11 @@
 """Pipeline schedules as data: pure functions from (pp, microbatches, virtual stages) to, for
 every pipeline rank, the ordered list of actions it performs in one training step.
 
-The model's blocks are cut into S = pp * v consecutive *chunks*; chunk c lives on rank
-c % pp (so with v > 1 each rank holds v chunks, pp apart: Megatron's interleaving). Actions
+The model's blocks are cut into S = pp * v consecutive *chunks*, placed on ranks by the
+schedule's ``Placement``: in a loop, chunk c on rank c % pp (with v > 1 each rank holds v
+chunks, pp apart: Megatron's interleaving); in a V (ZB-V, v = 2), chunks c and 2p-1-c on rank
+c, so the first and the last chunk -- embedding and head -- share rank 0, and chunks p-1 and p
+share rank p-1, which hands its activations from one to the other without a message. Actions
 (``Op``):
 
     F(mb, c)        forward micro-batch mb through chunk c
@@ -27,6 +30,19 @@ B's reach rank r as in 1F1B, so F - B in flight is 1F1B's p - r; rank r keeps r 
 runs them in the cool-down, where 1F1B idles. With costs T_F, T_B, T_W the bubble shrinks
 from 1F1B's (p-1)(T_F + T_B + T_W) per rank to (p-1)(T_F + T_B - T_W): with all three equal,
 (p-1) / (3m + p - 1) of the step.
+
+ZB-V (``zbv``; Qi et al. 2023, section 6) runs two half-size chunks per rank in the V
+placement: rank r holds the "down" chunk r and the "up" chunk 2p-1-r. Its order (the paper's
+hand-made schedule, as PyTorch's ``ScheduleZBVZeroBubble`` builds it) warms up with
+2(p-r)-1 down forwards, then r pairs (up F, down F), then p-r triples (up F, B, W); the steady
+state repeats (down F, B, W, up F, B, W); the cool-down runs r pairs of B (down, up) and p-r
+(down B, down W), then the deferred W's. The construction assumes m >= 2p-1 and drops the
+actions of micro-batches beyond m. Counting each chunk's F, B and W as one unit (a
+rank's whole F is then 2), a rank's work is 6m and, for m >= 2p-1, the step takes
+6m + p - 1: each rank idles p - 1 units, the time the first forward needs to reach it, so the
+bubble is (p-1) / (6m + p - 1), half of ZB-H1's idle time at the same work and below
+interleaved 1F1B's. Each rank keeps at most 2p half-size chunks in flight: the p stages' worth
+of 1F1B's rank 0.
 """
 from __future__ import annotations
 
@@ -36,8 +52,30 @@ from typing import Callable
 
 from plait.errors import PlaitError
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p")
-SPLIT_BACKWARD = frozenset({"zb1p"})  # schedules whose backward is B (inputs) + W (weights)
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p", "zbv")
+SPLIT_BACKWARD = frozenset({"zb1p", "zbv"})  # schedules whose backward is B (inputs) + W (weights)
+
+
+class Placement(str, enum.Enum):
+    """Which rank runs chunk c of S = p * v: LOOP c % p; V (v = 2) c or 2p-1-c, whichever is < p."""
+
+    LOOP = "loop"
+    V = "v"
+
+    def rank_of(self, chunk: int, pp: int) -> int:
+        if self is Placement.V:
+            return chunk if chunk < pp else 2 * pp - 1 - chunk
+        return chunk % pp
+
+    def chunks_of(self, rank: int, pp: int, virtual_stages: int) -> list[int]:
+        """The global chunks of ``rank``, in model order."""
+        if self is Placement.V:
+            return [rank, 2 * pp - 1 - rank]
+        return [rank + k * pp for k in range(virtual_stages)]
+
+
+def placement_of(schedule: str) -> Placement:
+    return Placement.V if schedule == "zbv" else Placement.LOOP
 
 
 class ScheduleError(PlaitError):
@@ -85,13 +123,39 @@ def splits_backward(schedule: str) -> bool:
     return schedule in SPLIT_BACKWARD
 
 
-def chunk_rank(chunk: int, pp: int) -> int:
-    return chunk % pp
+def _zero_bubble_v_order(pp: int, m: int, rank: int) -> list[tuple[str, int, int]]:
+    """ZB-V's order on ``rank`` (see the module docstring), built for max(m, 2p-1) micro-batches
+    and cut to the first m."""
+    down, up = rank, 2 * pp - 1 - rank
+    n = max(m, 2 * pp - 1)
+    order: list[tuple[str, int, int]] = []
+    done = {("F", down): 0, ("F", up): 0, ("B", down): 0, ("B", up): 0, ("W", down): 0, ("W", up): 0}
+
+    def run(*steps: tuple[str, int]) -> None:
+        for kind, chunk in steps:
+            order.append((kind, done[(kind, chunk)], chunk))
+            done[(kind, chunk)] += 1
+
+    run(*[("F", down)] * (2 * (pp - rank) - 1))
+    run(*[("F", up), ("F", down)] * rank)
+    run(*[("F", up), ("B", up), ("W", up)] * (pp - rank))
+    while done[("F", up)] < done[("F", down)] or done[("F", down)] < n:
+        if done[("F", down)] < n:
+            run(("F", down))
+        run(("B", down), ("W", down), ("F", up), ("B", up), ("W", up))
+    run(*[("B", down), ("B", up)] * rank)
+    run(*[("B", down), ("W", down)] * (pp - rank))
+    run(*[("W", up)] * (done[("B", up)] - done[("W", up)]))
+    run(*[("W", down)] * (done[("B", down)] - done[("W", down)]))
+    return [step for step in order if step[1] < m]
 
 
-def _compute_order(schedule: str, pp: int, m: int, v: int, rank: int) -> list[tuple[str, int, int]]:
-    """The F/B order of one rank, as (kind, microbatch, chunk)."""
-    chunks = [rank + k * pp for k in range(v)]
+def _compute_order(schedule: str, pp: int, m: int, v: int, rank: int,
+                   placement: Placement = Placement.LOOP) -> list[tuple[str, int, int]]:
+    """The F/B(/W) order of one rank, as (kind, microbatch, chunk)."""
+    chunks = placement.chunks_of(rank, pp, v)
+    if schedule == "zbv":
+        return _zero_bubble_v_order(pp, m, rank)
     if schedule == "gpipe":
         forwards = [("F", mb, c) for c in chunks for mb in range(m)]
         backwards = [("B", mb, c) for c in reversed(chunks) for mb in range(m)]
@@ -149,30 +213,45 @@ def check_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: in
         if microbatches % pp:
             raise ScheduleError(f"the interleaved schedule needs the micro-batch count {microbatches} "
                                 f"to be a multiple of pp={pp}")
+    elif schedule == "zbv" and virtual_stages != 2:
+        raise ScheduleError("--schedule zbv places two chunks on each rank; set --virtual-stages 2")
     elif schedule in ("1f1b", "zb1p") and virtual_stages != 1:
         raise ScheduleError(f"--virtual-stages > 1 needs --schedule interleaved (or gpipe), not {schedule}")
 
 
-def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> list[list[Action]]:
-    """Per pipeline rank, the ordered actions of one step (compute plus sends / receives)."""
+def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1,
+                   placement: Placement | None = None) -> list[list[Action]]:
+    """Per pipeline rank, the ordered actions of one step (compute plus sends / receives).
+
+    ``placement`` defaults to the schedule's own; evaluation runs ``gpipe`` forwards over the
+    training schedule's placement. Neighbouring chunks on the same rank exchange nothing: the
+    executor hands the tensor over locally."""
     check_schedule(schedule, pp, microbatches, virtual_stages)
+    if placement is None:
+        placement = placement_of(schedule)
     last_chunk = pp * virtual_stages - 1
+
+    def peer(rank: int, chunk: int) -> int | None:
+        """The rank of ``chunk`` when it is another rank's, else None (no message)."""
+        other = placement.rank_of(chunk, pp)
+        return None if other == rank else other
+
     plans = []
     for rank in range(pp):
         actions: list[Action] = []
-        for kind, mb, chunk in _compute_order(schedule, pp, microbatches, virtual_stages, rank):
+        for kind, mb, chunk in _compute_order(schedule, pp, microbatches, virtual_stages, rank, placement):
             if kind == "F":
-                if chunk > 0:
-                    actions.append(Action(Op.RECV_F, mb, chunk, chunk_rank(chunk - 1, pp)))
+                if chunk > 0 and (source := peer(rank, chunk - 1)) is not None:
+                    actions.append(Action(Op.RECV_F, mb, chunk, source))
                 actions.append(Action(Op.F, mb, chunk))
-                if chunk < last_chunk:
-                    actions.append(Action(Op.SEND_F, mb, chunk, chunk_rank(chunk + 1, pp)))
+                if chunk < last_chunk and (target := peer(rank, chunk + 1)) is not None:
+                    actions.append(Action(Op.SEND_F, mb, chunk, target))
             elif kind == "B":
-                if chunk < last_chunk:
-                    actions.append(Action(Op.RECV_B, mb, chunk, chunk_rank(chunk + 1, pp)))
+                if chunk < last_chunk and (source := peer(rank, chunk + 1)) is not None:
+                    actions.append(Action(Op.RECV_B, mb, chunk, source))
                 actions.append(Action(Op.B, mb, chunk))
-                if chunk > 0:
-                    actions.append(Action(Op.SEND_B, mb, chunk, chunk_rank(chunk - 1, pp)))
+                if chunk > 0 and (target := peer(rank, chunk - 1)) is not None:
+                    actions.append(Action(Op.SEND_B, mb, chunk, target))
             else:  # W: local, nothing to send
                 actions.append(Action(Op.W, mb, chunk))
         plans.append(actions)
@@ -263,7 +342,7 @@ def in_flight_per_rank(schedule: str, pp: int, microbatches: int, virtual_stages
     peaks = []
     for rank in range(pp):
         live = peak = 0
-        for kind, _, _ in _compute_order(schedule, pp, microbatches, virtual_stages, rank):
+        for kind, _, _ in _compute_order(schedule, pp, microbatches, virtual_stages, rank, placement_of(schedule)):
             live += {"F": 1, "B": -1, "W": 0}[kind]
             peak = max(peak, live)
         peaks.append(peak)
@@ -272,7 +351,10 @@ def in_flight_per_rank(schedule: str, pp: int, microbatches: int, virtual_stages
 
 def analytic_bubble(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> float:
     """Idle fraction with equal forward and backward costs: (p-1)/(v m + p - 1); ZB-H1 with
-    equal F, B and W: (p-1)/(3m + p - 1)."""
+    equal F, B and W: (p-1)/(3m + p - 1); ZB-V, each chunk's F, B and W equal:
+    (p-1)/(6m + p - 1), exact for m >= 2p - 1 (with fewer micro-batches the V never fills)."""
+    if schedule == "zbv":
+        return (pp - 1) / (6 * microbatches + pp - 1)
     if splits_backward(schedule):
         return (pp - 1) / (3 * microbatches + pp - 1)
     v = virtual_stages if schedule == "interleaved" else 1
@@ -281,6 +363,9 @@ def analytic_bubble(schedule: str, pp: int, microbatches: int, virtual_stages: i
 
 def analytic_bubble_formula(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> str:
     """``analytic_bubble``'s formula with the numbers in (for printing)."""
+    if schedule == "zbv":
+        note = "" if microbatches >= 2 * pp - 1 else f" (exact for m >= 2p-1 = {2 * pp - 1})"
+        return f"(p-1)/(6m+p-1) = {pp - 1}/(6*{microbatches}+{pp - 1}){note}"
     if splits_backward(schedule):
         return f"(p-1)/(3m+p-1) = {pp - 1}/(3*{microbatches}+{pp - 1})"
     if schedule == "interleaved" and virtual_stages > 1:

@@ -2,7 +2,8 @@
 
 The decoder's blocks are split into S = pp * v contiguous chunks, balanced by FLOPs (each
 block costs the same; the head's matmul is charged to the last block), or by an explicit
-list of block counts. Chunk c runs on pipeline rank c % pp. Each rank keeps only the blocks
+list of block counts. Chunk c runs on the pipeline rank its schedule's ``Placement`` gives
+(c % pp, or the V of ZB-V). Each rank keeps only the blocks
 of its chunks (``model.layers`` becomes a ModuleDict keyed by the original indices, so
 parameter names -- ``model.layers.5.mlp.up_proj.weight`` -- do not change), the embedding if
 it owns chunk 0, and the final norm and head if it owns the last chunk.
@@ -16,6 +17,7 @@ from torch import nn
 
 from plait.errors import PlaitError
 from plait.models.config import LlamaConfig
+from plait.pipeline.schedules import Placement
 
 
 class StageError(PlaitError):
@@ -101,9 +103,11 @@ def plan_chunks(config: LlamaConfig, pp: int, virtual_stages: int, seq_len: int,
     return chunks
 
 
-def keep_stage(model: nn.Module, chunks: list[PipelineChunk], pp_rank: int, pp: int) -> list[PipelineChunk]:
-    """Drop from ``model`` everything rank ``pp_rank`` does not run; return its chunks in order."""
-    mine = [chunk for chunk in chunks if chunk.index % pp == pp_rank]
+def keep_stage(model: nn.Module, chunks: list[PipelineChunk], pp_rank: int, pp: int,
+               placement: Placement = Placement.LOOP) -> list[PipelineChunk]:
+    """Drop from ``model`` everything rank ``pp_rank`` does not run; return its chunks in order.
+    A rank holding both the first and the last chunk keeps a tied embedding tied."""
+    mine = [chunk for chunk in chunks if placement.rank_of(chunk.index, pp) == pp_rank]
     owned = [i for chunk in mine for i in chunk.layers]
     decoder = model.model
     decoder.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in owned})

@@ -54,7 +54,7 @@ def candidate_layouts(shape: ModelShape, gpus: int, gpus_per_node: int, global_b
             for micro_batch in _powers_of_two(min(max_micro_batch, per_replica)):
                 schedules = [("1f1b", 1)]
                 if pp > 1:
-                    schedules += [("interleaved", 2), ("interleaved", 4), ("gpipe", 1), ("zb1p", 1)]
+                    schedules += [("interleaved", 2), ("interleaved", 4), ("gpipe", 1), ("zb1p", 1), ("zbv", 2)]
                 for schedule, v in schedules:
                     for zero in (0, 1, 2, 3):
                         if dp == 1 and zero:

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from plait.errors import PlaitError
-from plait.pipeline.schedules import build_schedule, in_flight_per_rank, simulate, splits_backward
+from plait.pipeline.schedules import build_schedule, in_flight_per_rank, placement_of, simulate, splits_backward
 from plait.pipeline.stage import balanced_split
 from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
                                    head_backward, head_forward, layer_backward, layer_forward)
@@ -261,8 +261,12 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
         makespan = m * (forwards[0].seconds + backwards[0].seconds)
         bubble = 0.0
     elif not exact_pipeline:
-        per_rank = [sum(forwards[c].seconds + backwards[c].seconds for c in range(r, pp * v, pp)) for r in range(pp)]
-        if splits_backward(schedule):  # ZB-H1 idles (p - 1)(T_F + T_B - T_W) per rank
+        placement = placement_of(schedule)
+        per_rank = [sum(forwards[c].seconds + backwards[c].seconds for c in placement.chunks_of(r, pp, v))
+                    for r in range(pp)]
+        if schedule == "zbv":  # each rank idles while the first forward reaches it: p - 1 chunk forwards
+            makespan = m * max(per_rank) + (pp - 1) * max(f.seconds for f in forwards)
+        elif splits_backward(schedule):  # ZB-H1 idles (p - 1)(T_F + T_B - T_W) per rank
             weight = max(counts) * model.layer_f.gemm
             makespan = m * max(per_rank) + (pp - 1) * max(0.0, max(per_rank) - 2 * weight)
         else:
@@ -283,14 +287,14 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
     # the largest parameter, generated whole before its part is kept
     largest = max(shape.hidden * shape.ffn_hidden, shape.hidden * shape.hidden, shape.vocab * shape.hidden)
     for rank in range(pp):
-        chunks = [rank + k * pp for k in range(v)]
+        chunks = placement_of(schedule).chunks_of(rank, pp, v)
         layers = sum(counts[c] for c in chunks)
         first, last = 0 in chunks, parts - 1 in chunks
         params = stage_parameters(shape, layout, layers, first, last)
         fwd = sum(forwards[c].seconds for c in chunks)
         bwd = sum(backwards[c].seconds for c in chunks)
         total, exposed = model.data_parallel(params, bwd, fwd)
-        if shape.tied and pp > 1 and (first or last):  # the table's gradient, summed between the stages
+        if shape.tied and pp > 1 and first != last:  # the table's gradient, summed between the stages
             exposed += model.tied_exchange_time()
         dp_total = max(dp_total, total)
         tail = max(tail, exposed + model.optimizer_time(params))

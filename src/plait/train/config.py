@@ -54,7 +54,7 @@ class TrainConfig:
     zero: int = 0                        # 0: replicated DP; 1/2/3: shard optimizer state / + grads / + params
     schedule: str = "1f1b"               # pipeline schedule: gpipe, 1f1b, interleaved, zb1p
     microbatches: int | None = None      # micro-batches per step and rank (sets micro_batch); pipeline needs >= pp
-    virtual_stages: int = 1              # chunks per pipeline rank (interleaved)
+    virtual_stages: int = 1              # chunks per pipeline rank (interleaved; 2 for zbv)
     pipeline_split: str | None = None    # explicit blocks per chunk, e.g. "3,5"; default: balanced by FLOPs
     # schedule
     steps: int = 300

@@ -31,7 +31,7 @@ from plait.models import LlamaConfig, build_meta_model, get_preset, model_parame
 from plait.runtime import gemm_context
 from plait.pipeline import (PipelineExecutor, ScheduleError, StageError, build_schedule, keep_stage,
                             named_blocks, plan_chunks)
-from plait.pipeline.schedules import splits_backward
+from plait.pipeline.schedules import placement_of, splits_backward
 from plait.pipeline.weight_grad import DeferredWeightGradients, defer_weight_gradients
 from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize
 from plait.train.config import TrainConfig
@@ -148,12 +148,18 @@ class Trainer:
                 self.peak_flops = measure_matmul_peak(self.compute_dtype, ctx.device)
 
     def _tied_weights(self) -> TiedWeights | None:
-        """A tied embedding across pipeline stages: the first stage's table, the last's head."""
+        """A tied embedding across pipeline stages: the first chunk's table, the last's head.
+        Under ZB-V's V both chunks are rank 0's, and the tie stays one parameter."""
         ctx, pp = self.ctx, self.ctx.dims.pp
-        if pp == 1 or not self.model_config.tie_word_embeddings or ctx.pp_rank not in (0, pp - 1):
+        if pp == 1 or not self.model_config.tie_word_embeddings:
             return None
-        param = self.model.model.embed_tokens.weight if ctx.pp_rank == 0 else self.model.lm_head.weight
-        return TiedWeights(param, ctx.comm("pp"), peer=pp - 1 - ctx.pp_rank, owner=ctx.pp_rank == 0)
+        placement = placement_of(self.cfg.schedule)
+        first, last = placement.rank_of(0, pp), placement.rank_of(pp * self.cfg.virtual_stages - 1, pp)
+        if first == last or ctx.pp_rank not in (first, last):
+            return None
+        param = self.model.model.embed_tokens.weight if ctx.pp_rank == first else self.model.lm_head.weight
+        return TiedWeights(param, ctx.comm("pp"), peer=last if ctx.pp_rank == first else first,
+                           owner=ctx.pp_rank == first)
 
     def _data_parallel_strategy(self, chunk_blocks) -> DataParallelStrategy:
         cfg, ctx = self.cfg, self.ctx
@@ -174,7 +180,8 @@ class Trainer:
         rank's blocks grouped by chunk."""
         cfg, ctx, dims = self.cfg, self.ctx, self.ctx.dims
         chunks, plans = plan_pipeline(cfg, dims, self.model_config, self.n_micro)
-        mine = keep_stage(self.model, chunks, ctx.pp_rank, dims.pp)
+        placement = placement_of(cfg.schedule)
+        mine = keep_stage(self.model, chunks, ctx.pp_rank, dims.pp, placement)
         seq_local = cfg.seq_len // dims.tp if cfg.sequence_parallel else cfg.seq_len
         shape = (self.micro_batch, seq_local, self.model_config.hidden_size)
 
@@ -201,8 +208,8 @@ class Trainer:
                                     activation_dtype, loss_fn, forward_context, split)
 
         self.pipeline = executor(plans[ctx.pp_rank], self.n_micro)
-        self._eval_executor = lambda m: executor(build_schedule("gpipe", dims.pp, m, cfg.virtual_stages)[ctx.pp_rank], m,
-                                                 None)
+        self._eval_executor = lambda m: executor(
+            build_schedule("gpipe", dims.pp, m, cfg.virtual_stages, placement)[ctx.pp_rank], m, None)
         layers = self.model.model.layers
         return [[(f"model.layers.{i}", layers[str(i)]) for i in chunk.layers] for chunk in mine]
 
