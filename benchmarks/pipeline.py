@@ -128,8 +128,14 @@ def contest(ctx: ParallelContext, data: TokenData, steps: int, microbatches: int
                 dist.all_gather_object(events, trainer.pipeline.events)
                 slots = [Slot(r, kind, mb, chunk, s, e) for r, ev in enumerate(events) for kind, mb, chunk, s, e in ev]
                 idle[schedule].append(bubble_fraction(slots, 2))
-    return ({name: statistics.median(values) for name, values in times.items()},
-            {schedule: statistics.median(values) for schedule, values in idle.items()})
+    return times, {schedule: statistics.median(values) for schedule, values in idle.items()}
+
+
+def paired(times: dict[str, list[float]], name: str, base: str) -> str:
+    """Median of the per-step ratios name / base (steps of one round run back to back, so the
+    VM's drift between rounds cancels), with their range."""
+    ratios = sorted(a / b for a, b in zip(times[name], times[base]))
+    return f"{statistics.median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
 def main() -> None:
@@ -144,19 +150,21 @@ def main() -> None:
     data = TokenData(train=tokens[:-10_000], val=tokens[-10_000:], vocab_size=8192, eos_id=None, tokenizer=None)
     pool = WorkerPool(2)
     try:
-        times, idle = pool.run(contest, ParallelDims(pp=2), data, args.steps, args.microbatches, args.seq_len,
+        step_times, idle = pool.run(contest, ParallelDims(pp=2), data, args.steps, args.microbatches, args.seq_len,
                                args.batch, timeout_s=1800)[0]
     finally:
         pool.shutdown()
     m = args.microbatches
     print(f"'small' (18.9M), pp=2, m={m} micro-batches of {args.batch // m} x {args.seq_len}, fp32, "
-          f"1 thread per rank, median of {args.steps} steps, the six alternating")
+          f"1 thread per rank, median of {args.steps} steps, the six alternating; ratios: median of the "
+          f"per-step ratios (range)")
     print("| implementation | step time (s) | vs plait 1f1b | vs torch's same schedule |")
     print("|---|---|---|---|")
     peers = {f"plait {ours}": f"torch {name}" for name, ours in TORCH_SCHEDULES.items()}
     for name in CONTESTANTS:
-        versus = f"**{times[name] / times[peers[name]]:.2f}x**" if name in peers else ""
-        print(f"| {name} | {times[name]:.3f} | {times[name] / times['plait 1f1b']:.2f}x | {versus} |")
+        versus = f"**{paired(step_times, name, peers[name])}**" if name in peers else ""
+        print(f"| {name} | {statistics.median(step_times[name]):.3f} | {paired(step_times, name, 'plait 1f1b')} "
+              f"| {versus} |")
     for schedule, v in PLAIT_SCHEDULES.items():
         print(f"plait {schedule}: measured idle fraction {100 * idle[schedule]:.1f}% vs analytic bubble "
               f"{100 * analytic_bubble(schedule, 2, m, v):.1f}%")
