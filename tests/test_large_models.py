@@ -43,10 +43,14 @@ def test_zero3_with_recomputation_matches_one_process(pool, data, model_config, 
 
 @pytest.mark.parametrize("zero, schedule", [(2, "1f1b"), pytest.param(3, "1f1b", marks=pytest.mark.large),
                                             pytest.param(2, "interleaved", marks=pytest.mark.large),
-                                            (3, "interleaved")])  # all four in make test-large
+                                            (3, "interleaved"), pytest.param(2, "zb1p", marks=pytest.mark.large),
+                                            (3, "zb1p"), (2, "zbv"),
+                                            pytest.param(3, "zbv", marks=pytest.mark.large)])  # all in test-large
 def test_zero2_and_zero3_with_pipelines_match_one_process(pool, data, model_config, reference, zero, schedule):
+    """Under zb1p / zbv a unit's linear weights get their gradients in W, after its norms' in B:
+    the unit is reduced when all of them hold one, and finish() reduces what is left over."""
     cfg = tiny_config(micro_batch=None, microbatches=4, zero=zero, schedule=schedule,
-                      virtual_stages=2 if schedule == "interleaved" else 1)
+                      virtual_stages=2 if schedule in ("interleaved", "zbv") else 1)
     results = pool.run(train_and_collect, ParallelDims(dp=2, pp=2), cfg, data, model_config, timeout_s=240)
     assert_runs_match(results, reference, TOLERANCE)
 

@@ -47,7 +47,7 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
                             "sharded, 2 + gradients, 3 + parameters (FSDP-style, per block)"),
     ("--schedule", "schedule", str, "pipeline schedule: gpipe, 1f1b, interleaved (needs --virtual-stages >= 2), "
                                     "zb1p (zero-bubble ZB-H1: backward split into input and weight gradients, "
-                                    "the weight half deferred into the bubbles; --zero 0 or 1), zbv (ZB-V: the "
+                                    "the weight half deferred into the bubbles), zbv (ZB-V: the "
                                     "same split over two chunks per rank in a V; --virtual-stages 2)"),
     ("--microbatches", "microbatches", int, "micro-batches per step and data-parallel rank (instead of "
                                             "--micro-batch); a pipeline needs at least --pp"),

@@ -16,7 +16,7 @@ import enum
 from dataclasses import dataclass, replace
 
 from plait.errors import PlaitError
-from plait.pipeline.schedules import SCHEDULES, ScheduleError, check_schedule, splits_backward
+from plait.pipeline.schedules import SCHEDULES, ScheduleError, check_schedule
 
 
 class LayoutError(PlaitError):
@@ -144,9 +144,6 @@ def layout_problem(model: ModelFacts, layout: Layout) -> str | None:
             return str(error)
         if model.layers < p * layout.virtual_stages:
             return f"cannot split {model.layers} layers into {p * layout.virtual_stages} pipeline chunks"
-        if splits_backward(layout.schedule) and layout.zero > 1:
-            return (f"--schedule {layout.schedule} defers weight gradients past ZeRO-{layout.zero}'s per-block "
-                    "gradient reduction; use --zero 0 or 1 with it")
     return None
 
 

@@ -113,7 +113,6 @@ class _Unit:
     flat: torch.Tensor | None = None            # full parameters, param dtype (ZeRO-3: storage freed when idle)
     grad_shard: torch.Tensor | None = None      # [shard_size] from the unit's first reduction to the step
     flat_grad: torch.Tensor | None = None       # ZeRO-1: full gradients (params' .grad are views)
-    ready: int = 0
     pending_reduce: list = field(default_factory=list)
     gather_work: object | None = None
     gathered: bool = True
@@ -297,19 +296,26 @@ class Sharded(DataParallelStrategy):
 
     # ------------------------------------------------------------------ gradients
     def _on_grad_ready(self, unit: _Unit) -> None:
+        """A unit is reduced once every member holds a gradient: after each ordinary backward of
+        it, or, under a split backward (zero bubble), at the W that completes its linear weights.
+        By then its other members (norms) may hold later micro-batches' B contributions too;
+        a reduce-scatter is linear, so reducing them early is exact, and ``finish`` reduces
+        whatever a step leaves over."""
         if self.level == 1:
             return  # reduced once per step in finish(), after the last micro-batch
-        unit.ready += 1
-        if unit.ready < len(unit.infos):
-            return
-        unit.ready = 0
+        if all(param.grad is not None for param in unit.params):
+            self._reduce(unit)
+
+    def _reduce(self, unit: _Unit) -> None:
+        """Launch the reduce-scatter of the unit's gradients (a member without one counts zero)."""
         # the previous unit's reduction completes (its buffers freed) before this one's are made:
         # at most one unit's flat gradient and receive buffer exist besides the fresh gradients
         self._complete_reductions()
-        first = unit.params[0].grad
+        first = next(param.grad for param in unit.params if param.grad is not None)
         flat_grad = torch.empty(unit.padded, dtype=first.dtype, device=first.device)
         for param, offset in zip(unit.params, unit.layout.offsets):  # one copy into the padded buffer
-            flat_grad[offset:offset + param.numel()].copy_(param.grad.reshape(-1))
+            part = flat_grad[offset:offset + param.numel()]
+            part.copy_(param.grad.reshape(-1)) if param.grad is not None else part.zero_()
             param.grad = None  # full gradients do not outlive their unit
         flat_grad[unit.layout.numel:].zero_()
         reduced = torch.empty(unit.shard_size, dtype=flat_grad.dtype, device=flat_grad.device)
@@ -339,18 +345,23 @@ class Sharded(DataParallelStrategy):
     def finish(self) -> None:
         """After the step's last backward: this rank's gradient shards hold the gradient.
 
-        ZeRO-1 reduce-scatters the accumulated full gradients here; ZeRO-2/3 only complete the
-        reductions they launched during backward. Then the SP partial gradients are summed over
-        tp and a weight tied across stages over its two stages.
+        ZeRO-1 reduce-scatters the accumulated full gradients here; ZeRO-2/3 complete the
+        reductions they launched during backward, after reducing the gradients a split backward
+        left over (every dp rank runs the same schedule, so all reduce the same units). Then the
+        SP partial gradients are summed over tp and a weight tied across stages over its two
+        stages.
         """
         if self.level == 1:
             for unit in self.units:
                 reduced = torch.empty(unit.shard_size, dtype=unit.flat_grad.dtype, device=unit.flat.device)
                 self.dp.reduce_scatter(reduced, unit.flat_grad, tag="grads")
                 self._accumulate(unit, reduced)
+        else:
+            for unit in self.units:
+                if any(param.grad is not None for param in unit.params):
+                    self._reduce(unit)
         self._complete_reductions()
         for unit in self.units:
-            unit.ready = 0
             if unit.grad_shard is None:  # no parameter of the unit took part in this step's loss
                 unit.grad_shard = torch.zeros(unit.shard_size, dtype=self.param_dtype, device=self.device)
             if self.level == 3 and unit.module is None and unit.gathered:
