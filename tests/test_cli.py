@@ -37,7 +37,8 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     second.write_text("".join(json.dumps({"body": f"class C{n}:\n    pass\n" * 20}) + "\n" for n in range(50)))
     result = run_plait(["train", "--model", "tiny", "--data", f"{text_dir}:0.7,{second}:0.3", "--field", "body",
                         "--tokenizer", "byte",
-                        "--nproc", "4", "--tp", "2", "--sequence-parallel", "--loss-parallel", "--zero", "1",
+                        "--nproc", "4", "--device", "cpu", "--tp", "2", "--sequence-parallel", "--loss-parallel",
+                        "--zero", "1",
                         "--steps", str(steps), "--global-batch", "8", "--micro-batch", "2",
                         "--seq-len", "64", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "6",
                         "--out", str(out), "--no-progress"], tmp_path)
@@ -55,7 +56,8 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     run_info = json.loads((out / "config.json").read_text())
     assert run_info["layout"] == {"dp": 2, "pp": 1, "tp": 2} and run_info["train"]["steps"] == steps
     assert run_info["train"]["sequence_parallel"] and run_info["train"]["loss_parallel"]
-    assert run_info["train"]["zero"] == 1
+    assert run_info["train"]["zero"] == 1 and run_info["train"]["device"] == "cpu"
+    assert (run_info["device"], run_info["backend"]) == ("cpu", "gloo")
     assert [(s["spec"], s["weight"]) for s in run_info["data_sources"]] == [(str(text_dir), 0.7), (str(second), 0.3)]
     assert all(s["train_tokens"] > 0 for s in run_info["data_sources"])
 
@@ -72,6 +74,7 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     (["--nproc", "3", "--global-batch", "16"], "--global-batch 16 is not divisible by dp=3"),
     (["--dp", "3", "--nproc", "2"], "does not equal the world size 2"),
     (["--model", "nope"], "unknown model preset 'nope'"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "gpu"], "--device"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--nproc", "2", "--pp", "2", "--model", "tiny", "--microbatches", "4", "--pipeline-split", "1,2"],
      "--pipeline-split needs 2 positive block counts summing to 4"),

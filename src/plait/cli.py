@@ -17,6 +17,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+from plait.device import DeviceRequest
 from plait.errors import PlaitError
 from plait.launch import launch_local_workers, under_launcher
 from plait.layout import Recompute
@@ -40,6 +41,8 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
                                       "or a directory holding one; default: --model DIR's own, else bpe)"),
     ("--vocab-size", "vocab_size", int, "BPE vocabulary size"),
     ("--nproc", "nproc", int, "local worker processes to launch (ignored under torchrun)"),
+    ("--device", "device", str, "where ranks run: auto (CUDA when a GPU is visible, else the CPU), cuda (NCCL, "
+                                "cuda:LOCAL_RANK, one GPU per local rank) or cpu (gloo, also on a GPU host)"),
     ("--dp", "dp", int, "data-parallel size (default: world size / (pp x tp))"),
     ("--tp", "tp", int, "tensor-parallel size"),
     ("--pp", "pp", int, "pipeline-parallel size"),
@@ -92,6 +95,8 @@ TRAIN_SWITCHES: list[tuple[str, str, str]] = [
     ("loss-parallel", "loss_parallel", "with --tp: cross-entropy on vocabulary-sharded logits, never gathered"),
     ("timeline", "timeline", "with --pp: write the last step's measured per-rank timeline "
                              "(<out>/timeline.json for Perfetto / chrome://tracing, and timeline.png)"),
+    ("compile", "compile", "torch.compile each decoder block (after the parallel plans; collectives stay eager); "
+                           "the first step compiles, which the run reports once"),
     ("resume", "resume", "continue from the newest complete checkpoint in --out"),
     ("progress", "progress", "progress bar on the console"),
     ("tensorboard", "tensorboard", "TensorBoard event files in <out>/tensorboard"),
@@ -111,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS)
     train.add_argument("--config", help="TOML file of options (keys as the long flags, '-' or '_')")
     choices = {"dtype": DTYPES, "zero": (0, 1, 2, 3), "on_nonfinite": [mode.value for mode in OnNonFinite],
-               "schedule": SCHEDULES}
+               "schedule": SCHEDULES, "device": [request.value for request in DeviceRequest]}
     for flag, field, kind, text in TRAIN_FLAGS:
         shown = text if "default" in text else f"{text} (default: {getattr(defaults, field)})"
         train.add_argument(flag, dest=field, type=kind, choices=choices.get(field), help=shown)
@@ -229,9 +234,11 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     """Everything checkable without data or processes, so a bad flag fails in one line, once."""
     from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
+    from plait.device import host_device_plan
     from plait.layout import check_run
 
     dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
+    host_device_plan(cfg.device, local_ranks=world_size)  # --nproc ranks, all on this host
     model = load_hf_config(cfg.model) if is_hf_directory(cfg.model) else get_preset(cfg.model)
     check_run(cfg, dims, model)
     cfg.tokenizer_spec()
@@ -251,7 +258,7 @@ def train_worker(cfg: TrainConfig) -> int:
     ctx = None
     code = 0
     try:
-        ctx = init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s)
+        ctx = init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s, cfg.device)
         run_training(cfg, ctx)
     except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)

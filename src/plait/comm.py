@@ -367,21 +367,33 @@ class ReduceScatterSequence(torch.autograd.Function):
         return _gather_dim(grad, ctx.comm, 1, "sp_bwd"), None
 
 
+def eager(fn):
+    """Keep ``fn`` out of ``torch.compile``'s graphs (``--compile``): a call is a graph break and
+    runs as written, so its collectives are issued, counted and recorded as in eager mode, and an
+    autograd node it makes has its own (eager) backward."""
+    return torch.compiler.disable(fn)
+
+
+@eager
 def copy_to_tp(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
     return x if comm.size == 1 else CopyToTensorParallel.apply(x, comm)
 
 
+@eager
 def reduce_from_tp(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
     return x if comm.size == 1 else ReduceFromTensorParallel.apply(x, comm)
 
 
+@eager
 def gather_from_tp(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
     return x if comm.size == 1 else GatherFromTensorParallel.apply(x, comm)
 
 
+@eager
 def gather_sequence(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
     return x if comm.size == 1 else GatherSequence.apply(x, comm)
 
 
+@eager
 def reduce_scatter_sequence(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
     return x if comm.size == 1 else ReduceScatterSequence.apply(x, comm)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from plait.comm import Collectives, TrafficCounter
+from plait.device import DeviceRequest, host_device_plan
 from plait.flight_recorder import FlightRecorder
 from plait.layout import LayoutError
 
@@ -80,13 +81,6 @@ class ParallelDims:
         return (dp * self.pp + pp) * self.tp + tp
 
 
-def select_device(local_rank: int = 0) -> tuple[torch.device, str]:
-    """NCCL on ``cuda:LOCAL_RANK`` when CUDA exists, else gloo on the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
-    return torch.device("cpu"), "gloo"
-
-
 @dataclass
 class ParallelContext:
     """What a process knows about the job: layout, its coordinates, device, groups, traffic."""
@@ -135,8 +129,8 @@ class ParallelContext:
 
     @classmethod
     def single(cls, device: torch.device | None = None) -> "ParallelContext":
-        """One process, no process group."""
-        device = device if device is not None else select_device(0)[0]
+        """One process, no process group (on CUDA when a GPU is visible, unless ``device`` says)."""
+        device = device if device is not None else host_device_plan(DeviceRequest.AUTO, 1).device(0)
         return cls(dims=ParallelDims(), device=device)
 
 
@@ -150,17 +144,21 @@ def build_context(dims: ParallelDims, device: torch.device, backend: str, local_
                            backend=backend, mesh=mesh)
 
 
-def init_distributed(dp: int | None = None, pp: int = 1, tp: int = 1, timeout_s: float = 600.0) -> ParallelContext:
+def init_distributed(dp: int | None = None, pp: int = 1, tp: int = 1, timeout_s: float = 600.0,
+                     device: DeviceRequest | str = DeviceRequest.AUTO) -> ParallelContext:
     """Join the job described by the launcher's environment (torchrun or ``plait train --nproc``).
 
     Without WORLD_SIZE in the environment (or WORLD_SIZE=1) this is a single process and no
-    process group is created. A collective that waits longer than ``timeout_s`` fails instead
-    of hanging, so a dead peer ends the job with a message.
+    process group is created. ``device`` is ``--device``: ``plait.device`` turns it and this
+    host's GPUs and local ranks into the device (``cuda:LOCAL_RANK`` or the CPU) and backend
+    (NCCL or gloo), or a one-line error. A collective that waits longer than ``timeout_s`` fails
+    instead of hanging, so a dead peer ends the job with a message.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dims = ParallelDims.from_world_size(world_size, dp=dp, pp=pp, tp=tp)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device, backend = select_device(local_rank)
+    plan = host_device_plan(device)
+    device, backend = plan.device(local_rank), plan.backend
     if world_size == 1:
         return ParallelContext.single(device)
     if device.type == "cuda":

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from plait.device import DeviceRequest
 from plait.errors import PlaitError
 from plait.mesh import ParallelDims
 from plait.train.config import DTYPES
@@ -57,6 +58,8 @@ def _add_model_flags(parser: argparse.ArgumentParser, layout: list[tuple[str, in
     for flag, default, text in layout:
         parser.add_argument(flag, type=int, default=default, help=text)
     parser.add_argument("--timeout", dest="timeout_s", type=float, default=300.0, help="seconds a collective may wait")
+    parser.add_argument("--device", choices=[request.value for request in DeviceRequest], default="auto",
+                        help="auto (CUDA when a GPU is visible), cuda (one GPU per local rank) or cpu")
 
 
 def add_tokenize_command(commands) -> None:
@@ -97,6 +100,7 @@ def tokenize_command(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from plait.launch import launch_local_workers, under_launcher
+    from plait.device import host_device_plan
     from plait.generate import GenerateError, Sampling, locate_model
 
     worker: Callable
@@ -118,22 +122,23 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             raise GenerateError(f"--nproc must be >= 1, got {args.nproc}")
         if not under_launcher():
             ParallelDims.from_world_size(args.nproc, **dims)
+            host_device_plan(args.device, local_ranks=args.nproc)
             locate_model(args.model)
     except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)
         return 2
     if args.nproc > 1 and not under_launcher():
         return launch_local_workers(args.nproc, 0, argv)
-    return _worker(dims, args.timeout_s, worker)
+    return _worker(dims, args.timeout_s, args.device, worker)
 
 
-def _worker(dims: dict, timeout_s: float, body: Callable) -> int:
+def _worker(dims: dict, timeout_s: float, device: str, body: Callable) -> int:
     """Join the job, run ``body(ctx)``, exit as ``plait train``'s workers do; user errors in one line."""
     from plait.mesh import init_distributed, shutdown
 
     ctx, code = None, 0
     try:
-        ctx = init_distributed(dims["dp"], dims["pp"], dims["tp"], timeout_s)
+        ctx = init_distributed(dims["dp"], dims["pp"], dims["tp"], timeout_s, device)
         body(ctx)
     except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)

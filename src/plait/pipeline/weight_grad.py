@@ -114,6 +114,7 @@ class DeferrableLinear(torch.autograd.Function):
         return (input_grad(ctx, grad_y), *weight_and_bias_grads(ctx, grad_y), None)
 
 
+@torch.compiler.disable  # queues its W from backward: kept out of --compile's graphs, as collectives are
 def _deferrable_forward(module: nn.Linear, store: DeferredWeightGradients, x: torch.Tensor) -> torch.Tensor:
     return DeferrableLinear.apply(x, module.weight, module.bias, store)
 

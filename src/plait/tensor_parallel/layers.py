@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.comm import (Collectives, copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp,
+from plait.comm import (Collectives, copy_to_tp, eager, gather_from_tp, gather_sequence, reduce_from_tp,
                         reduce_scatter_sequence)
 from plait.pipeline.weight_grad import (DeferrableLinear, DeferredWeightGradients, input_grad, save_linear,
                                        weight_and_bias_grads)
@@ -54,7 +54,17 @@ def _linear(x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None,
     """F.linear, or its deferrable form under a split-backward pipeline schedule."""
     if weight_gradients is None:
         return F.linear(x, weight, bias)
+    return _deferrable_linear(x, weight, bias, weight_gradients)
+
+
+@eager
+def _deferrable_linear(x, weight, bias, weight_gradients: DeferredWeightGradients) -> torch.Tensor:
     return DeferrableLinear.apply(x, weight, bias, weight_gradients)
+
+
+@eager
+def _copy_then_linear(x, weight, bias, comm: Collectives, weight_gradients: DeferredWeightGradients | None):
+    return _CopyThenLinear.apply(x, weight, bias, comm, weight_gradients)
 
 
 class _CopyThenLinear(torch.autograd.Function):
@@ -107,7 +117,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_mode == "copy" and self.comm.size > 1 and torch.is_grad_enabled():
-            y = _CopyThenLinear.apply(x, self.weight, self.bias, self.comm, self.weight_gradients)
+            y = _copy_then_linear(x, self.weight, self.bias, self.comm, self.weight_gradients)
         else:
             y = _linear(prepare_input(x, self.input_mode, self.comm), self.weight, self.bias, self.weight_gradients)
         return gather_from_tp(y, self.comm) if self.gather_output else y
@@ -181,7 +191,7 @@ class ParallelLMHead(ColumnParallelLinear):
         from plait.loss import IGNORE_INDEX
 
         if self.input_mode == "copy" and self.comm.size > 1:
-            local_logits = _CopyThenLinear.apply(hidden, self.weight, self.bias, self.comm)
+            local_logits = _copy_then_linear(hidden, self.weight, self.bias, self.comm, None)
         else:
             local_logits = F.linear(prepare_input(hidden, self.input_mode, self.comm), self.weight, self.bias)
         if self.loss_parallel:

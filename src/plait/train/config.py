@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from plait.device import DeviceRequest
 from plait.data.corpus import DataError
 from plait.data.mixture import format_data_spec, has_text_source, parse_data_spec
 from plait.errors import PlaitError
@@ -46,6 +47,7 @@ class TrainConfig:
     vocab_size: int = 8192               # BPE vocabulary size
     # layout
     nproc: int = 1                       # local worker processes plait launches itself
+    device: str = "auto"                 # auto (CUDA when visible, else CPU), cuda (NCCL) or cpu (gloo)
     dp: int | None = None                # None: world_size / (pp * tp)
     pp: int = 1
     tp: int = 1
@@ -74,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "bfloat16"              # compute dtype under autocast; master weights stay fp32
     activation_checkpointing: str | bool = "none"  # none, selective or full (true: full, false: none)
+    compile: bool = False                # torch.compile each decoder block's forward
     timeline: bool = False               # pipeline: write the last step's measured timeline
     # evaluation and output
     eval_every: int = 50                 # 0 disables periodic validation
@@ -129,6 +132,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        DeviceRequest.parse(self.device)
         if self.zero not in (0, 1, 2, 3):
             raise TrainConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         try:

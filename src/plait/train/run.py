@@ -115,10 +115,21 @@ def check_nonfinite(record: dict[str, Any], cfg: TrainConfig, out_dir: Path, log
         logger.message(f"plait: warning: {what} (skipped, {record['skipped_steps']} so far)")
 
 
+def compile_report(history: list[dict[str, Any]], blocks: int) -> str:
+    """``--compile``'s cost, said once: the first step compiles, the second runs the compiled code."""
+    first = history[0]["step_time_s"]
+    if len(history) == 1:
+        return f"plait: --compile: {blocks} blocks; the first step took {first:.1f} s, compilation included"
+    second = history[1]["step_time_s"]
+    return (f"plait: --compile: {blocks} blocks compiled in about {max(0.0, first - second):.1f} s "
+            f"(first step {first:.1f} s, the next {second:.2f} s)")
+
+
 def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[dict[str, Any]]:
-    configure_threads(cfg.threads)
-    tune_cpu_allocator(keep_freed=cfg.zero < 3)  # ZeRO-3: resident memory follows live memory
-    ctx = ctx or init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s)
+    ctx = ctx or init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s, cfg.device)
+    if ctx.device.type == "cpu":  # host threads and glibc's heap matter only where the math runs on it
+        configure_threads(cfg.threads)
+        tune_cpu_allocator(keep_freed=cfg.zero < 3)  # ZeRO-3: resident memory follows live memory
     with HangWatchdog(ctx.recorder, ctx.world_size, cfg.out, cfg.watchdog_timeout_s):
         return _train(cfg, ctx)
 
@@ -168,6 +179,8 @@ def _train(cfg: TrainConfig, ctx: ParallelContext) -> list[dict[str, Any]]:
                 history.append(record)
                 if logger is not None:
                     logger.log(record)
+                    if cfg.compile and len(history) == min(2, cfg.steps - start):
+                        logger.message(compile_report(history, trainer.compiled_blocks))
                 if record["skipped"]:
                     check_nonfinite(record, cfg, out_dir, logger)
                 saved = None

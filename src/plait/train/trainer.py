@@ -25,6 +25,7 @@ from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
 from plait.checkpoint.sources import HFSource, InitSource
 from plait.data import BatchSampler, TokenData, validation_batches
 from plait.data_parallel import DataParallelStrategy, Replicated, Sharded, TiedWeights
+from plait.device import to_device
 from plait.layout import LayoutError, check_run, layout_of
 from plait.mesh import ParallelContext
 from plait.models import LlamaConfig, build_meta_model, get_preset, model_parameters
@@ -38,6 +39,7 @@ from plait.train.config import TrainConfig
 from plait.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from plait.train.metrics import calibrated_peak, measure_matmul_peak, peak_memory_bytes
 from plait.train.optim import learning_rate
+from plait.train.compiled import compile_blocks
 from plait.train.recompute import apply_recomputation
 
 VOCAB_MULTIPLE = 64  # pad the embedding so tensor-parallel splits of the vocabulary stay even
@@ -125,6 +127,9 @@ class Trainer:
         chunk_blocks = [[(f"model.layers.{i}", block) for i, block in named_blocks(self.model)]]
         if dims.pp > 1:
             chunk_blocks = self._setup_pipeline()
+        self.compiled_blocks = 0  # --compile: the math of each block, between its collectives
+        if cfg.compile:
+            self.compiled_blocks = compile_blocks(block for group in chunk_blocks for _, block in group)
         apply_recomputation((block for group in chunk_blocks for _, block in group), self.layout.recompute)
         # The Hugging Face directory the weights come from (its other files go into checkpoints).
         self.hf_source = Path(cfg.model) if is_hf_directory(cfg.model) else None
@@ -240,15 +245,15 @@ class Trainer:
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
         if self.pipeline is not None:
             self.strategy.communicate_in_backward(False)  # all buckets go out in finish(), after the schedule
-            micro_inputs = list(inputs.to(ctx.device).split(self.micro_batch))
-            micro_targets = list(targets.to(ctx.device).split(self.micro_batch))
+            micro_inputs = list(to_device(inputs, ctx.device).split(self.micro_batch))
+            micro_targets = list(to_device(targets, ctx.device).split(self.micro_batch))
             local_loss_sum += self.pipeline.run(micro_inputs, micro_targets, n_targets)
             n_micro = 0  # the schedule did every micro-batch
         for index in range(n_micro):
             self.strategy.communicate_in_backward(index == n_micro - 1)  # replicated: once, on the last
             rows = slice(index * self.micro_batch, (index + 1) * self.micro_batch)
-            x = inputs[rows].to(ctx.device, non_blocking=True)
-            y = targets[rows].to(ctx.device, non_blocking=True)
+            x = to_device(inputs[rows], ctx.device)
+            y = to_device(targets[rows], ctx.device)
             with self._autocast(), self._keep_shards():
                 loss_sum = token_loss_sum(self.model, x, y, cfg.label_smoothing)
             (loss_sum / n_targets).backward()
@@ -323,17 +328,17 @@ class Trainer:
         mine = evaluation_share(batches, self.ctx.dims.dp, self.ctx.dp_rank)
         if self.pipeline is not None:  # the last stage has the loss
             if mine:
-                inputs = [x.to(self.ctx.device) for x, _ in mine]
-                targets = [y.to(self.ctx.device) for _, y in mine]
+                inputs = [to_device(x, self.ctx.device) for x, _ in mine]
+                targets = [to_device(y, self.ctx.device) for _, y in mine]
                 total += self._eval_executor(len(mine)).run(inputs, targets, 1, forward_only=True)
                 count = sum(int((y != IGNORE_INDEX).sum()) for y in targets)
             (pipeline_total,) = self.ctx.comm("pp").all_reduce_scalars([float(total)], tag="eval")
             total = torch.tensor(pipeline_total, dtype=torch.float64)
         else:
             for x, y in mine:
-                y = y.to(self.ctx.device)
+                y = to_device(y, self.ctx.device)
                 with self._autocast():
-                    total += token_loss_sum(self.model, x.to(self.ctx.device), y,
+                    total += token_loss_sum(self.model, to_device(x, self.ctx.device), y,
                                             self.cfg.label_smoothing).double().cpu()
                 count += int((y != IGNORE_INDEX).sum())
         total_all, count_all = self.ctx.comm("dp").all_reduce_scalars([float(total), float(count)], tag="eval")
