@@ -150,6 +150,16 @@ def test_twenty_steps_match_one_process(pool, data, model_config, reference, pp,
     check_against_reference(pool.run(train_and_collect, ParallelDims(pp=pp), cfg, data, model_config), reference)
 
 
+@pytest.mark.parametrize("schedule, recompute", [("zbv", "selective"), ("zb1p", "full")])
+def test_split_backward_with_recomputation_matches_one_process(pool, data, model_config, reference, schedule,
+                                                               recompute):
+    """B and W read each linear layer's saved tensors once between them: under recomputation a
+    saved tensor unpacks only once (a randomized draw of zbv + selective found the second read)."""
+    cfg = tiny_config(micro_batch=None, microbatches=8, schedule=schedule, activation_checkpointing=recompute,
+                      virtual_stages=2 if schedule == "zbv" else 1, eval_every=10)
+    check_against_reference(pool.run(train_and_collect, ParallelDims(pp=2), cfg, data, model_config), reference)
+
+
 @pytest.mark.parametrize("schedule", [pytest.param("1f1b", marks=pytest.mark.large),  # 21-30 s each; make test
                                       pytest.param("zb1p", marks=pytest.mark.large),  # draws 3-D random layouts
                                       pytest.param("zbv", marks=pytest.mark.large)])

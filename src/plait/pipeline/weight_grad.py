@@ -81,15 +81,22 @@ def save_linear(ctx, x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor |
     return y
 
 
-def input_grad(ctx, grad_y: torch.Tensor) -> torch.Tensor:
+def saved_linear(ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, W) in the compute dtype, as ``save_linear`` kept them. Read once per backward:
+    under recomputation a saved tensor may be unpacked only once."""
+    return ctx.saved_tensors
+
+
+def input_grad(ctx, saved: tuple[torch.Tensor, torch.Tensor], grad_y: torch.Tensor) -> torch.Tensor:
     """dX = dY W of a ``save_linear`` (B's part, on the critical path)."""
-    _, w_c = ctx.saved_tensors
+    _, w_c = saved
     return (grad_y.to(w_c.dtype) @ w_c).to(ctx.dtypes[0]).contiguous()
 
 
-def weight_and_bias_grads(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def weight_and_bias_grads(ctx, saved: tuple[torch.Tensor, torch.Tensor],
+                          grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(dW, db) of a ``save_linear``; dW is None when the store defers it to W."""
-    x_c, w_c = ctx.saved_tensors
+    x_c, w_c = saved
     _, w_dtype, b_dtype = ctx.dtypes
     grad_y = grad_y.to(w_c.dtype)
     grad_2d = grad_y.reshape(-1, grad_y.shape[-1])
@@ -111,7 +118,8 @@ class DeferrableLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        return (input_grad(ctx, grad_y), *weight_and_bias_grads(ctx, grad_y), None)
+        saved = saved_linear(ctx)
+        return (input_grad(ctx, saved, grad_y), *weight_and_bias_grads(ctx, saved, grad_y), None)
 
 
 @torch.compiler.disable  # queues its W from backward: kept out of --compile's graphs, as collectives are

@@ -26,7 +26,7 @@ from torch import nn
 from plait.comm import (Collectives, copy_to_tp, eager, gather_from_tp, gather_sequence, reduce_from_tp,
                         reduce_scatter_sequence)
 from plait.pipeline.weight_grad import (DeferrableLinear, DeferredWeightGradients, input_grad, save_linear,
-                                       weight_and_bias_grads)
+                                       saved_linear, weight_and_bias_grads)
 from plait.sharding import TensorShard, set_shard
 
 INPUT_MODES = ("copy", "gather_sequence", "none")
@@ -86,9 +86,10 @@ class _CopyThenLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        grad_x = input_grad(ctx, grad_y)  # first: its all-reduce runs while dW (or its deferral) and db are made
+        saved = saved_linear(ctx)
+        grad_x = input_grad(ctx, saved, grad_y)  # first: its all-reduce runs while dW (or its deferral) and db are made
         work = ctx.comm.all_reduce(grad_x, tag="tp_bwd", async_op=True)
-        grad_w, grad_b = weight_and_bias_grads(ctx, grad_y)
+        grad_w, grad_b = weight_and_bias_grads(ctx, saved, grad_y)
         if work is not None:
             work.wait()
         return grad_x, grad_w, grad_b, None, None
