@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: train test test-large test-random bench clean
+.PHONY: train test test-large test-random bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,21 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/checkpoint.py
 	$(BIN)/python benchmarks/planner.py
+
+# On a GPU machine (no network, its own preinstalled torch): install plait without dependencies
+# and run every GPU check within ~8 minutes; results in $(GPU_CHECK_OUT)/results.{json,md}.
+# DEVICE=cpu runs the same script here with tiny shapes (tests/test_gpu_check.py does).
+DEVICE        ?= cuda
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check:
+ifeq ($(DEVICE),cpu)
+	$(MAKE) $(STAMP)
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) $(BIN)/python benchmarks/gpu_check.py --device cpu
+else
+	$(PYTHON) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e . \
+		|| echo "gpu-check: editable install failed; using PYTHONPATH=src"
+	GPU_CHECK_OUT=$(GPU_CHECK_OUT) PYTHONPATH=src $(PYTHON) benchmarks/gpu_check.py --device $(DEVICE)
+endif
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

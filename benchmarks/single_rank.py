@@ -6,7 +6,13 @@ loss code; fp32 and bf16 autocast. Prints step times, their ratio, and MFU: mode
 of this machine for that dtype.
 
     python benchmarks/single_rank.py                      # llama-125m, seq 512 (the recorded run)
+    python benchmarks/single_rank.py --compile --dtypes bfloat16   # + both compiled, four alternating
     python benchmarks/single_rank.py --model tiny --steps 2   # a smoke run
+
+``--compile`` adds each model compiled the same way (``plait.train.compiled.compile_blocks``:
+every decoder layer's forward through ``torch.compile``) as two more contestants in the same
+alternation; their first step compiles and is not timed. ``--device cuda`` runs it on a GPU
+(``benchmarks/gpu_check.py`` does).
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import time
 import torch
 
 from plait.models import build_model, get_preset
+from plait.train.compiled import compile_blocks
+from plait.train.metrics import measure_matmul_peak
 from plait.runtime import gemm_context, tune_cpu_allocator
 from plait.loss import linear_cross_entropy_sum
 from plait.train.optim import build_adamw
@@ -63,28 +71,77 @@ def transformers_loss(model, inputs, targets):
     return model(input_ids=inputs, labels=inputs).loss
 
 
-def time_interleaved(runs: dict, inputs, targets, dtype, steps) -> dict[str, tuple[float, float]]:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def contestants(config, device: torch.device, compiled: bool) -> dict:
+    """name -> (loss function, model): plait and transformers with the same weights, and with
+    ``compiled`` each again with every decoder layer compiled."""
+    plait_model = build_model(config, seed=0).to(device)
+    state = plait_model.state_dict()
+    runs = {"plait": (plait_loss, plait_model), "transformers": (transformers_loss, hf_model(config, state).to(device))}
+    if compiled:
+        plait_compiled = build_model(config, seed=0).to(device)
+        compile_blocks(plait_compiled.model.layers)
+        hf_compiled = hf_model(config, state).to(device)
+        compile_blocks(hf_compiled.model.layers)
+        runs.update({"plait compiled": (plait_loss, plait_compiled),
+                     "transformers compiled": (transformers_loss, hf_compiled)})
+    return runs
+
+
+def time_interleaved(runs: dict, inputs, targets, dtype, steps, device: torch.device = torch.device("cpu")
+                     ) -> dict[str, tuple[float, float]]:
     """Median step time of each (loss function, model), steps alternating between the models.
 
-    Alternating spreads the machine's drift (other load, heap warm-up) evenly over both.
+    Alternating spreads the machine's drift (other load, heap warm-up) evenly over both. Step 0
+    warms caches and allocators up (and compiles the compiled contestants) and is not timed.
     """
     optimizers = {name: build_adamw(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
                   for name, (_, model) in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     losses: dict[str, float] = {}
-    for step in range(steps + 1):  # step 0 warms caches and allocators up
+    for step in range(steps + 1):
         for name, (loss_fn, model) in runs.items():
+            sync(device)
             start = time.perf_counter()
-            with gemm_context(torch.device("cpu"), dtype):  # both models: plait's trainer's products
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            with gemm_context(device, dtype):  # both models: plait's trainer's products
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                     loss = loss_fn(model, inputs, targets)
                 loss.backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
+            sync(device)
             if step:
                 times[name].append(time.perf_counter() - start)
             losses[name] = float(loss.detach())
     return {name: (statistics.median(times[name]), losses[name]) for name in runs}
+
+
+RATIOS = [("plait", "transformers"), ("plait compiled", "plait"), ("plait compiled", "transformers compiled"),
+          ("transformers compiled", "transformers")]
+
+
+def compare(config, device: torch.device, dtype: torch.dtype, batch: int, seq_len: int, steps: int,
+            compiled: bool, peak: float) -> list[dict]:
+    """One row per contestant (step time, tokens/s, MFU over ``peak``) and one per ratio."""
+    tokens = batch * seq_len
+    flops = config.flops_per_token(seq_len) * tokens
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=generator).to(device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    runs = contestants(config, device, compiled)
+    results = time_interleaved(runs, inputs, targets, dtype, steps, device)
+    del runs
+    rows = [{"implementation": name, "step_s": seconds, "tokens_per_s": tokens / seconds,
+             "mfu": flops / seconds / peak, "loss": loss} for name, (seconds, loss) in results.items()]
+    for numerator, denominator in RATIOS:
+        if numerator in results and denominator in results:
+            rows.append({"implementation": f"ratio {numerator} / {denominator}",
+                         "ratio": results[numerator][0] / results[denominator][0]})
+    return rows
 
 
 def main() -> None:
@@ -95,39 +152,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--compile", action="store_true", help="add both models compiled block by block")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     # plait's trainer tunes glibc malloc at start; apply it process-wide so both models get it.
-    allocator = tune_cpu_allocator()
+    allocator = tune_cpu_allocator() if device.type == "cpu" else False
     config = get_preset(args.model)
-    tokens = args.batch * args.seq_len
-    flops = config.flops_per_token(args.seq_len) * tokens
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1), generator=generator)
-    inputs, targets = ids[:, :-1], ids[:, 1:]
     print(f"model {args.model} ({config.num_parameters() / 1e6:.1f}M), batch {args.batch} x seq {args.seq_len}, "
-          f"{args.threads} threads, torch {torch.__version__}, malloc tuned: {allocator}")
-    rows = []
-    for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        peak = matmul_peak(dtype, 2048)
-        plait_model = build_model(config, seed=0)
-        reference = hf_model(config, plait_model.state_dict())
-        results = time_interleaved({"plait": (plait_loss, plait_model),
-                                     "transformers": (transformers_loss, reference)},
-                                    inputs, targets, dtype, args.steps)
-        del plait_model, reference
-        (plait_time, plait_final), (hf_time, hf_final) = results["plait"], results["transformers"]
-        for name, seconds, loss in (("plait", plait_time, plait_final), ("transformers", hf_time, hf_final)):
-            rows.append((dtype_name, name, seconds, tokens / seconds, flops / seconds / peak, peak, loss))
-        rows.append((dtype_name, "ratio plait/transformers", plait_time / hf_time, None, None, None, None))
+          f"{args.threads} threads, torch {torch.__version__}, malloc tuned: {allocator}, device {device}")
     print("\n| dtype | implementation | step time (s) | tokens/s | MFU | matmul peak (GFLOP/s) |")
     print("|---|---|---|---|---|---|")
-    for dtype_name, name, seconds, tps, mfu, peak, _ in rows:
-        if tps is None:
-            print(f"| {dtype_name} | **{name}** | **{seconds:.3f}** | | | |")
-        else:
-            print(f"| {dtype_name} | {name} | {seconds:.3f} | {tps:.0f} | {100 * mfu:.1f}% | {peak / 1e9:.0f} |")
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        peak = matmul_peak(dtype, 2048) if device.type == "cpu" else measure_matmul_peak(dtype, device, size=8192)
+        for row in compare(config, device, dtype, args.batch, args.seq_len, args.steps, args.compile, peak):
+            if "ratio" in row:
+                print(f"| {dtype_name} | **{row['implementation']}** | **{row['ratio']:.3f}** | | | |")
+            else:
+                print(f"| {dtype_name} | {row['implementation']} | {row['step_s']:.3f} | {row['tokens_per_s']:.0f} | "
+                      f"{100 * row['mfu']:.1f}% | {peak / 1e9:.0f} |")
 
 
 if __name__ == "__main__":

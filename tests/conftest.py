@@ -1,7 +1,14 @@
 """Shared fixtures: one pool of spawned gloo workers for the whole session."""
 from __future__ import annotations
 
-import pytest
+import os
+
+if os.environ.get("PLAIT_TEST_DEVICE", "cpu") != "cuda":
+    # The suite is the CPU suite on any machine: "auto" devices and the workers see no GPU
+    # (set before torch first asks CUDA how many devices there are).
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
 
 from helpers import synthetic_data, tiny_model_config
 from plait.testing import WorkerPool

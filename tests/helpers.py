@@ -1,6 +1,8 @@
 """Small builders shared by the tests (no processes here)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -9,6 +11,9 @@ from plait.models import get_preset
 from plait.train import TrainConfig
 
 VOCAB = 256
+# The single-process tests marked as device tests run here (``make gpu-check`` sets cuda); every
+# other test, and the gloo workers, run on the CPU (conftest hides GPUs from them).
+TEST_DEVICE = torch.device(os.environ.get("PLAIT_TEST_DEVICE", "cpu"))
 
 
 def synthetic_data(n_tokens: int = 20_000, seed: int = 0) -> TokenData:

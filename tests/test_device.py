@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import plait.device
+from helpers import TEST_DEVICE, assert_runs_match, tiny_config, train_and_collect
 from plait.cli import main
+from plait.mesh import ParallelContext
 from plait.device import CPU_PLAN, CUDA_PLAN, DeviceError, device_plan, host_device_plan, to_device
 
 
@@ -71,3 +73,13 @@ def test_host_batches_reach_the_device_unchanged():
     batch = torch.arange(12).view(3, 4)
     moved = to_device(batch, torch.device("cpu"))
     assert moved.device.type == "cpu" and torch.equal(moved, batch)
+
+
+def test_trainer_steps_on_the_test_device_follow_the_cpu(data, model_config):
+    """PLAIT_TEST_DEVICE=cuda (make gpu-check): four fp32 steps on the GPU equal the CPU's to 1e-5
+    (the same inputs, weights and order; only the kernels' summation order differs)."""
+    cfg = tiny_config(steps=4)
+    reference = train_and_collect(ParallelContext.single(torch.device("cpu")), cfg, data, model_config)
+    losses, norms, params, val = train_and_collect(ParallelContext.single(TEST_DEVICE), cfg, data, model_config)
+    assert all(param.device.type == TEST_DEVICE.type for param in params.values())
+    assert_runs_match([(losses, norms, {name: param.cpu() for name, param in params.items()}, val)], reference, 1e-5)

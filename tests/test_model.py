@@ -6,7 +6,7 @@ import torch
 import transformers
 
 from plait.models import PRESETS, ConfigError, LlamaConfig, build_model, get_preset, initial_value
-from helpers import relative_error, tiny_model_config
+from helpers import TEST_DEVICE, relative_error, tiny_model_config
 
 
 def hf_model_from(config: LlamaConfig) -> transformers.LlamaForCausalLM:
@@ -28,9 +28,11 @@ def test_logits_match_transformers(tied, kv_heads):
     theirs = hf_model_from(config)
     result = theirs.load_state_dict(ours.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
+    ours, theirs = ours.to(TEST_DEVICE), theirs.to(TEST_DEVICE)  # PLAIT_TEST_DEVICE=cuda: make gpu-check
     if tied:
         assert theirs.lm_head.weight.data_ptr() == theirs.model.embed_tokens.weight.data_ptr()
     input_ids = torch.randint(0, config.vocab_size, (3, 45), generator=torch.Generator().manual_seed(0))
+    input_ids = input_ids.to(TEST_DEVICE)
     with torch.no_grad():
         expected = theirs(input_ids).logits
         actual = ours(input_ids)

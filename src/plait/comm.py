@@ -79,6 +79,12 @@ class TrafficCounter:
                 for (g, o, t), r in sorted(self.records.items())}
 
 
+# NCCL's native tensor collectives; torch 2.13 names them *_single, earlier releases (the 2.11 of
+# the GPU machines) only *_into_tensor / *_tensor, with the same arguments
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
@@ -187,7 +193,7 @@ class Collectives:
                 return self._issued(entry, pending)
             pending.wait()
             return self._issued(entry, None)
-        return self._issued(entry, dist.all_gather_single(output, shard, group=self.group, async_op=async_op))
+        return self._issued(entry, _all_gather_tensor(output, shard, group=self.group, async_op=async_op))
 
     def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor, op=ReduceOp.SUM, tag: str = "",
                        async_op: bool = False):
@@ -207,7 +213,7 @@ class Collectives:
                 return self._issued(entry, pending)
             pending.wait()
             return self._issued(entry, None)
-        return self._issued(entry, dist.reduce_scatter_single(output, full, op=op, group=self.group,
+        return self._issued(entry, _reduce_scatter_tensor(output, full, op=op, group=self.group,
                                                               async_op=async_op))
 
     def broadcast(self, tensor: torch.Tensor, src_group_rank: int = 0, tag: str = "") -> None:

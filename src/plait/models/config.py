@@ -161,6 +161,10 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama-125m": LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
                               num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
                               max_position_embeddings=2048),
+    # ~0.85B, TinyLlama-like shape (GQA 32 / 8 heads): the ~1B model of `make gpu-check` on one GPU.
+    "llama-1b": LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                            num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                            max_position_embeddings=2048),
     # Published shapes, for the planner only.
     "llama2-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                              num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,

@@ -1,0 +1,444 @@
+"""``make gpu-check``: everything plait can learn from a GPU machine in one short window.
+
+A GPU (one H200, now and then; no network, its own preinstalled torch) is lent for ~15 minutes,
+so this is one command, prepared and exercised on the CPU (``make gpu-check DEVICE=cpu`` runs
+the same sections with tiny shapes, and ``tests/test_gpu_check.py`` runs that), that finishes in
+about 8 minutes on one H200 and records what it measured:
+
+1. ``tests``: the single-process tests that honour ``PLAIT_TEST_DEVICE`` (model equals
+   ``transformers``, the fused loss, trainer steps) on the device;
+2. ``cpu_match``: 10 fp32 steps of ``tiny`` on the device against the same run on the CPU;
+3. ``throughput``: bf16 training steps of ``llama-125m`` and ``llama-1b`` (tiny on the CPU),
+   plait and ``transformers.LlamaForCausalLM`` (SDPA), eager and each decoder layer compiled,
+   same batch, alternating steps (``benchmarks/single_rank.py``); MFU against the datasheet
+   dense bf16 peak (the ``h200`` profile) and against the measured matmul rate;
+4. ``memory``: plait's trainer's peak memory (``torch.cuda.max_memory_allocated``) of the
+   biggest model against the planner's prediction for the ``h200`` profile;
+5. ``device_policy``: more local ranks than GPUs is refused in one line before any worker starts;
+6. ``multi_rank`` (2 or more GPUs; on the CPU with gloo): dp2, tp2 + SP, pp2 1F1B and ZeRO-3
+   under ``plait train --nproc 2`` against one process, fp32 losses to 1e-5, and the all-reduce
+   bus bandwidth.
+
+Each section is timed and isolated: one that fails is recorded with its error and the others
+still run; one that would start past the time budget is recorded as skipped. Results go to
+``$GPU_CHECK_OUT`` (default ``runs/gpu-check``): ``results.json`` and ``results.md`` (tables
+ready for BENCHMARKS.md).
+
+    python benchmarks/gpu_check.py                  # on the GPU machine (make gpu-check)
+    python benchmarks/gpu_check.py --device cpu     # the same on this CPU, tiny shapes
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/single_rank.py
+
+LOSS_TOLERANCE = 1e-5  # fp32: one process against another layout or device (tests/helpers.tiny_config)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What each section runs on the device: the real check on CUDA, a smoke-sized one on the CPU."""
+
+    models: tuple[tuple[str, int, int], ...]  # (preset, batch, seq_len) of the throughput section
+    throughput_steps: int
+    compile: bool
+    multi_rank_steps: int
+    allreduce_bytes: int
+
+
+CUDA_SHAPES = Shapes(models=(("llama-125m", 8, 2048), ("llama-1b", 4, 2048)), throughput_steps=10,
+                     compile=True, multi_rank_steps=10, allreduce_bytes=256 << 20)
+CPU_SHAPES = Shapes(models=(("tiny", 2, 64),), throughput_steps=2, compile=True, multi_rank_steps=4,
+                    allreduce_bytes=4 << 20)
+
+
+@dataclass
+class Check:
+    device: torch.device
+    shapes: Shapes
+    budget_s: float
+    out: Path
+    started: float = field(default_factory=time.perf_counter)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def run(self, name: str, section: Callable[["Check"], dict], needs_s: float) -> None:
+        """Run one section, keeping its figures, or its error, or why it did not start."""
+        if self.elapsed() + needs_s > self.budget_s:
+            self.results[name] = {"status": "skipped", "why": f"{needs_s:.0f} s needed, "
+                                  f"{self.budget_s - self.elapsed():.0f} s of the budget left"}
+            print(f"gpu-check: {name}: skipped (out of time)", flush=True)
+            return
+        start = time.perf_counter()
+        print(f"gpu-check: {name} ...", flush=True)
+        try:
+            figures = section(self)
+            status = figures.pop("status", "ok")
+            self.results[name] = {"status": status, **figures}
+        except Exception as error:  # one broken section must not hide the others' figures
+            self.results[name] = {"status": "failed", "error": f"{type(error).__name__}: {error}",
+                                  "traceback": traceback.format_exc()}
+        self.results[name]["seconds"] = round(time.perf_counter() - start, 1)
+        print(f"gpu-check: {name}: {self.results[name]['status']} in {self.results[name]['seconds']} s", flush=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def synthetic_data(vocab: int, n_tokens: int = 200_000, seed: int = 0):
+    """A learnable token stream (a noisy repeating pattern) with a held-out tail, as the tests use."""
+    from plait.data import TokenData
+
+    rng = np.random.default_rng(seed)
+    tokens = np.resize(rng.integers(0, vocab, size=97), n_tokens)
+    noise = rng.random(n_tokens) < 0.2
+    tokens[noise] = rng.integers(0, vocab, size=int(noise.sum()))
+    split = int(n_tokens * 0.95)
+    dtype = np.uint16 if vocab <= 65536 else np.uint32
+    return TokenData(train=tokens[:split].astype(dtype), val=tokens[split:].astype(dtype), vocab_size=vocab,
+                     eos_id=None, tokenizer=None)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+# ----------------------------------------------------------------------------------- sections
+def environment(check: Check) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
+            "cpus": os.cpu_count(), "device": str(check.device)}
+    if check.device.type == "cuda":
+        props = torch.cuda.get_device_properties(check.device)
+        info.update(gpu=props.name, gpus=torch.cuda.device_count(), gpu_memory_gb=round(props.total_memory / 1e9, 1),
+                    cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}")
+    import transformers
+    info["transformers"] = transformers.__version__
+    return info
+
+
+def device_tests(check: Check) -> dict:
+    selection = ["tests/test_model.py::test_logits_match_transformers", "tests/test_loss.py",
+                 "tests/test_device.py"]
+    env = {**subprocess_env(), "PLAIT_TEST_DEVICE": check.device.type}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+    figures = {"selection": selection, "summary": summary}
+    if result.returncode != 0:
+        figures.update(status="failed", output=result.stdout[-4000:] + result.stderr[-2000:])
+    return figures
+
+
+def train_losses(device: torch.device, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    from plait.mesh import ParallelContext
+    from plait.models import get_preset
+    from plait.train import Trainer, TrainConfig
+
+    cfg = TrainConfig(model="tiny", steps=steps, global_batch=8, micro_batch=2, seq_len=64, lr=1e-3,
+                      warmup_steps=2, dtype="float32", eval_every=0, progress=False, tensorboard=False,
+                      plot=False, peak_tflops=1.0, out="unused", seed=1234, device=device.type)
+    data = synthetic_data(256)
+    trainer = Trainer(cfg, ParallelContext.single(device), data, get_preset("tiny").replace(vocab_size=256))
+    losses = [trainer.train_step(step)["loss"] for step in range(steps)]
+    params = {name: param.detach().cpu().clone() for name, param in trainer.model.named_parameters()}
+    return losses, params
+
+
+def cpu_match(check: Check) -> dict:
+    """10 fp32 steps on the device against the CPU. Inputs, initial weights and data order are
+    the same (generated on the CPU); only the kernels' summation order differs."""
+    steps = 10
+    on_device, device_params = train_losses(check.device, steps)
+    on_cpu, cpu_params = train_losses(torch.device("cpu"), steps)
+    loss_error = max(abs(a - b) / abs(b) for a, b in zip(on_device, on_cpu))
+    param_error = max(float((device_params[n] - cpu_params[n]).norm() / cpu_params[n].norm()) for n in cpu_params)
+    return {"steps": steps, "max_loss_rel_error": loss_error, "max_param_rel_error": param_error,
+            "tolerance": LOSS_TOLERANCE, "losses_device": on_device, "losses_cpu": on_cpu,
+            "status": "ok" if loss_error <= LOSS_TOLERANCE else "failed"}
+
+
+def throughput(check: Check) -> dict:
+    from plait.models import get_preset
+    from plait.planner.hardware import load_profile
+    from plait.train.metrics import measure_matmul_peak
+    from single_rank import compare
+
+    dtype = torch.bfloat16
+    measured = measure_matmul_peak(dtype, check.device, seconds=1.0, size=8192 if check.device.type == "cuda" else 512)
+    datasheet = load_profile("h200").peak("bfloat16") if check.device.type == "cuda" else None
+    rows = []
+    for preset, batch, seq_len in check.shapes.models:
+        config = get_preset(preset)
+        for row in compare(config, check.device, dtype, batch, seq_len, check.shapes.throughput_steps,
+                           check.shapes.compile, measured):
+            row.update(model=preset, batch=batch, seq_len=seq_len)
+            if datasheet and "mfu" in row:
+                row["mfu_datasheet"] = row["mfu"] * measured / datasheet
+            rows.append(row)
+        if check.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"dtype": "bfloat16", "matmul_peak_tflops": measured / 1e12,
+            "datasheet_peak_tflops": datasheet / 1e12 if datasheet else None, "rows": rows}
+
+
+def memory(check: Check) -> dict:
+    """plait's trainer, bf16, one micro-batch: the measured peak against the planner's."""
+    from plait.layout import layout_of
+    from plait.mesh import ParallelContext, ParallelDims
+    from plait.models import get_preset
+    from plait.planner.hardware import load_profile
+    from plait.planner.simulator import predict
+    from plait.planner.workload import ModelShape
+    from plait.train import Trainer, TrainConfig
+    from plait.train.metrics import peak_memory_bytes
+
+    preset, batch, seq_len = check.shapes.models[-1]
+    config = get_preset(preset)
+    cfg = TrainConfig(model=preset, steps=3, global_batch=batch, micro_batch=batch, seq_len=seq_len,
+                      dtype="bfloat16", eval_every=0, progress=False, tensorboard=False, plot=False,
+                      out="unused", device=check.device.type)
+    hardware = load_profile("h200")
+    prediction = predict(ModelShape.from_llama_config(config, seq_len), layout_of(cfg, ParallelDims()), hardware)
+    if check.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(check.device)
+    trainer = Trainer(cfg, ParallelContext.single(check.device), synthetic_data(config.vocab_size, 50 * batch * seq_len),
+                      config)
+    records = [trainer.train_step(step) for step in range(cfg.steps)]
+    measured = peak_memory_bytes(check.device)
+    predicted = prediction.memory_bytes_per_gpu - hardware.framework_memory_bytes  # the allocator's share
+    del trainer
+    return {"model": preset, "batch": batch, "seq_len": seq_len,
+            "measured_gb": measured / 1e9, "what": "max_memory_allocated" if check.device.type == "cuda"
+            else "process peak resident set", "predicted_gb": predicted / 1e9,
+            "ratio_measured_over_predicted": measured / predicted,
+            "breakdown_gb": {key: value / 1e9 for key, value in prediction.memory_breakdown.items()},
+            "trainer_tokens_per_s": records[-1]["tokens_per_s"], "trainer_step_s": records[-1]["step_time_s"]}
+
+
+def device_policy(check: Check) -> dict:
+    """A layout this host cannot place is one line before any worker starts."""
+    gpus = torch.cuda.device_count() if check.device.type == "cuda" else 0
+    nproc = gpus + 1 if gpus else 2
+    args = ["--nproc", str(nproc)] + ([] if gpus else ["--device", "cuda"])
+    expected = (f"{nproc} ranks on this host but {gpus} visible GPU" if gpus else "no CUDA device is visible")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run([sys.executable, "-m", "plait", "train", "--model", "tiny", "--steps", "1",
+                                 "--out", str(Path(tmp) / "run"), "--no-progress", *args], cwd=tmp,
+                                env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    err = result.stderr.strip()
+    ok = result.returncode == 2 and len(err.splitlines()) == 1 and expected in err
+    return {"command": f"plait train --model tiny {' '.join(args)}", "exit_code": result.returncode,
+            "message": err, "status": "ok" if ok else "failed"}
+
+
+MULTI_RANK_LAYOUTS = {
+    "dp2": ["--dp", "2"],
+    "tp2 + SP": ["--tp", "2", "--sequence-parallel"],
+    "pp2 1F1B": ["--pp", "2", "--microbatches", "4", "--schedule", "1f1b"],
+    "dp2 ZeRO-3": ["--dp", "2", "--zero", "3"],
+}
+
+
+def plait_losses(tmp: Path, name: str, nproc: int, layout: list[str], steps: int, device: str) -> list[float]:
+    out = tmp / name.replace(" ", "_")
+    corpus = tmp / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text("".join(f"def f{n}(x):\n    return x * {n} + {n % 7}\n" for n in range(4000)))
+    command = [sys.executable, "-m", "plait", "train", "--model", "tiny", "--data", str(corpus), "--tokenizer",
+               "byte", "--nproc", str(nproc), *layout, "--steps", str(steps), "--global-batch", "8",
+               "--seq-len", "64", "--dtype", "float32", "--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "0",
+               "--device", device, "--out", str(out), "--no-progress", "--no-plot", "--no-tensorboard"]
+    result = subprocess.run(command, cwd=tmp, env={**subprocess_env(), "PLAIT_CACHE": str(tmp / "cache")},
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name}: exit {result.returncode}: {result.stderr.strip()[-1500:]}")
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _allreduce_worker(rank: int, world: int, nbytes: int, port: int, backend: str, queue) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    tensor = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    for _ in range(3):
+        dist.all_reduce(tensor)
+    if backend == "nccl":
+        torch.cuda.synchronize(device)
+    repeats = 10
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dist.all_reduce(tensor)
+    if backend == "nccl":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / repeats
+    if rank == 0:  # bus bandwidth, as nccl-tests defines it: 2 (n - 1) / n bytes per rank
+        queue.put(2 * (world - 1) / world * nbytes / seconds)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def allreduce_bandwidth(world: int, nbytes: int, backend: str) -> float:
+    import socket
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    mp.start_processes(_allreduce_worker, args=(world, nbytes, port, backend, queue), nprocs=world,
+                       start_method="spawn")
+    return queue.get(timeout=60)
+
+
+def multi_rank(check: Check) -> dict:
+    gpus = torch.cuda.device_count() if check.device.type == "cuda" else 0
+    if check.device.type == "cuda" and gpus < 2:
+        return {"status": "skipped", "why": f"{gpus} GPU: needs 2 or more"}
+    device = check.device.type
+    steps = check.shapes.multi_rank_steps
+    figures: dict[str, Any] = {"steps": steps, "tolerance": LOSS_TOLERANCE, "layouts": {}}
+    failed = False
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = plait_losses(Path(tmp), "one", 1, [], steps, device)
+        for name, layout in MULTI_RANK_LAYOUTS.items():
+            losses = plait_losses(Path(tmp), name, 2, layout, steps, device)
+            error = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+            figures["layouts"][name] = {"max_loss_rel_error": error, "ok": error <= LOSS_TOLERANCE}
+            failed |= error > LOSS_TOLERANCE
+    backend = "nccl" if device == "cuda" else "gloo"
+    bandwidth = allreduce_bandwidth(2, check.shapes.allreduce_bytes, backend)
+    figures.update(allreduce_backend=backend, allreduce_mb=check.shapes.allreduce_bytes >> 20,
+                   allreduce_bus_gb_s=bandwidth / 1e9, status="failed" if failed else "ok")
+    return figures
+
+
+# ----------------------------------------------------------------------------------- reports
+def markdown(check: Check) -> str:
+    r = check.results
+    env = r.get("environment", {})
+    lines = [f"`make gpu-check` on {env.get('gpu', check.device)} ({datetime.date.today()}, torch {env.get('torch')}, "
+             f"transformers {env.get('transformers')}), {check.elapsed():.0f} s in all.", "",
+             "| section | status | seconds | result |", "|---|---|---|---|"]
+    for name, figures in r.items():
+        lines.append(f"| {name} | {figures['status']} | {figures.get('seconds', '')} | {summary_of(name, figures)} |")
+    rows = r.get("throughput", {}).get("rows", [])
+    if rows:
+        peak = r["throughput"]
+        lines += ["", f"bf16 training step, measured matmul peak {peak['matmul_peak_tflops']:.1f} TFLOP/s"
+                  + (f", datasheet {peak['datasheet_peak_tflops']:.0f} TFLOP/s" if peak.get("datasheet_peak_tflops")
+                     else ""), "",
+                  "| model | batch x seq | implementation | step (s) | tokens/s | MFU (measured peak) | MFU (datasheet) |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in rows:
+            shape = f"{row['batch']} x {row['seq_len']}"
+            if "ratio" in row:
+                lines.append(f"| {row['model']} | {shape} | **{row['implementation']}** | **{row['ratio']:.3f}** | | | |")
+            else:
+                datasheet = f"{100 * row['mfu_datasheet']:.1f}%" if "mfu_datasheet" in row else ""
+                lines.append(f"| {row['model']} | {shape} | {row['implementation']} | {row['step_s']:.3f} | "
+                             f"{row['tokens_per_s']:.0f} | {100 * row['mfu']:.1f}% | {datasheet} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_of(name: str, figures: dict) -> str:
+    if figures["status"] in ("failed", "skipped") and ("error" in figures or "why" in figures):
+        return str(figures.get("error") or figures.get("why")).replace("|", "/").splitlines()[0][:200]
+    if name == "environment":
+        return f"{figures.get('gpu', 'CPU')} x {figures.get('gpus', 1)}, torch {figures['torch']}"
+    if name == "tests":
+        return figures["summary"]
+    if name == "cpu_match":
+        return (f"{figures['steps']} fp32 steps: losses within {figures['max_loss_rel_error']:.1e}, "
+                f"parameters {figures['max_param_rel_error']:.1e} (tolerance {figures['tolerance']:.0e})")
+    if name == "memory":
+        return (f"{figures['model']}: {figures['measured_gb']:.2f} GB measured ({figures['what']}) vs "
+                f"{figures['predicted_gb']:.2f} GB predicted ({figures['ratio_measured_over_predicted']:.2f}x)")
+    if name == "device_policy":
+        return f"`{figures['command']}`: exit {figures['exit_code']}, {figures['message'][:150]}"
+    if name == "multi_rank":
+        if "layouts" not in figures:
+            return figures.get("why", "")
+        parts = [f"{n} {v['max_loss_rel_error']:.1e}" for n, v in figures["layouts"].items()]
+        return (f"losses vs 1 process: {', '.join(parts)}; all-reduce {figures['allreduce_mb']} MB "
+                f"{figures['allreduce_bus_gb_s']:.1f} GB/s bus ({figures['allreduce_backend']})")
+    if name == "throughput":
+        ratios = [f"{row['model']} {row['implementation'][6:]}: {row['ratio']:.2f}" for row in figures["rows"]
+                  if "ratio" in row]
+        return "; ".join(ratios)
+    return ""
+
+
+SECTIONS: list[tuple[str, Callable[[Check], dict], float]] = [
+    # (name, section, seconds it may need on the GPU machine: it starts only if they fit)
+    ("environment", environment, 1),
+    ("tests", device_tests, 60),
+    ("cpu_match", cpu_match, 30),
+    ("device_policy", device_policy, 20),
+    ("throughput", throughput, 180),
+    ("memory", memory, 60),
+    ("multi_rank", multi_rank, 90),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=os.environ.get("GPU_CHECK_OUT", "runs/gpu-check"))
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds; a section that would not fit is skipped")
+    parser.add_argument("--sections", default=",".join(name for name, _, _ in SECTIONS),
+                        help="comma-separated subset of the sections, in their order")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu-check: error: no CUDA device is visible here; use --device cpu (make gpu-check DEVICE=cpu)",
+              file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 checks are fp32 (the default, said explicitly)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    check = Check(device, CUDA_SHAPES if args.device == "cuda" else CPU_SHAPES, args.budget, Path(args.out))
+    wanted = args.sections.split(",")
+    unknown = set(wanted) - {name for name, _, _ in SECTIONS}
+    if unknown:
+        print(f"gpu-check: error: unknown section(s) {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    for name, section, needs_s in SECTIONS:
+        if name in wanted:
+            check.run(name, section, needs_s if args.device == "cuda" else 0)
+    check.out.mkdir(parents=True, exist_ok=True)
+    (check.out / "results.json").write_text(json.dumps({"date": str(datetime.date.today()),
+                                                        "seconds": round(check.elapsed(), 1),
+                                                        "sections": check.results}, indent=2, default=str) + "\n")
+    (check.out / "results.md").write_text(markdown(check))
+    print(markdown(check))
+    failed = [name for name, figures in check.results.items() if figures["status"] == "failed"]
+    print(f"gpu-check: wrote {check.out}/results.json and results.md; "
+          + (f"FAILED: {', '.join(failed)}" if failed else "every section that ran passed"), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

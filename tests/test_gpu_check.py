@@ -1,0 +1,37 @@
+"""``make gpu-check DEVICE=cpu``: the GPU machine's one command runs here first, every section,
+so that it works the first time a GPU appears (benchmarks/gpu_check.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ["environment", "tests", "cpu_match", "device_policy", "throughput", "memory", "multi_rank"]
+
+
+@pytest.mark.timeout(600)
+def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path / "out")}
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=580)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    sections = report["sections"]
+    assert list(sections) == SECTIONS
+    assert {name: figures["status"] for name, figures in sections.items()} == dict.fromkeys(SECTIONS, "ok")
+    assert sections["cpu_match"]["max_loss_rel_error"] == 0.0  # the CPU against itself: bit for bit
+    assert "no CUDA device is visible" in sections["device_policy"]["message"]
+    layouts = sections["multi_rank"]["layouts"]
+    assert set(layouts) == {"dp2", "tp2 + SP", "pp2 1F1B", "dp2 ZeRO-3"} and all(v["ok"] for v in layouts.values())
+    names = {row["implementation"] for row in sections["throughput"]["rows"]}
+    assert {"plait", "transformers", "plait compiled", "transformers compiled",
+            "ratio plait compiled / transformers compiled"} <= names
+    assert sections["memory"]["measured_gb"] > 0 and sections["memory"]["predicted_gb"] > 0
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| section | status | seconds | result |" in markdown and "| tiny | 2 x 64 | plait compiled |" in markdown
