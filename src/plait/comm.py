@@ -214,7 +214,7 @@ class Collectives:
             pending.wait()
             return self._issued(entry, None)
         return self._issued(entry, _reduce_scatter_tensor(output, full, op=op, group=self.group,
-                                                              async_op=async_op))
+                                                                 async_op=async_op))
 
     def broadcast(self, tensor: torch.Tensor, src_group_rank: int = 0, tag: str = "") -> None:
         if self.size == 1:
