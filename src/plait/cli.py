@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from plait.device import DeviceRequest
 from plait.errors import PlaitError
 from plait.launch import launch_local_workers, under_launcher
-from plait.layout import Recompute
+from plait.layout import CP_MODES, Recompute
 from plait.mesh import ParallelDims
 from plait.models import PRESETS, get_preset
 from plait.pipeline.schedules import SCHEDULES
@@ -43,8 +43,13 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--nproc", "nproc", int, "local worker processes to launch (ignored under torchrun)"),
     ("--device", "device", str, "where ranks run: auto (CUDA when a GPU is visible, else the CPU), cuda (NCCL, "
                                 "cuda:LOCAL_RANK, one GPU per local rank) or cpu (gloo, also on a GPU host)"),
-    ("--dp", "dp", int, "data-parallel size (default: world size / (pp x tp))"),
+    ("--dp", "dp", int, "data-parallel size (default: world size / (pp x cp x tp))"),
     ("--tp", "tp", int, "tensor-parallel size"),
+    ("--cp", "cp", int, "context-parallel size: each sequence sharded over cp ranks through the whole block "
+                        "(two load-balanced chunks per rank; --seq-len divisible by 2 x cp)"),
+    ("--cp-mode", "cp_mode", str, "ring: keys and values passed around the cp ranks, overlapped with attention; "
+                                  "alltoall: sequence shard traded for a head shard around attention (DeepSpeed-"
+                                  "Ulysses; heads per tp rank divisible by cp)"),
     ("--pp", "pp", int, "pipeline-parallel size"),
     ("--zero", "zero", int, "ZeRO level over the data-parallel ranks: 0 replicated, 1 optimizer state "
                             "sharded, 2 + gradients, 3 + parameters (FSDP-style, per block)"),
@@ -116,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS)
     train.add_argument("--config", help="TOML file of options (keys as the long flags, '-' or '_')")
     choices = {"dtype": DTYPES, "zero": (0, 1, 2, 3), "on_nonfinite": [mode.value for mode in OnNonFinite],
-               "schedule": SCHEDULES, "device": [request.value for request in DeviceRequest]}
+               "schedule": SCHEDULES, "device": [request.value for request in DeviceRequest],
+               "cp_mode": CP_MODES}
     for flag, field, kind, text in TRAIN_FLAGS:
         shown = text if "default" in text else f"{text} (default: {getattr(defaults, field)})"
         train.add_argument(flag, dest=field, type=kind, choices=choices.get(field), help=shown)
@@ -237,7 +243,7 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     from plait.device import host_device_plan
     from plait.layout import check_run
 
-    dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
+    dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp, cp=cfg.cp)
     host_device_plan(cfg.device, local_ranks=world_size)  # --nproc ranks, all on this host
     model = load_hf_config(cfg.model) if is_hf_directory(cfg.model) else get_preset(cfg.model)
     check_run(cfg, dims, model)
@@ -258,7 +264,7 @@ def train_worker(cfg: TrainConfig) -> int:
     ctx = None
     code = 0
     try:
-        ctx = init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s, cfg.device)
+        ctx = init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s, cfg.device, cfg.cp)
         run_training(cfg, ctx)
     except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)

@@ -216,6 +216,27 @@ class Collectives:
         return self._issued(entry, _reduce_scatter_tensor(output, full, op=op, group=self.group,
                                                                  async_op=async_op))
 
+    def all_to_all(self, output: torch.Tensor, full: torch.Tensor, tag: str = "") -> None:
+        """Equal-split all-to-all along dim 0: chunk j of ``full`` goes to rank j, and chunk j of
+        ``output`` arrives from rank j (both contiguous, n chunks)."""
+        if self.size == 1:
+            output.copy_(full)
+            return
+        n, size = self.size, _nbytes(full)
+        entry = self._count("all_to_all", tag, size, Fraction((n - 1) * size, n))
+        dist.all_to_all_single(output.view(-1), full.contiguous().view(-1), group=self.group)
+        self._issued(entry, None)
+
+    def ring_exchange(self, outgoing: torch.Tensor, incoming: torch.Tensor, tag: int, what: str):
+        """Send ``outgoing`` to the next group rank and receive ``incoming`` from the previous one,
+        asynchronously (a ring step); returns the handle to wait on. Counted as a send of ``B`` bytes."""
+        n = self.size
+        following, previous = (self.rank + 1) % n, (self.rank - 1) % n
+        entry = self._count("send", what, _nbytes(outgoing), Fraction(_nbytes(outgoing)), peer=following)
+        works = [dist.isend(outgoing, group_dst=following, group=self.group, tag=tag),
+                 dist.irecv(incoming, group_src=previous, group=self.group, tag=tag)]
+        return self._issued(entry, _WaitAll(works, keep=outgoing))
+
     def broadcast(self, tensor: torch.Tensor, src_group_rank: int = 0, tag: str = "") -> None:
         if self.size == 1:
             return

@@ -1,6 +1,6 @@
 """A training layout and the rules it must satisfy, in one function.
 
-``Layout`` is every parallel knob of a run (dp x tp x pp sizes, batch split, ZeRO level, sequence
+``Layout`` is every parallel knob of a run (dp x tp x pp x cp sizes, batch split, ZeRO level, sequence
 and loss parallelism, recomputation, pipeline schedule, dtype). ``layout_problem(model, layout)``
 returns the first reason it cannot run, as a one-line message in the words of ``plait train``'s
 flags, or None. ``plait train`` calls it before launching workers, the trainer calls it again
@@ -73,13 +73,15 @@ class Layout:
     schedule: str = "1f1b"
     virtual_stages: int = 1
     dtype: str = "bfloat16"
+    cp: int = 1
+    cp_mode: str = "ring"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recompute", Recompute.parse(self.recompute))
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.tp * self.pp * self.cp
 
     @property
     def per_rank_batch(self) -> int:
@@ -96,6 +98,8 @@ class Layout:
 
     def describe(self) -> str:
         parts = [f"dp{self.dp}", f"tp{self.tp}", f"pp{self.pp}"]
+        if self.cp > 1:
+            parts.append(f"cp{self.cp}-{self.cp_mode}")
         if self.pp > 1:
             parts.append(self.schedule + (f"(v{self.virtual_stages})" if self.chunks_per_rank > 1 else ""))
         parts.append(f"zero{self.zero}")
@@ -123,7 +127,12 @@ def layout_problem(model: ModelFacts, layout: Layout) -> str | None:
         return f"pp={p} is larger than the model's {model.layers} layers"
     if (layout.sequence_parallel or layout.loss_parallel) and t == 1:
         return "--sequence-parallel and --loss-parallel need --tp > 1"
-    if layout.sequence_parallel and model.seq_len % t:
+    if (problem := _context_parallel_problem(model, layout)) is not None:
+        return problem
+    if layout.sequence_parallel and (model.seq_len // layout.cp) % t:
+        if layout.cp > 1:
+            return (f"--sequence-parallel needs each cp rank's {model.seq_len // layout.cp} positions "
+                    f"(--seq-len {model.seq_len} / cp {layout.cp}) divisible by tp={t}")
         return f"--sequence-parallel needs --seq-len {model.seq_len} divisible by tp={t}"
     if layout.global_batch % dp:
         return f"--global-batch {layout.global_batch} is not divisible by dp={dp}"
@@ -147,6 +156,32 @@ def layout_problem(model: ModelFacts, layout: Layout) -> str | None:
     return None
 
 
+CP_MODES = ("ring", "alltoall")
+
+
+def _context_parallel_problem(model: ModelFacts, layout: Layout) -> str | None:
+    """--cp: 2 cp load-balanced chunks per sequence; all-to-all splits each tp rank's heads over cp."""
+    cp, t = layout.cp, layout.tp
+    if layout.cp_mode not in CP_MODES:
+        return f"--cp-mode must be one of {', '.join(CP_MODES)}, got {layout.cp_mode!r}"
+    if cp < 1:
+        return f"--cp must be >= 1, got {cp}"
+    if cp == 1:
+        return None
+    if model.seq_len % (2 * cp):
+        return (f"--cp {cp} needs --seq-len {model.seq_len} divisible by 2 x cp = {2 * cp} "
+                "(each rank holds two load-balanced chunks)")
+    if layout.cp_mode == "alltoall":
+        heads, kv_heads = model.heads // t, model.kv_heads // t
+        if heads % cp:
+            return (f"--cp-mode alltoall needs the {heads} attention heads per tp rank divisible by cp={cp}; "
+                    "use --cp-mode ring")
+        if kv_heads % cp and cp % kv_heads:
+            return (f"--cp-mode alltoall needs cp={cp} to divide, or be a multiple of, the {kv_heads} kv heads "
+                    "per tp rank; use --cp-mode ring")
+    return None
+
+
 def check_layout(model: ModelFacts, layout: Layout) -> None:
     """``layout_problem`` as a LayoutError."""
     problem = layout_problem(model, layout)
@@ -164,7 +199,7 @@ def layout_of(cfg, dims) -> Layout:
     return Layout(dp=dims.dp, tp=dims.tp, pp=dims.pp, micro_batch=max(1, micro_batch), global_batch=cfg.global_batch,
                   zero=cfg.zero, sequence_parallel=cfg.sequence_parallel, loss_parallel=cfg.loss_parallel,
                   recompute=cfg.activation_checkpointing, schedule=cfg.schedule,
-                  virtual_stages=cfg.virtual_stages, dtype=cfg.dtype)
+                  virtual_stages=cfg.virtual_stages, dtype=cfg.dtype, cp=dims.cp, cp_mode=cfg.cp_mode)
 
 
 def check_run(cfg, dims, model_config) -> None:

@@ -1,12 +1,19 @@
 """The parallel layout (``ParallelDims``) and the per-process runtime (``ParallelContext``).
 
-Ranks are laid out dp-outermost, tp-innermost::
+Ranks are laid out dp-outermost, then pp, then cp (context parallel), tp-innermost::
 
-    rank = (dp_rank * pp + pp_rank) * tp + tp_rank
+    rank = ((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank
 
-so the tp ranks of one (dp, pp) coordinate are consecutive, i.e. on the same host when
-``torchrun`` places ``nproc_per_node`` consecutive ranks per node. Tensor parallelism, the
-most talkative dimension, thus stays on the fastest links, and data parallelism crosses hosts.
+so the tp ranks of one (dp, pp, cp) coordinate are consecutive, i.e. on the same host when
+``torchrun`` places ``nproc_per_node`` consecutive ranks per node, and the cp ranks next to them
+(as in Megatron-Core's tp-cp-dp-pp order). Tensor parallelism, the most talkative dimension,
+stays on the fastest links, context parallelism's ring on the next fastest, and data
+parallelism crosses hosts.
+
+Gradients are reduced over data *and* context parallelism: cp ranks hold the same parameters and
+see different positions of the same sequences, so for the data-parallel strategy they are data
+parallel. ``comm("dp_cp")`` is that group (dp-major: group rank = dp_rank * cp + cp_rank); with
+cp = 1 it is the "dp" group itself.
 
 There is no module-level process-group state: a ``ParallelContext`` is built once per process
 and handed to whatever needs a group.
@@ -26,22 +33,24 @@ from plait.device import DeviceRequest, host_device_plan
 from plait.flight_recorder import FlightRecorder
 from plait.layout import LayoutError
 
-DIM_NAMES = ("dp", "pp", "tp")
+DIM_NAMES = ("dp", "pp", "cp", "tp")
 
 
 class Coordinates(NamedTuple):
     dp: int
     pp: int
     tp: int
+    cp: int = 0
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Sizes of the data-, pipeline- and tensor-parallel dimensions (pure; no processes)."""
+    """Sizes of the data-, pipeline-, tensor- and context-parallel dimensions (pure; no processes)."""
 
     dp: int = 1
     pp: int = 1
     tp: int = 1
+    cp: int = 1
 
     def __post_init__(self) -> None:
         for name in DIM_NAMES:
@@ -50,35 +59,43 @@ class ParallelDims:
                 raise LayoutError(f"--{name} must be an integer >= 1, got {value!r}")
 
     @classmethod
-    def from_world_size(cls, world_size: int, dp: int | None = None, pp: int = 1, tp: int = 1) -> "ParallelDims":
-        """Fill in ``dp`` (when None) as world_size / (pp * tp), then check the product."""
-        if pp < 1 or tp < 1:
-            raise LayoutError(f"--pp and --tp must be >= 1, got pp={pp} tp={tp}")
+    def from_world_size(cls, world_size: int, dp: int | None = None, pp: int = 1, tp: int = 1,
+                        cp: int = 1) -> "ParallelDims":
+        """Fill in ``dp`` (when None) as world_size / (pp * cp * tp), then check the product."""
+        if pp < 1 or tp < 1 or cp < 1:
+            raise LayoutError(f"--pp, --tp and --cp must be >= 1, got pp={pp} tp={tp} cp={cp}")
         if dp is None:
-            if world_size % (pp * tp):
-                raise LayoutError(f"world size {world_size} is not divisible by pp x tp = {pp * tp}")
-            dp = world_size // (pp * tp)
-        dims = cls(dp=dp, pp=pp, tp=tp)
+            if world_size % (pp * tp * cp):
+                raise LayoutError(f"world size {world_size} is not divisible by pp x cp x tp = {pp * cp * tp}")
+            dp = world_size // (pp * tp * cp)
+        dims = cls(dp=dp, pp=pp, tp=tp, cp=cp)
         dims.check_world_size(world_size)
         return dims
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.pp * self.tp
+        return self.dp * self.pp * self.cp * self.tp
 
     def check_world_size(self, world_size: int) -> None:
         if self.world_size != world_size:
-            raise LayoutError(f"dp x pp x tp = {self.dp} x {self.pp} x {self.tp} = {self.world_size} "
+            cp = f" x cp {self.cp}" if self.cp > 1 else ""
+            raise LayoutError(f"dp x pp x tp = {self.dp} x {self.pp} x {self.tp}{cp} = {self.world_size} "
                               f"does not equal the world size {world_size}")
 
     def coordinates(self, rank: int) -> Coordinates:
         tp_rank = rank % self.tp
-        pp_rank = (rank // self.tp) % self.pp
-        dp_rank = rank // (self.tp * self.pp)
-        return Coordinates(dp_rank, pp_rank, tp_rank)
+        cp_rank = (rank // self.tp) % self.cp
+        pp_rank = (rank // (self.tp * self.cp)) % self.pp
+        dp_rank = rank // (self.tp * self.cp * self.pp)
+        return Coordinates(dp_rank, pp_rank, tp_rank, cp_rank)
 
-    def rank_of(self, dp: int, pp: int, tp: int) -> int:
-        return (dp * self.pp + pp) * self.tp + tp
+    def rank_of(self, dp: int, pp: int, tp: int, cp: int = 0) -> int:
+        return ((dp * self.pp + pp) * self.cp + cp) * self.tp + tp
+
+    def data_parallel_groups(self) -> list[list[int]]:
+        """The ranks of each dp x cp group (gradient reduction), dp-major, one per (pp, tp)."""
+        return [[self.rank_of(d, p, t, c) for d in range(self.dp) for c in range(self.cp)]
+                for p in range(self.pp) for t in range(self.tp)]
 
 
 @dataclass
@@ -102,6 +119,8 @@ class ParallelContext:
             if name not in self.comms:
                 group = self.mesh.get_group(name) if self.mesh is not None else None
                 self.comms[name] = Collectives(name, group, self.counter, self.device, self.recorder)
+        if "dp_cp" not in self.comms:  # see the module docstring
+            self.comms["dp_cp"] = self.comms["dp"]
 
     @property
     def world_size(self) -> int:
@@ -118,6 +137,10 @@ class ParallelContext:
     @property
     def tp_rank(self) -> int:
         return self.coords.tp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coords.cp
 
     @property
     def is_logging_rank(self) -> bool:
@@ -139,13 +162,21 @@ def build_context(dims: ParallelDims, device: torch.device, backend: str, local_
     from torch.distributed.device_mesh import init_device_mesh
 
     dims.check_world_size(dist.get_world_size())
-    mesh = init_device_mesh(device.type, (dims.dp, dims.pp, dims.tp), mesh_dim_names=DIM_NAMES)
-    return ParallelContext(dims=dims, rank=dist.get_rank(), local_rank=local_rank, device=device,
-                           backend=backend, mesh=mesh)
+    mesh = init_device_mesh(device.type, (dims.dp, dims.pp, dims.cp, dims.tp), mesh_dim_names=DIM_NAMES)
+    ctx = ParallelContext(dims=dims, rank=dist.get_rank(), local_rank=local_rank, device=device,
+                          backend=backend, mesh=mesh)
+    if dims.cp > 1:
+        group = mesh.get_group("cp") if dims.dp == 1 else None
+        for ranks in dims.data_parallel_groups():  # every rank creates every group, in one order
+            created = dist.new_group(ranks) if dims.dp > 1 else None
+            if ctx.rank in ranks and created is not None:
+                group = created
+        ctx.comms["dp_cp"] = Collectives("dp_cp", group, ctx.counter, device, ctx.recorder)
+    return ctx
 
 
 def init_distributed(dp: int | None = None, pp: int = 1, tp: int = 1, timeout_s: float = 600.0,
-                     device: DeviceRequest | str = DeviceRequest.AUTO) -> ParallelContext:
+                     device: DeviceRequest | str = DeviceRequest.AUTO, cp: int = 1) -> ParallelContext:
     """Join the job described by the launcher's environment (torchrun or ``plait train --nproc``).
 
     Without WORLD_SIZE in the environment (or WORLD_SIZE=1) this is a single process and no
@@ -155,7 +186,7 @@ def init_distributed(dp: int | None = None, pp: int = 1, tp: int = 1, timeout_s:
     instead of hanging, so a dead peer ends the job with a message.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dims = ParallelDims.from_world_size(world_size, dp=dp, pp=pp, tp=tp)
+    dims = ParallelDims.from_world_size(world_size, dp=dp, pp=pp, tp=tp, cp=cp)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     plan = host_device_plan(device)
     device, backend = plan.device(local_rank), plan.backend

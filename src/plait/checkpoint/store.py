@@ -96,8 +96,8 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, keep: int = 2) -> P
     if ctx.is_logging_rank:
         meta = {"format": FORMAT_VERSION, "step": step, "skipped_steps": trainer.skipped_steps,
                 "model": trainer.model_config.to_dict(),
-                "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp, "zero": trainer.cfg.zero,
-                           "sequence_parallel": trainer.cfg.sequence_parallel},
+                "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp, "cp": ctx.dims.cp,
+                           "zero": trainer.cfg.zero, "sequence_parallel": trainer.cfg.sequence_parallel},
                 "world_size": ctx.world_size,
                 "files": {file: record for rank_records in every for file, record in rank_records.items()}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

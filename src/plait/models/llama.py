@@ -123,17 +123,27 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.extend(k, v)
+        out = self.attend(q, k, v) if cache is None else self._attend_cached(q, k, v, cache)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of one whole sequence: q [b, heads, s, d], k and v [b, kv heads, s, d]
+        -> [b, heads, s, d]. A seam: context parallelism replaces it per layer, from outside."""
         groups = q.shape[1] // k.shape[1]
-        share = cache is not None and groups > 1  # decoding: SDPA shares kv heads, the cache is not copied
-        if groups > 1 and not share:  # grouped-query attention: each kv head serves `groups` query heads
+        if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
+        """Decoding: the new positions attend to the cached ones and themselves; SDPA shares the kv
+        heads (the cache is not copied)."""
+        k, v = cache.extend(k, v)
+        seq = q.shape[2]
         causal = k.shape[2] == seq  # nothing cached before these positions
-        mask = None if causal else _attention_mask(seq, k.shape[2], x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=share)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        mask = None if causal else _attention_mask(seq, k.shape[2], q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=q.shape[1] > k.shape[1])
 
 
 class LlamaMLP(nn.Module):

@@ -48,9 +48,11 @@ class TrainConfig:
     # layout
     nproc: int = 1                       # local worker processes plait launches itself
     device: str = "auto"                 # auto (CUDA when visible, else CPU), cuda (NCCL) or cpu (gloo)
-    dp: int | None = None                # None: world_size / (pp * tp)
+    dp: int | None = None                # None: world_size / (pp * cp * tp)
     pp: int = 1
     tp: int = 1
+    cp: int = 1                          # context parallel: the sequence sharded through the whole block
+    cp_mode: str = "ring"                # ring (keys/values around the cp ranks) or alltoall (Ulysses)
     sequence_parallel: bool = False      # norms and residuals on sequence shards (needs tp > 1)
     loss_parallel: bool = False          # cross-entropy on vocabulary-sharded logits (needs tp > 1)
     zero: int = 0                        # 0: replicated DP; 1/2/3: shard optimizer state / + grads / + params
@@ -124,7 +126,7 @@ class TrainConfig:
         return "bpe"  # a .bin without a tokenizer: nothing is encoded
 
     def validate(self) -> None:
-        positive = ("vocab_size", "nproc", "pp", "tp", "steps", "global_batch", "seq_len", "eval_batches")
+        positive = ("vocab_size", "nproc", "pp", "tp", "cp", "steps", "global_batch", "seq_len", "eval_batches")
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

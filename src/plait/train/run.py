@@ -46,7 +46,7 @@ def write_timeline(trainer: Trainer, ctx: ParallelContext, out_dir: Path) -> Non
     if not ctx.is_logging_rank:
         return
     slots = [Slot(coords.pp, kind, mb, chunk, start, end)
-             for coords, events in gathered if coords.dp == 0 and coords.tp == 0
+             for coords, events in gathered if coords.dp == coords.tp == coords.cp == 0
              for kind, mb, chunk, start, end in events]
     write_chrome_trace(slots, out_dir / "timeline.json")
     pp = ctx.dims.pp
@@ -150,7 +150,7 @@ def _train(cfg: TrainConfig, ctx: ParallelContext) -> list[dict[str, Any]]:
         if start == 0:
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         run_info = {"train": cfg.to_dict(), "model": trainer.model_config.to_dict(),
-                    "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp},
+                    "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp, "cp": ctx.dims.cp},
                     "world_size": ctx.world_size, "device": str(ctx.device), "backend": ctx.backend,
                     "parameters": trainer.model_config.num_parameters(),
                     "train_tokens": data.train_tokens, "val_tokens": int(len(data.val)),
@@ -164,8 +164,9 @@ def _train(cfg: TrainConfig, ctx: ParallelContext) -> list[dict[str, Any]]:
         if latest is not None:
             logger.message(f"plait: resuming from {latest} (step {start})")
         sources = f" from {len(data.train)} sources" if len(data.train) > 1 else ""
+        cp = f" cp={ctx.dims.cp} ({cfg.cp_mode})" if ctx.dims.cp > 1 else ""
         logger.message(f"plait: {trainer.model_config.num_parameters() / 1e6:.1f}M parameters, "
-                       f"dp={ctx.dims.dp} pp={ctx.dims.pp} tp={ctx.dims.tp} on {ctx.world_size} x {ctx.device}, "
+                       f"dp={ctx.dims.dp} pp={ctx.dims.pp} tp={ctx.dims.tp}{cp} on {ctx.world_size} x {ctx.device}, "
                        f"{data.train_tokens:,} training tokens{sources}, writing {out_dir}")
     history = []
     try:

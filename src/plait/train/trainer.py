@@ -23,6 +23,7 @@ from torch import nn
 
 from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
 from plait.checkpoint.sources import HFSource, InitSource
+from plait.context_parallel import apply_context_parallel, context_slice
 from plait.data import BatchSampler, TokenData, validation_batches
 from plait.data_parallel import DataParallelStrategy, Replicated, Sharded, TiedWeights
 from plait.device import to_device
@@ -123,6 +124,7 @@ class Trainer:
         self.model = build_meta_model(self.model_config)
         if dims.tp > 1:
             parallelize(self.model, ctx.comm("tp"), llama_plan(cfg.sequence_parallel, cfg.loss_parallel))
+        apply_context_parallel(self.model, ctx.comm("cp"), cfg.cp_mode)  # nothing at cp = 1
         self.pipeline = None
         chunk_blocks = [[(f"model.layers.{i}", block) for i, block in named_blocks(self.model)]]
         if dims.pp > 1:
@@ -171,7 +173,8 @@ class Trainer:
         named = model_parameters(self.model)
         common = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
                       device=ctx.device, tied=self._tied_weights())
-        comms = (ctx.comm("dp"), ctx.comm("tp"), ctx.comm("pp"))
+        # cp ranks hold the same parameters and see other positions: data parallel for gradients
+        comms = (ctx.comm("dp_cp"), ctx.comm("tp"), ctx.comm("pp"))
         if cfg.zero == 0:
             return Replicated(self.model, named, *comms, bucket_bytes=int(cfg.bucket_mb * 2 ** 20), **common)
         decoder = self.model.model
@@ -187,7 +190,8 @@ class Trainer:
         chunks, plans = plan_pipeline(cfg, dims, self.model_config, self.n_micro)
         placement = placement_of(cfg.schedule)
         mine = keep_stage(self.model, chunks, ctx.pp_rank, dims.pp, placement)
-        seq_local = cfg.seq_len // dims.tp if cfg.sequence_parallel else cfg.seq_len
+        positions = cfg.seq_len // dims.cp  # this cp rank's part of each sequence
+        seq_local = positions // dims.tp if cfg.sequence_parallel else positions
         shape = (self.micro_batch, seq_local, self.model_config.hidden_size)
 
         def activation_dtype() -> torch.dtype:  # the residual stream has the parameters' dtype
@@ -209,7 +213,7 @@ class Trainer:
             defer_weight_gradients((layers[str(i)] for chunk in mine for i in chunk.layers), weight_gradients)
 
         def executor(plan, microbatches, split=weight_gradients):
-            return PipelineExecutor(self.model, mine, plan, ctx.comm("pp"), microbatches, cfg.seq_len, shape,
+            return PipelineExecutor(self.model, mine, plan, ctx.comm("pp"), microbatches, positions, shape,
                                     activation_dtype, loss_fn, forward_context, split)
 
         self.pipeline = executor(plans[ctx.pp_rank], self.n_micro)
@@ -229,6 +233,10 @@ class Trainer:
             return contextlib.nullcontext()
         return keep_sequence_shards(self.ctx.comm("tp"))
 
+    def _my_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """Token ids or targets [rows, seq] -> this cp rank's positions of them."""
+        return context_slice(x, self.ctx.cp_rank, self.ctx.dims.cp)
+
     def global_target_count(self, step: int) -> int:
         _, targets = self.sampler.global_batch(step)
         return int((targets != IGNORE_INDEX).sum())
@@ -239,7 +247,7 @@ class Trainer:
         Returns (global loss sum, global target count); the step's loss is their ratio.
         """
         ctx, cfg = self.ctx, self.cfg
-        inputs, targets = self.sampler.shard(step, ctx.dp_rank, ctx.dims.dp)
+        inputs, targets = map(self._my_positions, self.sampler.shard(step, ctx.dp_rank, ctx.dims.dp))
         n_targets = self.global_target_count(step)
         n_micro = self.n_micro
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -260,7 +268,7 @@ class Trainer:
             local_loss_sum += loss_sum.detach()
         self.strategy.finish()  # dp-reduced, SP partial and tied gradients summed
         (loss_sum_all,) = ctx.comm("pp").all_reduce_scalars([float(local_loss_sum)], tag="metrics")
-        (loss_sum_all,) = ctx.comm("dp").all_reduce_scalars([loss_sum_all], tag="metrics")
+        (loss_sum_all,) = ctx.comm("dp_cp").all_reduce_scalars([loss_sum_all], tag="metrics")
         return loss_sum_all, n_targets
 
     def apply_update(self, step: int, loss: float) -> tuple[float, float, bool]:
@@ -325,7 +333,8 @@ class Trainer:
         batches = self.val_batches
         if self.pipeline is not None:  # a forward-only GPipe pass of full micro-batches
             batches = [(x, y) for x, y in batches if x.shape[0] == self.micro_batch]
-        mine = evaluation_share(batches, self.ctx.dims.dp, self.ctx.dp_rank)
+        mine = [tuple(map(self._my_positions, batch))
+                for batch in evaluation_share(batches, self.ctx.dims.dp, self.ctx.dp_rank)]
         if self.pipeline is not None:  # the last stage has the loss
             if mine:
                 inputs = [to_device(x, self.ctx.device) for x, _ in mine]
@@ -341,5 +350,5 @@ class Trainer:
                     total += token_loss_sum(self.model, to_device(x, self.ctx.device), y,
                                             self.cfg.label_smoothing).double().cpu()
                 count += int((y != IGNORE_INDEX).sum())
-        total_all, count_all = self.ctx.comm("dp").all_reduce_scalars([float(total), float(count)], tag="eval")
+        total_all, count_all = self.ctx.comm("dp_cp").all_reduce_scalars([float(total), float(count)], tag="eval")
         return total_all / max(count_all, 1.0)
