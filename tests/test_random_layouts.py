@@ -1,6 +1,6 @@
 """Randomized layouts against one process, with plait compare's reading and tolerance.
 
-Each draw picks a layout of up to 8 ranks (dp x pp x tp, ZeRO level, sequence and loss
+Each draw picks a layout of up to 8 ranks (dp x pp x tp x cp and cp's mode, ZeRO level, sequence and loss
 parallel, pipeline schedule, virtual stages, micro-batches, activation checkpointing) and a
 model (tied or untied embeddings, multi-head or grouped-query attention), drops the ones the
 layout rules refuse (the same ``check_run`` as ``plait train``), trains it in the worker pool
@@ -68,13 +68,15 @@ def job(tmp_path_factory):
 def draw_layout(rng: random.Random) -> list[str]:
     """Layout flags of up to 8 ranks (not yet checked against the layout rules)."""
     world = rng.choice([2, 4, 4, 8])
-    sizes = {"dp": 1, "pp": 1, "tp": 1}
+    sizes = {"dp": 1, "pp": 1, "tp": 1, "cp": 1}
     remaining = world
     while remaining > 1:  # split the world into random factors of 2
-        sizes[rng.choice(["dp", "pp", "tp"])] *= 2
+        sizes[rng.choice(["dp", "pp", "tp", "cp"])] *= 2
         remaining //= 2
     flags = ["--nproc", str(world), "--dp", str(sizes["dp"]), "--pp", str(sizes["pp"]), "--tp", str(sizes["tp"]),
              "--zero", str(rng.choice([0, 1, 2, 3]))]
+    if sizes["cp"] > 1:
+        flags += ["--cp", str(sizes["cp"]), "--cp-mode", rng.choice(["ring", "alltoall"])]
     if sizes["tp"] > 1:
         flags += [rng.choice(["--sequence-parallel", "--no-sequence-parallel"]),
                   rng.choice(["--loss-parallel", "--no-loss-parallel"])]
@@ -104,7 +106,8 @@ def valid_draws(rng: random.Random, common: dict[str, list[str]], count: int):
         flags = draw_layout(rng)
         try:
             cfg = _configure([*common[model], "--dtype", dtype, *flags])
-            check_run(cfg, ParallelDims.from_world_size(cfg.nproc, cfg.dp, cfg.pp, cfg.tp), load_hf_config(cfg.model))
+            check_run(cfg, ParallelDims.from_world_size(cfg.nproc, cfg.dp, cfg.pp, cfg.tp, cfg.cp),
+                      load_hf_config(cfg.model))
         except PlaitError:
             continue
         found.append((model, dtype, flags))
@@ -113,7 +116,7 @@ def valid_draws(rng: random.Random, common: dict[str, list[str]], count: int):
 
 def _train(pool, flags: list[str], run_dir) -> None:
     cfg = _configure(flags)
-    dims = ParallelDims.from_world_size(cfg.nproc, cfg.dp, cfg.pp, cfg.tp)
+    dims = ParallelDims.from_world_size(cfg.nproc, cfg.dp, cfg.pp, cfg.tp, cfg.cp)
     run_phases(lambda overrides: pool.run(_train_in_pool, dims, [*flags, "--threads", "1", *flags_of(overrides)],
                                           timeout_s=240), run_dir, STEPS)
 

@@ -28,9 +28,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """(O, lse) of q against one key/value block (causal: the block is q's own positions)."""
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
-    scores = _scores(q, k, causal)
-    lse = torch.logsumexp(scores, dim=-1)
-    return (torch.exp(scores - lse.unsqueeze(-1)) @ v.float()).to(q.dtype), lse
+    return math_block_attention(q, k, v, causal)
 
 
 def block_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -40,6 +38,21 @@ def block_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), 0.0, causal)
+    return math_block_attention_backward(grad_out, q, k, v, out, lse, causal)
+
+
+def math_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block_attention`` in plain fp32 matmuls (any device)."""
+    scores = _scores(q, k, causal)
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse.unsqueeze(-1)) @ v.float()).to(q.dtype), lse
+
+
+def math_block_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor,
+                                  causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``block_attention_backward`` in plain fp32 matmuls (any device)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     probs = torch.exp(_scores(q, k, causal) - lse.unsqueeze(-1))
     grad_out32 = grad_out.float()
