@@ -49,10 +49,13 @@ LAYOUTS = {
     "2x2x2": (ParallelDims(dp=2, pp=2, tp=2), dict(microbatches=4, micro_batch=None, sequence_parallel=True,
                                                    zero=1)),
     "tp4": (ParallelDims(tp=4), dict()),
+    "dp2-cp2-zero3": (ParallelDims(dp=2, cp=2), dict(cp=2, zero=3)),
+    "cp2-alltoall": (ParallelDims(cp=2), dict(cp=2, cp_mode="alltoall")),
 }
 
 
 @pytest.mark.parametrize("source, target", [("tp2", "dp2-zero3"), ("dp2-zero1", "tp2-sp"), ("pp2", "single"),
+                                            ("dp2-cp2-zero3", "cp2-alltoall"),
                                             pytest.param("2x2x2", "tp4", marks=pytest.mark.large)])  # 22 s
 def test_reshard_between_layouts(pool, tmp_path, data, model_config, uninterrupted, source, target):
     def run(layout, fn):

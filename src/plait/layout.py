@@ -84,6 +84,12 @@ class Layout:
         return self.dp * self.tp * self.pp * self.cp
 
     @property
+    def gradient_replicas(self) -> int:
+        """Ranks that hold the same parameters and reduce (under ZeRO: shard) their gradients:
+        data-parallel and context-parallel ones."""
+        return self.dp * self.cp
+
+    @property
     def per_rank_batch(self) -> int:
         return self.global_batch // self.dp
 

@@ -83,7 +83,7 @@ def _has_config(path: str) -> bool:
 def add_commands(commands) -> None:
     plan = commands.add_parser(
         "plan", help="search layouts for a job and predict memory, step time and MFU",
-        description="Search dp x pp x tp, ZeRO level, sequence parallelism, micro-batch size and count, pipeline "
+        description="Search dp x pp x cp x tp (and cp's mode), ZeRO level, sequence parallelism, micro-batch size and count, pipeline "
                     "schedule and activation recomputation for a model on N devices; print the fastest layouts "
                     "that fit in memory, and why the others were rejected. Predictions come from plait's cost "
                     "model (docs/planner.md); nothing runs on a device.")
@@ -101,6 +101,9 @@ def add_commands(commands) -> None:
     simulate.add_argument("--dp", type=int, default=1, help="data-parallel size (default: 1)")
     simulate.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: 1)")
     simulate.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default: 1)")
+    simulate.add_argument("--cp", type=int, default=1, help="context-parallel size (default: 1)")
+    simulate.add_argument("--cp-mode", default="ring", choices=("ring", "alltoall"),
+                          help="context parallelism: ring or alltoall (default: ring)")
     simulate.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default: 1)")
     simulate.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), help="ZeRO level (default: 0)")
     simulate.add_argument("--schedule", default="1f1b", choices=SCHEDULES, help="pipeline schedule (default: 1f1b)")
@@ -169,7 +172,8 @@ def _simulate(args, shape: ModelShape, hw) -> int:
     layout = Layout(dp=args.dp, tp=args.tp, pp=args.pp, micro_batch=args.micro_batch, global_batch=args.global_batch,
                     zero=args.zero, sequence_parallel=args.sequence_parallel,
                     loss_parallel=args.loss_parallel and args.tp > 1, recompute=args.recompute,
-                    schedule=args.schedule, virtual_stages=args.virtual_stages, dtype=args.dtype)
+                    schedule=args.schedule, virtual_stages=args.virtual_stages, dtype=args.dtype, cp=args.cp,
+                    cp_mode=args.cp_mode)
     prediction = predict(shape, layout, hw)
     if args.json:
         print(json.dumps({"model": shape.__dict__, "hardware": hw.name, **prediction.to_dict()}, indent=2))

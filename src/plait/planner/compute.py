@@ -107,9 +107,16 @@ def residual_bytes(shape: ModelShape, layout: Layout) -> int:
     return 2 if layout.dtype != "float32" and layout.zero >= 1 else 4
 
 
+def local_seq(shape: ModelShape, layout: Layout) -> int:
+    """Positions of each sequence one rank processes: the whole sequence, or its 1/cp share."""
+    return shape.seq_len // layout.cp
+
+
 def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
-    """One transformer layer, one micro-batch, forward, on one tensor-parallel rank."""
-    t, b, s = layout.tp, layout.micro_batch, shape.seq_len
+    """One transformer layer, one micro-batch, forward, on one tensor- and context-parallel rank.
+    Under cp every token-proportional term is 1/cp; causal attention too (the load-balanced chunks
+    give each rank 1/cp of the triangle), in c kernels under ring attention."""
+    t, b, s = layout.tp, layout.micro_batch, local_seq(shape, layout)
     h, f, kv = shape.hidden, shape.ffn_hidden, shape.kv_hidden
     tokens = b * s
     norm_tokens = tokens / t if layout.sequence_parallel else tokens
@@ -119,7 +126,9 @@ def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
         timer.gemm(tokens, h / t, h)                    # q
         timer.gemm(tokens, kv / t, h, count=2)          # k, v
         timer.memory(9 * tokens * (h + kv) / t * e, kernels=8)       # rotary on q and k
-        timer.attention(0.5 * 4 * b * s * s * h / t)    # causal flash: half the score blocks
+        kernels = layout.cp if layout.cp_mode == "ring" else 1
+        for _ in range(kernels):  # causal flash: half the score blocks
+            timer.attention(0.5 * 4 * b * s * shape.seq_len * h / t / kernels)
         timer.memory(2 * tokens * h / t * e)            # transpose(1, 2).reshape copy
         timer.gemm(tokens, h, h / t)                    # o_proj
         timer.gemm(tokens, f / t, h, count=2)           # gate, up
@@ -158,7 +167,7 @@ def layer_backward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
 
 def head_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
     """Final norm, output projection (vocabulary split over tp) and the cross-entropy."""
-    t, tokens = layout.tp, layout.micro_batch * shape.seq_len
+    t, tokens = layout.tp, layout.micro_batch * local_seq(shape, layout)
     h, v = shape.hidden, shape.vocab
     norm_tokens = tokens / t if layout.sequence_parallel else tokens
     timer.memory(7 * norm_tokens * h * 4, kernels=5)
@@ -174,11 +183,11 @@ def head_backward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
 
 
 def embedding_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
-    tokens = layout.micro_batch * shape.seq_len
+    tokens = layout.micro_batch * local_seq(shape, layout)
     timer.memory(2 * tokens * shape.hidden * residual_bytes(shape, layout), kernels=2)
 
 
 def embedding_backward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
     """Scatter-add of the rows' gradients into the (vocabulary-sharded) embedding gradient."""
-    tokens = layout.micro_batch * shape.seq_len
+    tokens = layout.micro_batch * local_seq(shape, layout)
     timer.memory(2 * tokens * shape.hidden * 4 + shape.vocab * shape.hidden / layout.tp * 4, kernels=3)

@@ -10,13 +10,14 @@ with it):
     zero 2   pP params + (12 + g)P/N  (a unit's gradients live only until reduce-scattered)
     zero 3   (12 + g)P/N              (+ gathered units, see ``rank_memory``)
 
-(12P/N = fp32 master 4 + moments 8; gP/N the gradient shard, which exists from a unit's first
+(N counts context-parallel ranks too: they reduce and shard the same gradients. 12P/N = fp32
+master 4 + moments 8; gP/N the gradient shard, which exists from a unit's first
 reduction to the step: g = p with one reduction per step (ZeRO-1, or one micro-batch per rank
 and step), the reduction's output as it arrived, else g = 4, an fp32 accumulator.) Rajbhandari et al.'s mixed-precision figures
 (16P, 4P + 12P/N, 2P + 14P/N, 16P/N) keep no separate gradient shard.
 
-Activations kept for backward, per layer and micro-batch (t = tp, s = sequence, b = micro-batch,
-e = bytes of the matmul dtype):
+Activations kept for backward, per layer and micro-batch (t = tp, s = the positions of a sequence
+on the rank, S / cp under context parallelism, b = micro-batch, e = bytes of the matmul dtype):
 
 - gpt (Korthikanti et al. 2022, half precision): s b h (34 + 5 a s / h) with TP + SP divided by
   t; TP without SP s b h (10 + 24/t + 5 a s / (h t)).
@@ -47,7 +48,7 @@ keeps bf16 copies of the weights its matmuls used (2P).
 """
 from __future__ import annotations
 
-from plait.planner.compute import DTYPE_BYTES, residual_bytes
+from plait.planner.compute import DTYPE_BYTES, local_seq, residual_bytes
 from plait.planner.workload import Layout, ModelShape
 
 
@@ -58,7 +59,7 @@ def parameter_bytes(layout: Layout) -> int:
 
 def model_state_bytes(params: float, layout: Layout) -> dict[str, float]:
     """{params, grads, optimizer} bytes for ``params`` elements on one rank before dp sharding."""
-    n, p = layout.dp, parameter_bytes(layout)
+    n, p = layout.gradient_replicas, parameter_bytes(layout)
     if layout.zero == 0:
         return {"params": 4 * params, "grads": 4 * params, "optimizer": 8 * params}
     g = p if layout.zero == 1 or layout.microbatches <= 1 else 4  # ZeRO-1 reduces once per step
@@ -73,7 +74,7 @@ def model_state_bytes(params: float, layout: Layout) -> dict[str, float]:
 
 def layer_activation_bytes(shape: ModelShape, layout: Layout) -> float:
     """Bytes one layer keeps for backward for one micro-batch on one rank (no recomputation)."""
-    t, b, s, h = layout.tp, layout.micro_batch, shape.seq_len, shape.hidden
+    t, b, s, h = layout.tp, layout.micro_batch, local_seq(shape, layout), shape.hidden
     sp = t if layout.sequence_parallel else 1
     e = DTYPE_BYTES[layout.dtype]
     if shape.arch == "gpt":
@@ -87,8 +88,11 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout) -> float:
     # (q, k, v behind the first norm; gate, up behind the second)
     inputs = 2 * e if residual == e else 5 * e
     norms = (2 * 8 + inputs) * h / sp
-    # q, k and v after rotary (k, v expanded to all heads for SDPA), the output, fp32 log-sum-exp
+    # q, k and v after rotary (k, v expanded to all heads for SDPA), the output, fp32 log-sum-exp;
+    # ring attention keeps k and v with the kv heads (it expands them per block, transiently)
     attention = 4 * h * e / t + 4 * heads_local
+    if layout.cp > 1 and layout.cp_mode == "ring":
+        attention = (2 * h + 2 * shape.kv_hidden) * e / t + 4 * heads_local
     mlp = 4 * shape.ffn_hidden * e / t
     return s * b * (norms + attention + mlp)
 
@@ -99,10 +103,10 @@ def selective_bytes(shape: ModelShape, layout: Layout) -> float:
         t, e = layout.tp, DTYPE_BYTES[layout.dtype]
         per = 34 / t if layout.sequence_parallel else 10 + 24 / t
         return shape.seq_len * layout.micro_batch * shape.hidden * per * e / 2
-    t, e = layout.tp, DTYPE_BYTES[layout.dtype]
+    t, e = layout.tp, DTYPE_BYTES[layout.dtype]  # cp: llama only (check_layout)
     h, f, kv = shape.hidden, shape.ffn_hidden, shape.kv_hidden
     outputs = e * ((h + 2 * kv + 2 * f) / t + 2 * h)
-    return shape.seq_len * layout.micro_batch * outputs + checkpoint_bytes(shape, layout)
+    return local_seq(shape, layout) * layout.micro_batch * outputs + checkpoint_bytes(shape, layout)
 
 
 def kept_per_layer(shape: ModelShape, layout: Layout) -> float:
@@ -118,23 +122,23 @@ def construction_bytes(params: float, largest: float, layout: Layout) -> float:
     """Peak bytes while a rank builds its part of the model: its states before the first step
     (no AdamW moments yet) plus one full fp32 parameter being generated or read."""
     if layout.zero == 0:  # parameters, and with dp > 1 the gradient buckets; moments come later
-        at_rest = 4 * params * (2 if layout.dp > 1 else 1)
+        at_rest = 4 * params * (2 if layout.gradient_replicas > 1 else 1)
     else:  # the flat buffers this level keeps (no gradient shard before a reduction), the master shard
         p = parameter_bytes(layout)
         at_rest = (p * params if layout.zero <= 2 else 0.0) + (p * params if layout.zero == 1 else 0.0) \
-            + 4 * params / layout.dp
+            + 4 * params / layout.gradient_replicas
     return at_rest + 4 * largest
 
 
 def checkpoint_bytes(shape: ModelShape, layout: Layout) -> float:
     """What full recomputation keeps per layer and micro-batch: the block's input."""
     sp = layout.tp if layout.sequence_parallel else 1
-    return shape.seq_len * layout.micro_batch * shape.hidden * residual_bytes(shape, layout) / sp
+    return local_seq(shape, layout) * layout.micro_batch * shape.hidden * residual_bytes(shape, layout) / sp
 
 
 def head_bytes(shape: ModelShape, layout: Layout) -> float:
     """Logit buffers of the last stage for one micro-batch."""
-    tokens, v, t = layout.micro_batch * shape.seq_len, shape.vocab, layout.tp
+    tokens, v, t = layout.micro_batch * local_seq(shape, layout), shape.vocab, layout.tp
     e = DTYPE_BYTES[layout.dtype]
     if t == 1:  # fused chunked head + cross-entropy: one N x V buffer, one fp32 chunk
         return tokens * v * e + 2 * 4 * (1 << 22)

@@ -1,7 +1,7 @@
 """``plait plan``: search the layouts of a job and rank them by predicted throughput.
 
-Candidates: every tp (powers of two up to a node) x pp (divisors of what is left) with dp the
-rest, each ZeRO level, sequence parallelism on or off (tp > 1; loss parallelism always on
+Candidates: every tp (powers of two up to a node) x cp (powers of two whose 2 cp chunks split
+the sequence, ring or all-to-all) x pp (divisors of what is left) with dp the rest, each ZeRO level, sequence parallelism on or off (tp > 1; loss parallelism always on
 then), micro-batch sizes (powers of two dividing the per-replica batch), the pipeline
 schedules (1F1B, interleaved with 2 or 4 chunks per rank, GPipe) and full recomputation on or
 off. A candidate is rejected with its reason (a size tp does not divide, a batch that does not
@@ -43,28 +43,43 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _context_parallel(shape: ModelShape, ranks: int) -> list[tuple[int, str]]:
+    """(cp, mode) choices: cp = 1, and powers of two whose 2 cp chunks split the sequence."""
+    choices = [(1, "ring")]
+    for cp in _powers_of_two(ranks)[1:]:
+        if ranks % cp == 0 and shape.seq_len % (2 * cp) == 0:
+            choices += [(cp, "ring"), (cp, "alltoall")]
+    return choices
+
+
 def candidate_layouts(shape: ModelShape, gpus: int, gpus_per_node: int, global_batch: int, dtype: str,
                       max_micro_batch: int = 16):
     for tp in _powers_of_two(min(gpus, gpus_per_node)):
         if gpus % tp:
             continue
-        for pp in _divisors(gpus // tp):
-            dp = gpus // (tp * pp)
-            per_replica = global_batch // dp if global_batch % dp == 0 else 1
-            for micro_batch in _powers_of_two(min(max_micro_batch, per_replica)):
-                schedules = [("1f1b", 1)]
-                if pp > 1:
-                    schedules += [("interleaved", 2), ("interleaved", 4), ("gpipe", 1), ("zb1p", 1), ("zbv", 2)]
-                for schedule, v in schedules:
-                    for zero in (0, 1, 2, 3):
-                        if dp == 1 and zero:
-                            continue
-                        for sp in ((False, True) if tp > 1 else (False,)):
-                            for recompute in ("none", "selective", "full"):
-                                yield Layout(dp=dp, tp=tp, pp=pp, micro_batch=micro_batch,
-                                             global_batch=global_batch, zero=zero, sequence_parallel=sp,
-                                             loss_parallel=tp > 1, recompute=recompute, schedule=schedule,
-                                             virtual_stages=v, dtype=dtype)
+        for cp, cp_mode in _context_parallel(shape, gpus // tp):
+            yield from _layouts_with(shape, gpus, tp, cp, cp_mode, global_batch, dtype, max_micro_batch)
+
+
+def _layouts_with(shape: ModelShape, gpus: int, tp: int, cp: int, cp_mode: str, global_batch: int, dtype: str,
+                  max_micro_batch: int):
+    for pp in _divisors(gpus // (tp * cp)):
+        dp = gpus // (tp * pp * cp)
+        per_replica = global_batch // dp if global_batch % dp == 0 else 1
+        for micro_batch in _powers_of_two(min(max_micro_batch, per_replica)):
+            schedules = [("1f1b", 1)]
+            if pp > 1:
+                schedules += [("interleaved", 2), ("interleaved", 4), ("gpipe", 1), ("zb1p", 1), ("zbv", 2)]
+            for schedule, v in schedules:
+                for zero in (0, 1, 2, 3):
+                    if dp * cp == 1 and zero:  # nothing to shard over
+                        continue
+                    for sp in ((False, True) if tp > 1 else (False,)):
+                        for recompute in ("none", "selective", "full"):
+                            yield Layout(dp=dp, tp=tp, pp=pp, micro_batch=micro_batch, global_batch=global_batch,
+                                         zero=zero, sequence_parallel=sp, loss_parallel=tp > 1,
+                                         recompute=recompute, schedule=schedule, virtual_stages=v, dtype=dtype,
+                                         cp=cp, cp_mode=cp_mode)
 
 
 def plan(shape: ModelShape, hw: HardwareProfile, gpus: int, global_batch: int, gpus_per_node: int | None = None,

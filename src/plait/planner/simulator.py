@@ -38,7 +38,7 @@ from plait.errors import PlaitError
 from plait.pipeline.schedules import build_schedule, in_flight_per_rank, placement_of, simulate, splits_backward
 from plait.pipeline.stage import balanced_split
 from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
-                                   head_backward, head_forward, layer_backward, layer_forward)
+                                   head_backward, head_forward, layer_backward, layer_forward, local_seq)
 from plait.planner.hardware import HardwareProfile
 from plait.planner.memory import construction_bytes, parameter_bytes, rank_memory, stage_parameters
 from plait.planner.network import collective_time, members_per_node
@@ -104,12 +104,13 @@ class StepModel:
         self.rates = device_rates(hw, layout.dtype, _ranks_per_node(hw, layout))
         self.e = DTYPE_BYTES[layout.dtype]
         per_node = hw.devices_per_node if hw.kind == "gpu" else layout.world_size
-        self.members = {g: members_per_node(g, layout.tp, layout.pp, layout.dp, per_node) for g in ("tp", "pp", "dp")}
+        self.members = {g: members_per_node(g, layout.tp, layout.pp, layout.dp, per_node, layout.cp)
+                        for g in ("tp", "pp", "cp", "dp_cp")}
         self.layer_f, self.layer_b = self._layer_costs()
         self.embed_f, self.embed_b, self.head_f, self.head_b = self._edge_costs()
 
     def collective(self, group: str, op: str, nbytes: float) -> float:
-        size = {"tp": self.layout.tp, "pp": 2, "dp": self.layout.dp}[group]
+        size = {"tp": self.layout.tp, "pp": 2, "cp": self.layout.cp, "dp_cp": self.layout.gradient_replicas}[group]
         return collective_time(self.hw, op, nbytes, size, self.members[group])
 
     def _timer(self) -> Timer:
@@ -117,10 +118,12 @@ class StepModel:
 
     def _layer_costs(self) -> tuple[Cost, Cost]:
         shape, layout = self.shape, self.layout
-        activation = layout.micro_batch * shape.seq_len * shape.hidden * self.e
+        activation = layout.micro_batch * local_seq(shape, layout) * shape.hidden * self.e
         forward, backward = self._timer(), self._timer()
         layer_forward(forward, shape, layout)
         layer_backward(backward, shape, layout)
+        if layout.cp > 1:
+            self._context_parallel_comm(forward, backward)
         if layout.tp > 1:
             if layout.sequence_parallel:
                 gather = self.collective("tp", "all_gather", activation)
@@ -138,9 +141,32 @@ class StepModel:
                                    comm=forward.cost.comm))
         return forward.cost, backward.cost
 
+    def _context_parallel_comm(self, forward: Timer, backward: Timer) -> None:
+        """Ring: c - 1 key/value blocks forward, c - 1 again and c fp32 dK/dV accumulators
+        backward, each overlapped with the attention block computing meanwhile (where the
+        profile overlaps; the last accumulator waits). All-to-all: four exchanges each way."""
+        shape, layout = self.shape, self.layout
+        c, t, tokens = layout.cp, layout.tp, layout.micro_batch * local_seq(shape, layout)
+        kv_hidden = shape.kv_hidden / t
+        if layout.cp_mode == "ring":
+            block = self.collective("cp", "send", 2 * tokens * kv_hidden * self.e)
+            grads = self.collective("cp", "send", 2 * tokens * kv_hidden * 4)
+            sends_f, sends_b = (c - 1) * block, (c - 1) * block + c * grads
+            if self.hw.comm_overlaps_compute:
+                sends_f = max(0.0, sends_f - forward.cost.attention)
+                sends_b = max(0.0, sends_b - grads - backward.cost.attention) + grads
+            forward.comm(sends_f)
+            backward.comm(sends_b)
+            return
+        repeats = 1 if (shape.kv_heads // t) % c == 0 else c // (shape.kv_heads // t)
+        queries = self.collective("cp", "all_to_all", tokens * shape.hidden / t * self.e)
+        keys = self.collective("cp", "all_to_all", tokens * kv_hidden * repeats * self.e)
+        forward.comm(2 * queries + 2 * keys)
+        backward.comm(2 * queries + 2 * keys)
+
     def _edge_costs(self) -> tuple[Cost, Cost, Cost, Cost]:
         shape, layout = self.shape, self.layout
-        tokens = layout.micro_batch * shape.seq_len
+        tokens = layout.micro_batch * local_seq(shape, layout)
         embed_f, embed_b, head_f, head_b = (self._timer() for _ in range(4))
         embedding_forward(embed_f, shape, layout)
         embedding_backward(embed_b, shape, layout)
@@ -177,7 +203,7 @@ class StepModel:
 
     def p2p_time(self) -> float:
         shape, layout = self.shape, self.layout
-        message = layout.micro_batch * shape.seq_len * shape.hidden * self.e
+        message = layout.micro_batch * local_seq(shape, layout) * shape.hidden * self.e
         if layout.sequence_parallel:  # each tp rank sends its sequence shard
             message /= layout.tp
         if self.hw.kind == "gpu" and layout.tp * layout.pp > self.hw.devices_per_node:
@@ -189,24 +215,24 @@ class StepModel:
         """(total, exposed) seconds of the dp traffic of a stage holding ``params`` elements
         (after tp), given one micro-batch's forward and backward compute time."""
         layout = self.layout
-        if layout.dp == 1:
+        if layout.gradient_replicas == 1:
             return 0.0, 0.0
         m = layout.microbatches
         p_bytes = params * parameter_bytes(layout)
         overlap = self.hw.comm_overlaps_compute
         if layout.zero == 0:
-            total = self.collective("dp", "all_reduce", params * 4)
-            last_bucket = self.collective("dp", "all_reduce", min(params * 4, DDP_BUCKET_BYTES))
+            total = self.collective("dp_cp", "all_reduce", params * 4)
+            last_bucket = self.collective("dp_cp", "all_reduce", min(params * 4, DDP_BUCKET_BYTES))
             return total, (max(last_bucket, total - backward_s) if overlap else total)
-        gather = self.collective("dp", "all_gather", p_bytes)
-        scatter = self.collective("dp", "reduce_scatter", p_bytes)
+        gather = self.collective("dp_cp", "all_gather", p_bytes)
+        scatter = self.collective("dp_cp", "reduce_scatter", p_bytes)
         if layout.zero == 1:
             return scatter + gather, scatter + gather
         if layout.zero == 2:
             total = m * scatter + gather
             return total, (gather + m * max(0.0, scatter - backward_s) if overlap else total)
         unit = self.shape.layer_parameters() / layout.tp * parameter_bytes(layout)
-        first_unit = self.collective("dp", "all_gather", unit)
+        first_unit = self.collective("dp_cp", "all_gather", unit)
         total = m * (2 * gather + scatter)
         if not overlap:
             return total, total
@@ -218,12 +244,12 @@ class StepModel:
         layout = self.layout
         grad = self.shape.vocab * self.shape.hidden / layout.tp * 4
         if layout.zero >= 1:
-            grad /= layout.dp
+            grad /= layout.gradient_replicas
         return self.collective("pp", "send", grad)
 
     def optimizer_time(self, params: float) -> float:
         layout = self.layout
-        local = params / layout.dp if layout.zero >= 1 else params
+        local = params / layout.gradient_replicas if layout.zero >= 1 else params
         seconds = local * ADAM_BYTES_PER_ELEMENT / self.rates.memory + 10 * self.rates.launch_s
         if layout.zero >= 1:  # the updated master shard written back as parameters
             seconds += local * (4 + parameter_bytes(layout)) / self.rates.memory

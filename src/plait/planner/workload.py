@@ -100,4 +100,6 @@ def check_layout(shape: ModelShape, layout: Layout) -> str | None:
     (``plait.layout.layout_problem``, which ``plait train`` applies) plus the shape's."""
     if shape.hidden % shape.heads:
         return f"heads {shape.heads} do not divide hidden {shape.hidden}"
+    if shape.arch == "gpt" and layout.cp > 1:
+        return "context parallelism is modelled for the llama architecture only"
     return layout_problem(shape.facts(), layout)
