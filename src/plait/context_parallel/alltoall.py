@@ -39,7 +39,8 @@ def _heads_to_sequence(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
     incoming = torch.empty_like(outgoing)
     comm.all_to_all(incoming, outgoing, tag="cp_a2a")
     cp, b, h, local, d = incoming.shape
-    return incoming.transpose(0, 1).reshape(b, cp * h, local, d)
+    # laid out [b, s, heads, d], as SDPA's output, so that the o_proj input is a view of it
+    return incoming.permute(1, 3, 0, 2, 4).reshape(b, local, cp * h, d).transpose(1, 2)
 
 
 class _SequenceToHeads(torch.autograd.Function):

@@ -62,7 +62,10 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     c, rank = comm.size, comm.rank
     groups = q.shape[1] // k.shape[1]
     kv, incoming = torch.stack((k, v)), torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    # laid out [b, s, heads, d], as SDPA's output: the o_proj input (transpose + reshape) is then a view
+    # of it, not a copy kept beside it for backward
+    batch, heads, local, dim = q.shape
+    out = torch.zeros((batch, local, heads, dim), dtype=torch.float32, device=q.device).transpose(1, 2)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     for step in range(c):
         pending = comm.ring_exchange(kv, incoming, KV_TAG, "cp_kv") if step < c - 1 else None

@@ -88,11 +88,13 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout) -> float:
     # (q, k, v behind the first norm; gate, up behind the second)
     inputs = 2 * e if residual == e else 5 * e
     norms = (2 * 8 + inputs) * h / sp
-    # q, k and v after rotary (k, v expanded to all heads for SDPA), the output, fp32 log-sum-exp;
-    # ring attention keeps k and v with the kv heads (it expands them per block, transiently)
+    # q, k and v after rotary (k, v expanded to all heads for SDPA), the output (also o_proj's
+    # input), fp32 log-sum-exp; ring attention keeps k and v with the kv heads (it expands them per
+    # block, transiently); all-to-all keeps SDPA's on the head shard and o_proj's input apart
     attention = 4 * h * e / t + 4 * heads_local
-    if layout.cp > 1 and layout.cp_mode == "ring":
-        attention = (2 * h + 2 * shape.kv_hidden) * e / t + 4 * heads_local
+    if layout.cp > 1:
+        attention = ((2 * h + 2 * shape.kv_hidden) * e / t if layout.cp_mode == "ring" else 5 * h * e / t) \
+            + 4 * heads_local
     mlp = 4 * shape.ffn_hidden * e / t
     return s * b * (norms + attention + mlp)
 
