@@ -161,25 +161,33 @@ def contest(ctx: ParallelContext, data: TokenData, seq_len: int, steps: int):
     return times, kernel_s[0], sum(waited), alone
 
 
-def memory_part(pool: WorkerPool, seqs: list[int], cps: list[int]) -> None:
+def memory_part(seqs: list[int], cps: list[int]) -> None:
     print(f"\n'{MODEL}', fp32, batch 1: bytes the decoder blocks keep for backward per rank (max over ranks), "
           "against the planner's formula")
     print("| seq | layout | measured (MB) | formula (MB) | measured / formula | vs cp=1 |")
     print("|---|---|---|---|---|---|")
     for seq in seqs:
-        base = None
-        for cp in cps:
-            for mode in (("ring",) if cp == 1 else ("ring", "alltoall")):
-                label = "cp=1" if cp == 1 else f"cp={cp} {mode}"
-                problem = layout_problem(ModelFacts.of_llama(get_preset(MODEL), seq), Layout(cp=cp, cp_mode=mode))
-                if problem:
-                    print(f"| {seq} | {label} | refused: {problem} | | | |")
-                    continue
-                measured = max(pool.run(kept_block_bytes, ParallelDims(cp=cp), seq, mode, timeout_s=1800))
-                base = base or measured
-                expected = formula_bytes(seq, cp, mode)
-                print(f"| {seq} | {label} | {measured / 1e6:.1f} | {expected / 1e6:.1f} | {measured / expected:.3f} | "
-                      f"{measured / base:.3f}x |", flush=True)
+        pool = WorkerPool(max(cps))  # fresh workers per length: what a long one freed stays mapped
+        try:
+            memory_rows(pool, seq, cps)
+        finally:
+            pool.shutdown()
+
+
+def memory_rows(pool: WorkerPool, seq: int, cps: list[int]) -> None:
+    base = None
+    for cp in cps:
+        for mode in (("ring",) if cp == 1 else ("ring", "alltoall")):
+            label = "cp=1" if cp == 1 else f"cp={cp} {mode}"
+            problem = layout_problem(ModelFacts.of_llama(get_preset(MODEL), seq), Layout(cp=cp, cp_mode=mode))
+            if problem:
+                print(f"| {seq} | {label} | refused: {problem} | | | |")
+                continue
+            measured = max(pool.run(kept_block_bytes, ParallelDims(cp=cp), seq, mode, timeout_s=1800))
+            base = base or measured
+            expected = formula_bytes(seq, cp, mode)
+            print(f"| {seq} | {label} | {measured / 1e6:.1f} | {expected / 1e6:.1f} | {measured / expected:.3f} | "
+                  f"{measured / base:.3f}x |", flush=True)
 
 
 def speed_part(pool: WorkerPool, seq_len: int, steps: int) -> None:
@@ -212,14 +220,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     cps = [int(c) for c in args.cp_sizes.split(",")]
-    pool = WorkerPool(max(cps + [2]))
-    try:
-        if args.part in ("all", "memory"):
-            memory_part(pool, [int(s) for s in args.memory_seqs.split(",")], cps)
-        if args.part in ("all", "speed"):
+    if args.part in ("all", "memory"):
+        memory_part([int(s) for s in args.memory_seqs.split(",")], cps)
+    if args.part in ("all", "speed"):
+        pool = WorkerPool(2)
+        try:
             speed_part(pool, args.seq_len, args.steps)
-    finally:
-        pool.shutdown()
+        finally:
+            pool.shutdown()
 
 
 if __name__ == "__main__":

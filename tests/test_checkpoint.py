@@ -51,11 +51,13 @@ LAYOUTS = {
     "tp4": (ParallelDims(tp=4), dict()),
     "dp2-cp2-zero3": (ParallelDims(dp=2, cp=2), dict(cp=2, zero=3)),
     "cp2-alltoall": (ParallelDims(cp=2), dict(cp=2, cp_mode="alltoall")),
+    "hsdp-2x2-zero3": (ParallelDims(dp=4, dp_shard=2), dict(zero=3, dp_shard=2)),
 }
 
 
 @pytest.mark.parametrize("source, target", [("tp2", "dp2-zero3"), ("dp2-zero1", "tp2-sp"), ("pp2", "single"),
-                                            ("dp2-cp2-zero3", "cp2-alltoall"),
+                                            ("dp2-cp2-zero3", "cp2-alltoall"), ("hsdp-2x2-zero3", "dp2-zero1"),
+                                            ("dp2-zero1", "hsdp-2x2-zero3"),
                                             pytest.param("2x2x2", "tp4", marks=pytest.mark.large)])  # 22 s
 def test_reshard_between_layouts(pool, tmp_path, data, model_config, uninterrupted, source, target):
     def run(layout, fn):

@@ -54,7 +54,7 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     assert (out / "loss.png").stat().st_size > 1000
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tensorboard"))
     run_info = json.loads((out / "config.json").read_text())
-    assert run_info["layout"] == {"dp": 2, "pp": 1, "tp": 2} and run_info["train"]["steps"] == steps
+    assert run_info["layout"] == {"dp": 2, "pp": 1, "tp": 2, "cp": 1, "dp_shard": None} and run_info["train"]["steps"] == steps
     assert run_info["train"]["sequence_parallel"] and run_info["train"]["loss_parallel"]
     assert run_info["train"]["zero"] == 1 and run_info["train"]["device"] == "cpu"
     assert (run_info["device"], run_info["backend"]) == ("cpu", "gloo")

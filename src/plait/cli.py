@@ -53,6 +53,9 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--pp", "pp", int, "pipeline-parallel size"),
     ("--zero", "zero", int, "ZeRO level over the data-parallel ranks: 0 replicated, 1 optimizer state "
                             "sharded, 2 + gradients, 3 + parameters (FSDP-style, per block)"),
+    ("--dp-shard", "dp_shard", int, "with --zero: hybrid sharding (HSDP), ZeRO within groups of N consecutive "
+                                    "data-parallel ranks (e.g. one host) and an all-reduce of the shards across "
+                                    "the dp / N groups (default: all dp ranks, one group)"),
     ("--schedule", "schedule", str, "pipeline schedule: gpipe, 1f1b, interleaved (needs --virtual-stages >= 2), "
                                     "zb1p (zero-bubble ZB-H1: backward split into input and weight gradients, "
                                     "the weight half deferred into the bubbles), zbv (ZB-V: the "
@@ -243,7 +246,7 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     from plait.device import host_device_plan
     from plait.layout import check_run
 
-    dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp, cp=cfg.cp)
+    dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp, cp=cfg.cp, dp_shard=cfg.dp_shard)
     host_device_plan(cfg.device, local_ranks=world_size)  # --nproc ranks, all on this host
     model = load_hf_config(cfg.model) if is_hf_directory(cfg.model) else get_preset(cfg.model)
     check_run(cfg, dims, model)
@@ -264,7 +267,7 @@ def train_worker(cfg: TrainConfig) -> int:
     ctx = None
     code = 0
     try:
-        ctx = init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s, cfg.device, cfg.cp)
+        ctx = init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s, cfg.device, cfg.cp, cfg.dp_shard)
         run_training(cfg, ctx)
     except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)

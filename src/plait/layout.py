@@ -75,6 +75,7 @@ class Layout:
     dtype: str = "bfloat16"
     cp: int = 1
     cp_mode: str = "ring"
+    dp_shard: int | None = None  # hybrid sharding: ZeRO over groups of this many dp ranks (None: all dp)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recompute", Recompute.parse(self.recompute))
@@ -88,6 +89,16 @@ class Layout:
         """Ranks that hold the same parameters and reduce (under ZeRO: shard) their gradients:
         data-parallel and context-parallel ones."""
         return self.dp * self.cp
+
+    @property
+    def replicas(self) -> int:
+        """Hybrid sharding's replica groups (1: ZeRO shards over every data-parallel rank)."""
+        return self.dp // self.dp_shard if self.dp_shard and self.dp % self.dp_shard == 0 else 1
+
+    @property
+    def gradient_shards(self) -> int:
+        """Ranks that ZeRO splits one replica's model states over: dp_shard (or dp) x cp."""
+        return self.gradient_replicas // self.replicas
 
     @property
     def per_rank_batch(self) -> int:
@@ -106,6 +117,8 @@ class Layout:
         parts = [f"dp{self.dp}", f"tp{self.tp}", f"pp{self.pp}"]
         if self.cp > 1:
             parts.append(f"cp{self.cp}-{self.cp_mode}")
+        if self.replicas > 1:
+            parts.append(f"hsdp{self.replicas}x{self.dp_shard}")
         if self.pp > 1:
             parts.append(self.schedule + (f"(v{self.virtual_stages})" if self.chunks_per_rank > 1 else ""))
         parts.append(f"zero{self.zero}")
@@ -147,6 +160,11 @@ def layout_problem(model: ModelFacts, layout: Layout) -> str | None:
                 f"is not divisible by --micro-batch {layout.micro_batch}")
     if layout.zero not in (0, 1, 2, 3):
         return f"--zero must be 0, 1, 2 or 3, got {layout.zero}"
+    if layout.dp_shard is not None:
+        if layout.dp_shard < 1 or dp % layout.dp_shard:
+            return f"--dp-shard {layout.dp_shard} must divide the data-parallel size dp={dp}"
+        if layout.zero == 0 and layout.dp_shard < dp:
+            return "--dp-shard needs --zero 1, 2 or 3 (it groups the ranks ZeRO shards over)"
     if layout.schedule not in SCHEDULES:
         return f"--schedule must be one of {', '.join(SCHEDULES)}, got {layout.schedule!r}"
     if p > 1:
@@ -205,7 +223,8 @@ def layout_of(cfg, dims) -> Layout:
     return Layout(dp=dims.dp, tp=dims.tp, pp=dims.pp, micro_batch=max(1, micro_batch), global_batch=cfg.global_batch,
                   zero=cfg.zero, sequence_parallel=cfg.sequence_parallel, loss_parallel=cfg.loss_parallel,
                   recompute=cfg.activation_checkpointing, schedule=cfg.schedule,
-                  virtual_stages=cfg.virtual_stages, dtype=cfg.dtype, cp=dims.cp, cp_mode=cfg.cp_mode)
+                  virtual_stages=cfg.virtual_stages, dtype=cfg.dtype, cp=dims.cp, cp_mode=cfg.cp_mode,
+                  dp_shard=cfg.dp_shard)
 
 
 def check_run(cfg, dims, model_config) -> None:

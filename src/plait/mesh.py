@@ -15,6 +15,12 @@ see different positions of the same sequences, so for the data-parallel strategy
 parallel. ``comm("dp_cp")`` is that group (dp-major: group rank = dp_rank * cp + cp_rank); with
 cp = 1 it is the "dp" group itself.
 
+Hybrid sharding (``dp_shard`` = N < dp, ZeRO only): the dp ranks form dp / N replica groups of N
+consecutive dp ranks (dp_rank = replica * N + shard index). ZeRO shards over ``comm("dp_shard")``
+(the N dp ranks of one replica group, with their cp ranks) and all-reduces the shards over
+``comm("dp_replicate")`` (the dp / N ranks of one shard index). Without it "dp_shard" is "dp_cp"
+and "dp_replicate" has one member.
+
 There is no module-level process-group state: a ``ParallelContext`` is built once per process
 and handed to whatever needs a group.
 """
@@ -51,24 +57,33 @@ class ParallelDims:
     pp: int = 1
     tp: int = 1
     cp: int = 1
+    dp_shard: int | None = None  # hybrid sharding: ZeRO over groups of this many dp ranks (None: all)
 
     def __post_init__(self) -> None:
         for name in DIM_NAMES:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise LayoutError(f"--{name} must be an integer >= 1, got {value!r}")
+        if self.dp_shard is not None and (self.dp_shard < 1 or self.dp % self.dp_shard):
+            raise LayoutError(f"--dp-shard {self.dp_shard} must divide the data-parallel size dp={self.dp}")
+
+    @property
+    def replicas(self) -> int:
+        """Replica groups of hybrid sharding (1 without it)."""
+        return self.dp // (self.dp_shard or self.dp)
 
     @classmethod
     def from_world_size(cls, world_size: int, dp: int | None = None, pp: int = 1, tp: int = 1,
-                        cp: int = 1) -> "ParallelDims":
+                        cp: int = 1, dp_shard: int | None = None) -> "ParallelDims":
         """Fill in ``dp`` (when None) as world_size / (pp * cp * tp), then check the product."""
         if pp < 1 or tp < 1 or cp < 1:
             raise LayoutError(f"--pp, --tp and --cp must be >= 1, got pp={pp} tp={tp} cp={cp}")
         if dp is None:
             if world_size % (pp * tp * cp):
-                raise LayoutError(f"world size {world_size} is not divisible by pp x cp x tp = {pp * cp * tp}")
+                product = f"pp x tp = {pp * tp}" if cp == 1 else f"pp x cp x tp = {pp * cp * tp}"
+                raise LayoutError(f"world size {world_size} is not divisible by {product}")
             dp = world_size // (pp * tp * cp)
-        dims = cls(dp=dp, pp=pp, tp=tp, cp=cp)
+        dims = cls(dp=dp, pp=pp, tp=tp, cp=cp, dp_shard=dp_shard)
         dims.check_world_size(world_size)
         return dims
 
@@ -97,6 +112,18 @@ class ParallelDims:
         return [[self.rank_of(d, p, t, c) for d in range(self.dp) for c in range(self.cp)]
                 for p in range(self.pp) for t in range(self.tp)]
 
+    def shard_groups(self) -> list[list[int]]:
+        """Hybrid sharding: the dp_shard x cp ranks of each replica group, dp-major."""
+        n = self.dp_shard or self.dp
+        return [[self.rank_of(r * n + d, p, t, c) for d in range(n) for c in range(self.cp)]
+                for r in range(self.replicas) for p in range(self.pp) for t in range(self.tp)]
+
+    def replicate_groups(self) -> list[list[int]]:
+        """Hybrid sharding: the ranks holding the same shard, one in each replica group."""
+        n = self.dp_shard or self.dp
+        return [[self.rank_of(r * n + d, p, t, c) for r in range(self.replicas)]
+                for d in range(n) for p in range(self.pp) for c in range(self.cp) for t in range(self.tp)]
+
 
 @dataclass
 class ParallelContext:
@@ -121,6 +148,9 @@ class ParallelContext:
                 self.comms[name] = Collectives(name, group, self.counter, self.device, self.recorder)
         if "dp_cp" not in self.comms:  # see the module docstring
             self.comms["dp_cp"] = self.comms["dp"]
+        if "dp_shard" not in self.comms:
+            self.comms["dp_shard"] = self.comms["dp_cp"]
+            self.comms["dp_replicate"] = Collectives("dp_replicate", None, self.counter, self.device, self.recorder)
 
     @property
     def world_size(self) -> int:
@@ -172,11 +202,21 @@ def build_context(dims: ParallelDims, device: torch.device, backend: str, local_
             if ctx.rank in ranks and created is not None:
                 group = created
         ctx.comms["dp_cp"] = Collectives("dp_cp", group, ctx.counter, device, ctx.recorder)
+        ctx.comms["dp_shard"] = ctx.comms["dp_cp"]
+    if dims.replicas > 1:
+        for name, groups in (("dp_shard", dims.shard_groups()), ("dp_replicate", dims.replicate_groups())):
+            mine = None
+            for ranks in groups:
+                created = dist.new_group(ranks)
+                if ctx.rank in ranks:
+                    mine = created
+            ctx.comms[name] = Collectives(name, mine, ctx.counter, device, ctx.recorder)
     return ctx
 
 
 def init_distributed(dp: int | None = None, pp: int = 1, tp: int = 1, timeout_s: float = 600.0,
-                     device: DeviceRequest | str = DeviceRequest.AUTO, cp: int = 1) -> ParallelContext:
+                     device: DeviceRequest | str = DeviceRequest.AUTO, cp: int = 1,
+                     dp_shard: int | None = None) -> ParallelContext:
     """Join the job described by the launcher's environment (torchrun or ``plait train --nproc``).
 
     Without WORLD_SIZE in the environment (or WORLD_SIZE=1) this is a single process and no
@@ -186,7 +226,7 @@ def init_distributed(dp: int | None = None, pp: int = 1, tp: int = 1, timeout_s:
     instead of hanging, so a dead peer ends the job with a message.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dims = ParallelDims.from_world_size(world_size, dp=dp, pp=pp, tp=tp, cp=cp)
+    dims = ParallelDims.from_world_size(world_size, dp=dp, pp=pp, tp=tp, cp=cp, dp_shard=dp_shard)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     plan = host_device_plan(device)
     device, backend = plan.device(local_rank), plan.backend

@@ -97,6 +97,7 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, keep: int = 2) -> P
         meta = {"format": FORMAT_VERSION, "step": step, "skipped_steps": trainer.skipped_steps,
                 "model": trainer.model_config.to_dict(),
                 "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp, "cp": ctx.dims.cp,
+                           "dp_shard": ctx.dims.dp_shard,
                            "zero": trainer.cfg.zero, "sequence_parallel": trainer.cfg.sequence_parallel},
                 "world_size": ctx.world_size,
                 "files": {file: record for rank_records in every for file, record in rank_records.items()}}

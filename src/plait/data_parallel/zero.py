@@ -43,6 +43,15 @@ accumulates; the step widens each unit's shard to fp32 in turn (one unit's fp32 
 
 Clipping counts each element once: squares of this rank's gradient shard (elements replicated
 over tp counted on tp rank 0 only, a tied weight on the first stage only) summed over dp, tp, pp.
+
+Hybrid sharding (HSDP, ``--dp-shard N``): ``dp`` is then the group of N data-parallel ranks
+(with their cp ranks) that a replica shards over, and ``replicate`` the dp / N ranks holding the
+same shard in the other replicas. Everything above happens inside the shard group; ``finish``
+then all-reduces each unit's gradient shard over ``replicate`` once per step (after the last
+micro-batch's reductions), so every replica steps the same shard identically. Per step and rank
+that adds 2 (R - 1) / R x P / N bytes (R replicas) on the replicate group, while the all-gathers
+and reduce-scatters span N ranks instead of dp. Checkpoints are written by the first replica
+only; their pieces are flat ranges, so they load into any grouping.
 """
 from __future__ import annotations
 
@@ -141,10 +150,11 @@ class Sharded(DataParallelStrategy):
                  chunks: list[list[tuple[str, nn.Module]]], entries: list[nn.Module], dp: Collectives,
                  tp: Collectives, pp: Collectives, level: int, lr: float, betas: tuple[float, float], eps: float,
                  weight_decay: float, device: torch.device, param_dtype: torch.dtype = torch.float32,
-                 tied: TiedWeights | None = None) -> None:
+                 tied: TiedWeights | None = None, replicate: Collectives | None = None) -> None:
         if level not in (1, 2, 3):
             raise ValueError(f"ZeRO level must be 1, 2 or 3, got {level}")
         self.model, self.dp, self.tp, self.pp, self.level, self.tied = model, dp, tp, pp, level, tied
+        self.replicate = replicate  # hybrid sharding: the same shard in the other replicas
         self.device, self.param_dtype = device, param_dtype
         self.weight_decay = weight_decay
         self.hyper = dict(lr=lr, betas=betas, eps=eps)
@@ -366,6 +376,10 @@ class Sharded(DataParallelStrategy):
                 unit.grad_shard = torch.zeros(unit.shard_size, dtype=self.param_dtype, device=self.device)
             if self.level == 3 and unit.module is None and unit.gathered:
                 self._free(unit)
+        if self.replicate is not None and self.replicate.size > 1:  # HSDP: sum the replicas' shards
+            pending = [self.replicate.all_reduce(unit.grad_shard, tag="grads", async_op=True) for unit in self.units]
+            for work in pending:
+                work.wait()
         views = [u.grad_shard[a:b] for u in self.units for a, b in u.partial_ranges]
         sum_partial_grads(views, self.tp)
         for unit in self.units:
@@ -423,6 +437,8 @@ class Sharded(DataParallelStrategy):
 
     # ------------------------------------------------------------------ checkpoints
     def state_pieces(self) -> list[tuple[Piece, torch.Tensor]]:
+        if self.replicate is not None and self.replicate.rank > 0:
+            return []  # another replica's copy of the first replica's shards
         pieces = []
         for unit in self.units:
             state = unit.optimizer.state.get(unit.master, {})

@@ -102,6 +102,8 @@ def add_commands(commands) -> None:
     simulate.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: 1)")
     simulate.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default: 1)")
     simulate.add_argument("--cp", type=int, default=1, help="context-parallel size (default: 1)")
+    simulate.add_argument("--dp-shard", type=int, default=None,
+                          help="with --zero: hybrid sharding over groups of N dp ranks (default: all dp ranks)")
     simulate.add_argument("--cp-mode", default="ring", choices=("ring", "alltoall"),
                           help="context parallelism: ring or alltoall (default: ring)")
     simulate.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default: 1)")
@@ -173,7 +175,7 @@ def _simulate(args, shape: ModelShape, hw) -> int:
                     zero=args.zero, sequence_parallel=args.sequence_parallel,
                     loss_parallel=args.loss_parallel and args.tp > 1, recompute=args.recompute,
                     schedule=args.schedule, virtual_stages=args.virtual_stages, dtype=args.dtype, cp=args.cp,
-                    cp_mode=args.cp_mode)
+                    cp_mode=args.cp_mode, dp_shard=args.dp_shard)
     prediction = predict(shape, layout, hw)
     if args.json:
         print(json.dumps({"model": shape.__dict__, "hardware": hw.name, **prediction.to_dict()}, indent=2))

@@ -10,7 +10,8 @@ with it):
     zero 2   pP params + (12 + g)P/N  (a unit's gradients live only until reduce-scattered)
     zero 3   (12 + g)P/N              (+ gathered units, see ``rank_memory``)
 
-(N counts context-parallel ranks too: they reduce and shard the same gradients. 12P/N = fp32
+(N counts context-parallel ranks too: they reduce and shard the same gradients; under hybrid
+sharding it is the shard group, dp_shard x cp. 12P/N = fp32
 master 4 + moments 8; gP/N the gradient shard, which exists from a unit's first
 reduction to the step: g = p with one reduction per step (ZeRO-1, or one micro-batch per rank
 and step), the reduction's output as it arrived, else g = 4, an fp32 accumulator.) Rajbhandari et al.'s mixed-precision figures
@@ -59,7 +60,7 @@ def parameter_bytes(layout: Layout) -> int:
 
 def model_state_bytes(params: float, layout: Layout) -> dict[str, float]:
     """{params, grads, optimizer} bytes for ``params`` elements on one rank before dp sharding."""
-    n, p = layout.gradient_replicas, parameter_bytes(layout)
+    n, p = layout.gradient_shards, parameter_bytes(layout)
     if layout.zero == 0:
         return {"params": 4 * params, "grads": 4 * params, "optimizer": 8 * params}
     g = p if layout.zero == 1 or layout.microbatches <= 1 else 4  # ZeRO-1 reduces once per step
@@ -128,7 +129,7 @@ def construction_bytes(params: float, largest: float, layout: Layout) -> float:
     else:  # the flat buffers this level keeps (no gradient shard before a reduction), the master shard
         p = parameter_bytes(layout)
         at_rest = (p * params if layout.zero <= 2 else 0.0) + (p * params if layout.zero == 1 else 0.0) \
-            + 4 * params / layout.gradient_replicas
+            + 4 * params / layout.gradient_shards
     return at_rest + 4 * largest
 
 

@@ -53,10 +53,12 @@ def collective_time(hw: HardwareProfile, op: str, nbytes: float, group_size: int
     return steps * latency + factor * nbytes / (bandwidth * hw.link_efficiency)
 
 
-def members_per_node(group: str, tp: int, pp: int, dp: int, devices_per_node: int, cp: int = 1) -> int:
+def members_per_node(group: str, tp: int, pp: int, dp: int, devices_per_node: int, cp: int = 1,
+                     dp_shard: int | None = None) -> int:
     """How many members of one tp / cp / pp / dp group (or of the gradients' dp x cp group,
-    "dp_cp") share a node, with ranks placed tp innermost, then cp, then pp, then dp (plait's
-    rank order: rank = ((dp_rank * pp + pp_rank) * cp + cp_rank) * tp + tp_rank)."""
+    "dp_cp"; of hybrid sharding's "dp_shard" and "dp_replicate" groups) share a node, with ranks
+    placed tp innermost, then cp, then pp, then dp (plait's rank order: rank = ((dp_rank * pp +
+    pp_rank) * cp + cp_rank) * tp + tp_rank; dp_rank = replica * dp_shard + shard index)."""
     if group == "tp":
         return min(tp, devices_per_node)
     if group == "cp":
@@ -66,4 +68,9 @@ def members_per_node(group: str, tp: int, pp: int, dp: int, devices_per_node: in
     dp_members = max(1, min(dp, devices_per_node // (tp * cp * pp)))
     if group == "dp":
         return dp_members
+    shard = dp_shard or dp
+    if group == "dp_replicate":
+        return max(1, min(dp // shard, dp_members // shard))
+    if group == "dp_shard":
+        dp_members = min(shard, dp_members)
     return members_per_node("cp", tp, pp, dp, devices_per_node, cp) * dp_members

@@ -1,8 +1,9 @@
 """``plait plan``: search the layouts of a job and rank them by predicted throughput.
 
 Candidates: every tp (powers of two up to a node) x cp (powers of two whose 2 cp chunks split
-the sequence, ring or all-to-all) x pp (divisors of what is left) with dp the rest, each ZeRO level, sequence parallelism on or off (tp > 1; loss parallelism always on
-then), micro-batch sizes (powers of two dividing the per-replica batch), the pipeline
+the sequence, ring or all-to-all) x pp (divisors of what is left) with dp the rest, each ZeRO level
+(ZeRO-2/3 also hybrid-sharded within 1, 2 or 4 nodes), sequence parallelism on or off (tp > 1;
+loss parallelism always on then), micro-batch sizes (powers of two dividing the per-replica batch), the pipeline
 schedules (1F1B, interleaved with 2 or 4 chunks per rank, GPipe) and full recomputation on or
 off. A candidate is rejected with its reason (a size tp does not divide, a batch that does not
 split, a combination plait does not support, out of memory); the rest are ranked by tokens/s
@@ -52,17 +53,25 @@ def _context_parallel(shape: ModelShape, ranks: int) -> list[tuple[int, str]]:
     return choices
 
 
+def _shard_groups(dp: int, ranks_per_replica_rank: int, gpus_per_node: int) -> list[int | None]:
+    """Hybrid sharding choices for ZeRO-2/3: all dp ranks (None), or the dp ranks of 1, 2 or 4
+    nodes, where that is fewer than dp."""
+    per_node = max(1, gpus_per_node // ranks_per_replica_rank)
+    return [None] + [n for n in (per_node, 2 * per_node, 4 * per_node) if n < dp and dp % n == 0]
+
+
 def candidate_layouts(shape: ModelShape, gpus: int, gpus_per_node: int, global_batch: int, dtype: str,
                       max_micro_batch: int = 16):
     for tp in _powers_of_two(min(gpus, gpus_per_node)):
         if gpus % tp:
             continue
         for cp, cp_mode in _context_parallel(shape, gpus // tp):
-            yield from _layouts_with(shape, gpus, tp, cp, cp_mode, global_batch, dtype, max_micro_batch)
+            yield from _layouts_with(shape, gpus, gpus_per_node, tp, cp, cp_mode, global_batch, dtype,
+                                     max_micro_batch)
 
 
-def _layouts_with(shape: ModelShape, gpus: int, tp: int, cp: int, cp_mode: str, global_batch: int, dtype: str,
-                  max_micro_batch: int):
+def _layouts_with(shape: ModelShape, gpus: int, gpus_per_node: int, tp: int, cp: int, cp_mode: str,
+                  global_batch: int, dtype: str, max_micro_batch: int):
     for pp in _divisors(gpus // (tp * cp)):
         dp = gpus // (tp * pp * cp)
         per_replica = global_batch // dp if global_batch % dp == 0 else 1
@@ -74,12 +83,14 @@ def _layouts_with(shape: ModelShape, gpus: int, tp: int, cp: int, cp_mode: str, 
                 for zero in (0, 1, 2, 3):
                     if dp * cp == 1 and zero:  # nothing to shard over
                         continue
-                    for sp in ((False, True) if tp > 1 else (False,)):
-                        for recompute in ("none", "selective", "full"):
-                            yield Layout(dp=dp, tp=tp, pp=pp, micro_batch=micro_batch, global_batch=global_batch,
-                                         zero=zero, sequence_parallel=sp, loss_parallel=tp > 1,
-                                         recompute=recompute, schedule=schedule, virtual_stages=v, dtype=dtype,
-                                         cp=cp, cp_mode=cp_mode)
+                    for dp_shard in _shard_groups(dp, tp * pp * cp, gpus_per_node) if zero >= 2 else (None,):
+                        for sp in ((False, True) if tp > 1 else (False,)):
+                            for recompute in ("none", "selective", "full"):
+                                yield Layout(dp=dp, tp=tp, pp=pp, micro_batch=micro_batch,
+                                             global_batch=global_batch, zero=zero, sequence_parallel=sp,
+                                             loss_parallel=tp > 1, recompute=recompute, schedule=schedule,
+                                             virtual_stages=v, dtype=dtype, cp=cp, cp_mode=cp_mode,
+                                             dp_shard=dp_shard)
 
 
 def plan(shape: ModelShape, hw: HardwareProfile, gpus: int, global_batch: int, gpus_per_node: int | None = None,

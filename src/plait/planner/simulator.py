@@ -104,13 +104,15 @@ class StepModel:
         self.rates = device_rates(hw, layout.dtype, _ranks_per_node(hw, layout))
         self.e = DTYPE_BYTES[layout.dtype]
         per_node = hw.devices_per_node if hw.kind == "gpu" else layout.world_size
-        self.members = {g: members_per_node(g, layout.tp, layout.pp, layout.dp, per_node, layout.cp)
-                        for g in ("tp", "pp", "cp", "dp_cp")}
+        self.members = {g: members_per_node(g, layout.tp, layout.pp, layout.dp, per_node, layout.cp, layout.dp_shard)
+                        for g in ("tp", "pp", "cp", "dp_cp", "dp_shard", "dp_replicate")}
         self.layer_f, self.layer_b = self._layer_costs()
         self.embed_f, self.embed_b, self.head_f, self.head_b = self._edge_costs()
 
     def collective(self, group: str, op: str, nbytes: float) -> float:
-        size = {"tp": self.layout.tp, "pp": 2, "cp": self.layout.cp, "dp_cp": self.layout.gradient_replicas}[group]
+        layout = self.layout
+        size = {"tp": layout.tp, "pp": 2, "cp": layout.cp, "dp_cp": layout.gradient_replicas,
+                "dp_shard": layout.gradient_shards, "dp_replicate": layout.replicas}[group]
         return collective_time(self.hw, op, nbytes, size, self.members[group])
 
     def _timer(self) -> Timer:
@@ -213,7 +215,9 @@ class StepModel:
 
     def data_parallel(self, params: float, backward_s: float, forward_s: float) -> tuple[float, float]:
         """(total, exposed) seconds of the dp traffic of a stage holding ``params`` elements
-        (after tp), given one micro-batch's forward and backward compute time."""
+        (after tp), given one micro-batch's forward and backward compute time. ZeRO's collectives
+        span the shard group (all dp x cp ranks, or one replica's under hybrid sharding), whose
+        shards are then all-reduced over the replicas once per step, after the backward."""
         layout = self.layout
         if layout.gradient_replicas == 1:
             return 0.0, 0.0
@@ -224,19 +228,21 @@ class StepModel:
             total = self.collective("dp_cp", "all_reduce", params * 4)
             last_bucket = self.collective("dp_cp", "all_reduce", min(params * 4, DDP_BUCKET_BYTES))
             return total, (max(last_bucket, total - backward_s) if overlap else total)
-        gather = self.collective("dp_cp", "all_gather", p_bytes)
-        scatter = self.collective("dp_cp", "reduce_scatter", p_bytes)
+        gather = self.collective("dp_shard", "all_gather", p_bytes)
+        scatter = self.collective("dp_shard", "reduce_scatter", p_bytes)
+        shard_bytes = params / layout.gradient_shards * (parameter_bytes(layout) if m == 1 or layout.zero == 1 else 4)
+        across = self.collective("dp_replicate", "all_reduce", shard_bytes) if layout.replicas > 1 else 0.0
         if layout.zero == 1:
-            return scatter + gather, scatter + gather
+            return scatter + gather + across, scatter + gather + across
         if layout.zero == 2:
-            total = m * scatter + gather
-            return total, (gather + m * max(0.0, scatter - backward_s) if overlap else total)
+            total = m * scatter + gather + across
+            return total, (gather + across + m * max(0.0, scatter - backward_s) if overlap else total)
         unit = self.shape.layer_parameters() / layout.tp * parameter_bytes(layout)
-        first_unit = self.collective("dp_cp", "all_gather", unit)
-        total = m * (2 * gather + scatter)
+        first_unit = self.collective("dp_shard", "all_gather", unit)
+        total = m * (2 * gather + scatter) + across
         if not overlap:
             return total, total
-        exposed = m * (first_unit + max(0.0, gather - forward_s) + max(0.0, gather + scatter - backward_s))
+        exposed = m * (first_unit + max(0.0, gather - forward_s) + max(0.0, gather + scatter - backward_s)) + across
         return total, exposed
 
     def tied_exchange_time(self) -> float:
@@ -244,12 +250,12 @@ class StepModel:
         layout = self.layout
         grad = self.shape.vocab * self.shape.hidden / layout.tp * 4
         if layout.zero >= 1:
-            grad /= layout.gradient_replicas
+            grad /= layout.gradient_shards
         return self.collective("pp", "send", grad)
 
     def optimizer_time(self, params: float) -> float:
         layout = self.layout
-        local = params / layout.gradient_replicas if layout.zero >= 1 else params
+        local = params / layout.gradient_shards if layout.zero >= 1 else params
         seconds = local * ADAM_BYTES_PER_ELEMENT / self.rates.memory + 10 * self.rates.launch_s
         if layout.zero >= 1:  # the updated master shard written back as parameters
             seconds += local * (4 + parameter_bytes(layout)) / self.rates.memory

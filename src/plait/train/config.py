@@ -53,6 +53,7 @@ class TrainConfig:
     tp: int = 1
     cp: int = 1                          # context parallel: the sequence sharded through the whole block
     cp_mode: str = "ring"                # ring (keys/values around the cp ranks) or alltoall (Ulysses)
+    dp_shard: int | None = None          # hybrid sharding: ZeRO within groups of N dp ranks, all-reduce across
     sequence_parallel: bool = False      # norms and residuals on sequence shards (needs tp > 1)
     loss_parallel: bool = False          # cross-entropy on vocabulary-sharded logits (needs tp > 1)
     zero: int = 0                        # 0: replicated DP; 1/2/3: shard optimizer state / + grads / + params
@@ -130,7 +131,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("dp", "micro_batch", "threads"):
+        for name in ("dp", "micro_batch", "threads", "dp_shard"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

@@ -150,7 +150,8 @@ def _train(cfg: TrainConfig, ctx: ParallelContext) -> list[dict[str, Any]]:
         if start == 0:
             (out_dir / "metrics.jsonl").unlink(missing_ok=True)
         run_info = {"train": cfg.to_dict(), "model": trainer.model_config.to_dict(),
-                    "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp, "cp": ctx.dims.cp},
+                    "layout": {"dp": ctx.dims.dp, "pp": ctx.dims.pp, "tp": ctx.dims.tp, "cp": ctx.dims.cp,
+                               "dp_shard": ctx.dims.dp_shard},
                     "world_size": ctx.world_size, "device": str(ctx.device), "backend": ctx.backend,
                     "parameters": trainer.model_config.num_parameters(),
                     "train_tokens": data.train_tokens, "val_tokens": int(len(data.val)),

@@ -180,8 +180,10 @@ class Trainer:
         decoder = self.model.model
         entries = [m for m in (decoder.embed_tokens, decoder.norm, self.model.lm_head) if m is not None]
         param_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        # hybrid sharding: shard within a replica group, all-reduce the shards across the groups
+        comms = (ctx.comm("dp_shard"), ctx.comm("tp"), ctx.comm("pp"))
         return Sharded(self.model, named, chunk_blocks, entries, *comms, level=cfg.zero, param_dtype=param_dtype,
-                       **common)
+                       replicate=ctx.comm("dp_replicate"), **common)
 
     def _setup_pipeline(self) -> list[list[tuple[str, nn.Module]]]:
         """Keep this rank's chunks of blocks and build the executors of its schedule; returns the
