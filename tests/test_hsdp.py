@@ -20,7 +20,7 @@ def reference(data):
 
 
 @pytest.mark.parametrize("zero, dims, options", [
-    (3, ParallelDims(dp=4, dp_shard=2), dict()),
+    (3, ParallelDims(dp=4, dp_shard=2), dict(micro_batch=1)),  # two micro-batches: shards accumulate
     (2, ParallelDims(dp=4, dp_shard=2), dict()),
     (3, ParallelDims(dp=4, dp_shard=2, tp=2), dict(tp=2, sequence_parallel=True, loss_parallel=True)),
     (3, ParallelDims(dp=2, dp_shard=1, cp=2), dict(cp=2)),

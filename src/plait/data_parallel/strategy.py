@@ -95,7 +95,8 @@ class DataParallelStrategy(ABC):
 
     def communicate_in_backward(self, enabled: bool) -> None:
         """Whether the coming backward may launch gradient communication (else it waits for
-        ``finish``). Replicated uses it to reduce once per step; ZeRO ignores it."""
+        ``finish``). Replicated uses it to reduce once per step; ZeRO to start hybrid sharding's
+        all-reduce of each complete shard during the last backward."""
 
     @abstractmethod
     def load_parameters(self, source: ParameterSource) -> None: ...

@@ -46,11 +46,12 @@ over tp counted on tp rank 0 only, a tied weight on the first stage only) summed
 
 Hybrid sharding (HSDP, ``--dp-shard N``): ``dp`` is then the group of N data-parallel ranks
 (with their cp ranks) that a replica shards over, and ``replicate`` the dp / N ranks holding the
-same shard in the other replicas. Everything above happens inside the shard group; ``finish``
-then all-reduces each unit's gradient shard over ``replicate`` once per step (after the last
-micro-batch's reductions), so every replica steps the same shard identically. Per step and rank
-that adds 2 (R - 1) / R x P / N bytes (R replicas) on the replicate group, while the all-gathers
-and reduce-scatters span N ranks instead of dp. Checkpoints are written by the first replica
+same shard in the other replicas. Everything above happens inside the shard group; each unit's
+gradient shard is then all-reduced over ``replicate`` once per step (ZeRO-2/3 start it for each
+unit as its last reduce-scatter of the step's last backward arrives, overlapped with the rest of
+that backward; ZeRO-1, and a pipeline's schedule, in ``finish``), so every replica steps the
+same shard identically. Per step and rank that adds 2 (R - 1) / R x P / N bytes (R replicas) on
+the replicate group, while the all-gathers and reduce-scatters span N ranks instead of dp. Checkpoints are written by the first replica
 only; their pieces are flat ranges, so they load into any grouping.
 """
 from __future__ import annotations
@@ -123,6 +124,7 @@ class _Unit:
     grad_shard: torch.Tensor | None = None      # [shard_size] from the unit's first reduction to the step
     flat_grad: torch.Tensor | None = None       # ZeRO-1: full gradients (params' .grad are views)
     pending_reduce: list = field(default_factory=list)
+    pending_replicate: object | None = None     # HSDP: the shard's all-reduce over the replicas, in flight
     gather_work: object | None = None
     gathered: bool = True
 
@@ -155,6 +157,7 @@ class Sharded(DataParallelStrategy):
             raise ValueError(f"ZeRO level must be 1, 2 or 3, got {level}")
         self.model, self.dp, self.tp, self.pp, self.level, self.tied = model, dp, tp, pp, level, tied
         self.replicate = replicate  # hybrid sharding: the same shard in the other replicas
+        self._final_backward = False  # the step's last backward: a unit's shard is complete once reduced
         self.device, self.param_dtype = device, param_dtype
         self.weight_decay = weight_decay
         self.hyper = dict(lr=lr, betas=betas, eps=eps)
@@ -330,17 +333,34 @@ class Sharded(DataParallelStrategy):
         flat_grad[unit.layout.numel:].zero_()
         reduced = torch.empty(unit.shard_size, dtype=flat_grad.dtype, device=flat_grad.device)
         work = self.dp.reduce_scatter(reduced, flat_grad, tag="grads", async_op=True)
-        unit.pending_reduce.append((work, reduced, flat_grad))
+        unit.pending_reduce.append((work, reduced, flat_grad, self._final_backward))
         if self.level == 3 and unit.module is not None:
             self._free(unit)
 
+    def communicate_in_backward(self, enabled: bool) -> None:
+        """``enabled``: the coming backward is the step's last, so under hybrid sharding a unit's
+        shard may be all-reduced over the replicas as soon as its reduce-scatter is in, overlapped
+        with the rest of the backward (else ``finish`` does it)."""
+        self._final_backward = enabled
+
+    def _hybrid(self) -> bool:
+        return self.replicate is not None and self.replicate.size > 1
+
     def _complete_reductions(self) -> None:
         for unit in self.units:
-            for work, reduced, _ in unit.pending_reduce:
+            for work, reduced, _, final in unit.pending_reduce:
                 if work is not None:
                     work.wait()
                 self._accumulate(unit, reduced)
+                # launched in the step's last backward: the unit's shard is complete (an earlier
+                # micro-batch's reduction completing now is not)
+                if final and self.level >= 2 and self._hybrid():
+                    self._replicate_shard(unit)
             unit.pending_reduce.clear()
+
+    def _replicate_shard(self, unit: _Unit) -> None:
+        """HSDP: start summing this unit's complete gradient shard over the replicas."""
+        unit.pending_replicate = self.replicate.all_reduce(unit.grad_shard, tag="grads", async_op=True)
 
     @staticmethod
     def _accumulate(unit: _Unit, reduced: torch.Tensor) -> None:
@@ -376,10 +396,14 @@ class Sharded(DataParallelStrategy):
                 unit.grad_shard = torch.zeros(unit.shard_size, dtype=self.param_dtype, device=self.device)
             if self.level == 3 and unit.module is None and unit.gathered:
                 self._free(unit)
-        if self.replicate is not None and self.replicate.size > 1:  # HSDP: sum the replicas' shards
-            pending = [self.replicate.all_reduce(unit.grad_shard, tag="grads", async_op=True) for unit in self.units]
-            for work in pending:
-                work.wait()
+        if self._hybrid():  # HSDP: sum the replicas' shards (those not yet started in backward)
+            for unit in self.units:
+                if unit.pending_replicate is None:
+                    self._replicate_shard(unit)
+            for unit in self.units:
+                unit.pending_replicate.wait()
+                unit.pending_replicate = None
+        self._final_backward = False
         views = [u.grad_shard[a:b] for u in self.units for a, b in u.partial_ranges]
         sum_partial_grads(views, self.tp)
         for unit in self.units:

@@ -88,6 +88,7 @@ class HardwareProfile:
     kernel_latency_s: float                 # fixed cost of one kernel (launch + tail)
     framework_memory_bytes: float           # CUDA context, NCCL buffers, allocator slack
     comm_overlaps_compute: bool = True      # GPU: copy engines / spare SMs; cpu: gloo shares the cores
+    ring_hop_latency_s: float = 3e-6        # one step of a ring across nodes (NCCL's LL protocol over IB)
     cores: int = 0                          # cpu only: ranks of a node share these
     measured_flops: dict[str, float] = field(default_factory=dict)       # cpu: matmul rate per core
     measured_attention: dict[str, float] = field(default_factory=dict)   # cpu: sdpa rate per core

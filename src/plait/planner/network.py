@@ -4,8 +4,11 @@
 
 ``bytes`` is the full logical tensor (the all-reduced tensor, the gathered result, the sent
 message). ``factor`` is the share each device puts on the wire in a ring (as ``plait.comm``
-counts it): all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n, send 1. NCCL picks
-rings for bandwidth and trees for latency, so alpha grows with log2(n), not with n.
+counts it): all-reduce 2(n-1)/n, all-gather and reduce-scatter (n-1)/n, send 1. NCCL's all-reduce
+has a tree for latency, so its alpha grows with log2(n); its all-gather and reduce-scatter are
+rings only, n - 1 steps, so a group across nodes pays n - 1 ring steps (``ring_hop_latency_s``,
+a few microseconds over InfiniBand) on top of alpha: the latency that makes ZeRO-3 over
+thousands of ranks slow and hybrid sharding (a shard group inside a node or a few) fast.
 
 Bandwidth depends on where the group lives. A group inside one node runs on NVLink. A group
 spread over nodes with k members on each node stripes its rings over those k members' NICs,
@@ -50,7 +53,8 @@ def collective_time(hw: HardwareProfile, op: str, nbytes: float, group_size: int
     steps = 1 if op == "send" else math.ceil(math.log2(max(n, 2))) * (2 if op == "all_reduce" else 1)
     if op == "all_to_all":  # n - 1 messages, not a tree
         steps = n - 1
-    return steps * latency + factor * nbytes / (bandwidth * hw.link_efficiency)
+    ring = (n - 1) * hw.ring_hop_latency_s if op in ("all_gather", "reduce_scatter") and not inside_node else 0.0
+    return steps * latency + ring + factor * nbytes / (bandwidth * hw.link_efficiency)
 
 
 def members_per_node(group: str, tp: int, pp: int, dp: int, devices_per_node: int, cp: int = 1,

@@ -213,11 +213,14 @@ class StepModel:
             return collective_time(self.hw, "send", message, 2, 1)
         return self.collective("pp", "send", message)
 
-    def data_parallel(self, params: float, backward_s: float, forward_s: float) -> tuple[float, float]:
+    def data_parallel(self, params: float, backward_s: float, forward_s: float,
+                      units: int = 1) -> tuple[float, float]:
         """(total, exposed) seconds of the dp traffic of a stage holding ``params`` elements
-        (after tp), given one micro-batch's forward and backward compute time. ZeRO's collectives
-        span the shard group (all dp x cp ranks, or one replica's under hybrid sharding), whose
-        shards are then all-reduced over the replicas once per step, after the backward."""
+        (after tp) in ``units`` ZeRO units (its blocks and the root), given one micro-batch's
+        forward and backward compute time. ZeRO issues one collective per unit, each paying the
+        latency; they span the shard group (all dp x cp ranks, or one replica's under hybrid
+        sharding), whose shards are then all-reduced over the replicas once per step, after the
+        backward."""
         layout = self.layout
         if layout.gradient_replicas == 1:
             return 0.0, 0.0
@@ -228,22 +231,31 @@ class StepModel:
             total = self.collective("dp_cp", "all_reduce", params * 4)
             last_bucket = self.collective("dp_cp", "all_reduce", min(params * 4, DDP_BUCKET_BYTES))
             return total, (max(last_bucket, total - backward_s) if overlap else total)
-        gather = self.collective("dp_shard", "all_gather", p_bytes)
-        scatter = self.collective("dp_shard", "reduce_scatter", p_bytes)
+        gather = units * self.collective("dp_shard", "all_gather", p_bytes / units)
+        scatter = units * self.collective("dp_shard", "reduce_scatter", p_bytes / units)
         shard_bytes = params / layout.gradient_shards * (parameter_bytes(layout) if m == 1 or layout.zero == 1 else 4)
-        across = self.collective("dp_replicate", "all_reduce", shard_bytes) if layout.replicas > 1 else 0.0
+        across = units * self.collective("dp_replicate", "all_reduce", shard_bytes / units) if layout.replicas > 1 \
+            else 0.0
         if layout.zero == 1:
             return scatter + gather + across, scatter + gather + across
+
+        def across_exposed(busy_in_backward: float) -> float:
+            """HSDP's all-reduces, started unit by unit in the last backward (not under a
+            pipeline): what the backward's spare time does not cover, and the last unit's."""
+            if layout.pp > 1 or not across:
+                return across
+            return across / units + max(0.0, across * (units - 1) / units - max(0.0, backward_s - busy_in_backward))
+
         if layout.zero == 2:
             total = m * scatter + gather + across
-            return total, (gather + across + m * max(0.0, scatter - backward_s) if overlap else total)
+            return total, (gather + across_exposed(scatter) + m * max(0.0, scatter - backward_s) if overlap else total)
         unit = self.shape.layer_parameters() / layout.tp * parameter_bytes(layout)
         first_unit = self.collective("dp_shard", "all_gather", unit)
         total = m * (2 * gather + scatter) + across
         if not overlap:
             return total, total
-        exposed = m * (first_unit + max(0.0, gather - forward_s) + max(0.0, gather + scatter - backward_s)) + across
-        return total, exposed
+        exposed = m * (first_unit + max(0.0, gather - forward_s) + max(0.0, gather + scatter - backward_s))
+        return total, exposed + across_exposed(gather + scatter)
 
     def tied_exchange_time(self) -> float:
         """The first and the last stage swap the tied table's gradient (its dp shard under ZeRO)."""
@@ -325,7 +337,7 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
         params = stage_parameters(shape, layout, layers, first, last)
         fwd = sum(forwards[c].seconds for c in chunks)
         bwd = sum(backwards[c].seconds for c in chunks)
-        total, exposed = model.data_parallel(params, bwd, fwd)
+        total, exposed = model.data_parallel(params, bwd, fwd, units=layers + (first or last))
         if shape.tied and pp > 1 and first != last:  # the table's gradient, summed between the stages
             exposed += model.tied_exchange_time()
         dp_total = max(dp_total, total)
