@@ -160,3 +160,39 @@ def test_twenty_steps_match_one_process(pool, data, reference, mode, cp):
 def test_composed_layouts_match_one_process(pool, data, reference, dims, options):
     cfg = tiny_config(cp=dims.cp, cp_mode="ring", **options)
     assert_runs_match(pool.run(train_and_collect, dims, cfg, data, tiny_model_config()), reference, TOLERANCE)
+
+
+def kept_bytes_under_cp(ctx: ParallelContext, mode: str, seq: int):
+    """Bytes one decoder layer of this cp rank keeps for backward (fp32, batch 2)."""
+    from plait.context_parallel import apply_context_parallel
+    from plait.models import build_model
+
+    config = tiny_model_config(num_hidden_layers=1, num_key_value_heads=2)
+    model = build_model(config, seed=0)
+    apply_context_parallel(model, ctx.comm("cp"), mode)
+    ignored = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    x = torch.randn(2, seq // ctx.dims.cp, config.hidden_size, requires_grad=True)
+    cos, sin = model.model.position_tables(x.shape[1], x)
+    ignored |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in ignored:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.model.layers[0](x, cos, sin)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("mode", ["ring", "alltoall"])
+def test_planner_activation_formula_under_cp(pool, mode):
+    from plait.planner import ModelShape
+    from plait.planner.memory import layer_activation_bytes
+
+    seq, cp = 64, 2
+    shape = ModelShape.from_llama_config(tiny_model_config(num_hidden_layers=1, num_key_value_heads=2), seq)
+    predicted = layer_activation_bytes(shape, Layout(cp=cp, cp_mode=mode, micro_batch=2, dtype="float32"))
+    for kept in pool.run(kept_bytes_under_cp, ParallelDims(cp=cp), mode, seq):
+        assert kept == pytest.approx(predicted, rel=0.01)

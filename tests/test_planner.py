@@ -234,3 +234,26 @@ def test_zero3_predictions_match_published_fsdp_throughput(preset, seq, batch, r
     layout = Layout(dp=64, zero=3, micro_batch=batch, global_batch=64 * batch, recompute=recompute)
     predicted = predict(shape, layout, load_profile("a100-80gb")).tokens_per_s_per_gpu
     assert 0.85 <= predicted / published <= 1.15, predicted / published
+
+
+def test_plan_proposes_context_parallel_for_long_sequences():
+    """At 128k tokens per sequence no rank can keep a whole sequence's activations: the best
+    layouts shard the sequence (and training accepts them: the search uses plait's rules)."""
+    shape = ModelShape.from_llama_config(get_preset("llama-1b"), 131072)
+    result = plan(shape, load_profile("h100-80gb"), gpus=64, global_batch=16, top=3)
+    assert result.best and all(p.layout.cp > 1 for p in result.best)
+    whole = predict(shape, result.best[0].layout.with_(cp=1), load_profile("h100-80gb"))
+    assert not whole.fits  # the same layout with whole sequences per rank runs out of memory
+
+
+@pytest.mark.parametrize("seq, gpus, hsdp_wins", [(2048, 2048, True), (4096, 2048, True), (8192, 512, False)])
+def test_hybrid_sharding_against_zero3_at_scale(seq, gpus, hsdp_wins):
+    """ZeRO-3 over thousands of ranks pays n - 1 ring steps per all-gather and reduce-scatter of
+    every block; sharding inside a node pays them over 8 and all-reduces the shard across nodes.
+    Llama 3 8B: HSDP wins where a block's compute no longer hides the latency (docs/planner.md)."""
+    shape = ModelShape("llama", 4096, 32, 32, 8, 14336, 128256, seq)
+    base = Layout(dp=gpus, global_batch=gpus, micro_batch=1, zero=3, recompute="selective")
+    zero3 = predict(shape, base, load_profile("h100-80gb"))
+    hsdp = predict(shape, base.with_(dp_shard=8), load_profile("h100-80gb"))
+    assert (hsdp.step_time_s < zero3.step_time_s) == hsdp_wins
+    assert hsdp.memory_bytes_per_gpu > zero3.memory_bytes_per_gpu  # states over 8 ranks, not all
