@@ -15,9 +15,13 @@ about 8 minutes on one H200 and records what it measured:
 4. ``memory``: plait's trainer's peak memory (``torch.cuda.max_memory_allocated``) of the
    biggest model against the planner's prediction for the ``h200`` profile;
 5. ``device_policy``: more local ranks than GPUs is refused in one line before any worker starts;
-6. ``multi_rank`` (2 or more GPUs; on the CPU with gloo): dp2, tp2 + SP, pp2 1F1B and ZeRO-3
-   under ``plait train --nproc 2`` against one process, fp32 losses to 1e-5, and the all-reduce
-   bus bandwidth.
+6. ``multi_rank`` (2 or more GPUs; on the CPU with gloo): dp2, tp2 + SP, pp2 1F1B, ZeRO-3 and
+   cp2 (ring and all-to-all) under ``plait train --nproc 2`` against one process, fp32 losses to
+   1e-5, and the all-reduce bus bandwidth;
+7. ``context_parallel`` (2 or more GPUs; on the CPU plait's side only): one causal attention of
+   [b, heads, S, d] sharded over 2 ranks, plait's ring attention against PyTorch's own
+   ``context_parallel`` (which does not run on the CPU): outputs against the full-sequence SDPA
+   and forward + backward time.
 
 Each section is timed and isolated: one that fails is recorded with its error and the others
 still run; one that would start past the time budget is recorded as skipped. Results go to
@@ -256,6 +260,8 @@ MULTI_RANK_LAYOUTS = {
     "tp2 + SP": ["--tp", "2", "--sequence-parallel"],
     "pp2 1F1B": ["--pp", "2", "--microbatches", "4", "--schedule", "1f1b"],
     "dp2 ZeRO-3": ["--dp", "2", "--zero", "3"],
+    "cp2 ring": ["--cp", "2", "--cp-mode", "ring"],
+    "cp2 alltoall": ["--cp", "2", "--cp-mode", "alltoall"],
 }
 
 
@@ -337,6 +343,100 @@ def multi_rank(check: Check) -> dict:
     return figures
 
 
+def _context_parallel_worker(rank: int, world: int, shape: tuple, port: int, backend: str, queue) -> None:
+    """One rank: plait's ring attention, and on CUDA torch's ``context_parallel``, on its slice."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from plait.context_parallel import context_slice
+    from plait.context_parallel.ring import ring_attention
+    from plait.mesh import ParallelDims, build_context
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    ctx = build_context(ParallelDims(cp=world), device, backend)
+    dtype = torch.bfloat16 if backend == "nccl" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(shape, generator=generator).to(device, dtype) for _ in range(4))
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    report: dict[str, Any] = {}
+
+    def timed(run) -> float:
+        for _ in range(2):
+            run()
+        if backend == "nccl":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            run()
+        if backend == "nccl":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / 5
+
+    mine = [context_slice(t, rank, world, dim=2) for t in (q, k, v, grad)]
+
+    def plait_run():
+        leaves = [t.detach().requires_grad_() for t in mine[:3]]
+        out = ring_attention(*leaves, ctx.comm("cp"))
+        out.backward(mine[3])
+        return out
+
+    out = plait_run()
+    reference = context_slice(want, rank, world, dim=2)
+    report["plait_rel_error"] = float((out.float() - reference).norm() / reference.norm())
+    report["plait_s"] = timed(plait_run)
+    if backend == "nccl":
+        try:
+            from torch.distributed.tensor.experimental import context_parallel
+
+            mesh = ctx.mesh["cp"]
+
+            def torch_run():
+                buffers = [t.detach().clone() for t in (q, k, v)]  # sharded in place on entry
+                with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
+                    theirs = F.scaled_dot_product_attention(*(b.requires_grad_() for b in buffers), is_causal=True)
+                    theirs.backward(context_slice(grad, rank, world, dim=2))
+                return theirs
+
+            theirs = torch_run()
+            report["torch_rel_error"] = float((theirs.float() - reference).norm() / reference.norm())
+            report["torch_s"] = timed(torch_run)
+        except Exception as error:  # recorded, not fatal: the API is experimental
+            report["torch_error"] = f"{type(error).__name__}: {error}"[:300]
+    if rank == 0:
+        queue.put(report)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def context_parallel_check(check: Check) -> dict:
+    import socket
+    import torch.multiprocessing as mp
+
+    gpus = torch.cuda.device_count() if check.device.type == "cuda" else 0
+    if check.device.type == "cuda" and gpus < 2:
+        return {"status": "skipped", "why": f"{gpus} GPU: needs 2 or more"}
+    backend = "nccl" if check.device.type == "cuda" else "gloo"
+    shape = (1, 32, 16384, 64) if backend == "nccl" else (1, 4, 256, 16)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    mp.start_processes(_context_parallel_worker, args=(2, shape, port, backend, queue), nprocs=2,
+                       start_method="spawn")
+    report = queue.get(timeout=120)
+    tolerance = 2e-2 if backend == "nccl" else 1e-5  # bf16 on CUDA, fp32 on the CPU
+    failed = report["plait_rel_error"] > tolerance or report.get("torch_rel_error", 0.0) > tolerance
+    if "torch_s" in report:
+        report["plait_over_torch"] = report["plait_s"] / report["torch_s"]
+    return {"shape": list(shape), "backend": backend, "tolerance": tolerance, **report,
+            "status": "failed" if failed else "ok"}
+
+
 # ----------------------------------------------------------------------------------- reports
 def markdown(check: Check) -> str:
     r = check.results
@@ -386,6 +486,15 @@ def summary_of(name: str, figures: dict) -> str:
         parts = [f"{n} {v['max_loss_rel_error']:.1e}" for n, v in figures["layouts"].items()]
         return (f"losses vs 1 process: {', '.join(parts)}; all-reduce {figures['allreduce_mb']} MB "
                 f"{figures['allreduce_bus_gb_s']:.1f} GB/s bus ({figures['allreduce_backend']})")
+    if name == "context_parallel":
+        text = (f"ring attention {figures['shape']}: error {figures['plait_rel_error']:.1e}, "
+                f"{1e3 * figures['plait_s']:.1f} ms fwd+bwd")
+        if "torch_s" in figures:
+            text += (f"; torch context_parallel error {figures['torch_rel_error']:.1e}, "
+                     f"{1e3 * figures['torch_s']:.1f} ms; plait / torch {figures['plait_over_torch']:.2f}")
+        elif "torch_error" in figures:
+            text += f"; torch context_parallel: {figures['torch_error']}"
+        return text
     if name == "throughput":
         ratios = [f"{row['model']} {row['implementation'][6:]}: {row['ratio']:.2f}" for row in figures["rows"]
                   if "ratio" in row]
@@ -401,7 +510,8 @@ SECTIONS: list[tuple[str, Callable[[Check], dict], float]] = [
     ("device_policy", device_policy, 20),
     ("throughput", throughput, 180),
     ("memory", memory, 60),
-    ("multi_rank", multi_rank, 90),
+    ("multi_rank", multi_rank, 110),
+    ("context_parallel", context_parallel_check, 40),
 ]
 
 

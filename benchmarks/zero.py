@@ -3,6 +3,7 @@
     python benchmarks/zero.py                 # both parts (the recorded run)
     python benchmarks/zero.py --part memory   # zero 0..3 at dp=4, ~50M parameters, fp32
     python benchmarks/zero.py --part speed    # dp=2: plait zero 3 vs FSDP2, plait zero 0 vs DDP
+    python benchmarks/zero.py --part hsdp     # dp=4 as 2 replicas x 2 shards: plait --dp-shard 2 vs FSDP2 HSDP
 
 Memory: each level trains one step on dp=4 ranks, then runs the next step's backward; we report
 this rank's parameter, gradient and optimizer-state bytes then (every storage that holds them:
@@ -163,6 +164,73 @@ def speed_contestants(ctx: ParallelContext, data: TokenData, steps: int, dtype: 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def hsdp_contestants(ctx: ParallelContext, data: TokenData, steps: int, dtype: str):
+    """plait ZeRO-3 --dp-shard 2 against FSDP2 on a (replicate 2, shard 2) mesh, alternating."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from plait.models import build_model
+    from plait.runtime import gemm_context
+
+    base = dict(model="small", steps=steps + 1, global_batch=8, seq_len=256, dtype=dtype, eval_every=0,
+                progress=False, tensorboard=False, plot=False, peak_tflops=1.0, out="unused", grad_clip=1.0)
+    model_config = get_preset("small").replace(vocab_size=data.vocab_size)
+    plait = Trainer(TrainConfig(**base, zero=3, dp_shard=2), ctx, data, model_config)
+    compute_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    # ranks [[0, 1], [2, 3]]: shard groups {0, 1} and {2, 3}, replicas {0, 2} and {1, 3}, as plait's
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    fsdp_model = build_model(model_config, seed=0)
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=compute_dtype)
+    for layer in fsdp_model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(fsdp_model, mesh=mesh, mp_policy=policy)
+    optimizer = torch.optim.AdamW(fsdp_model.parameters(), lr=1e-3, fused=True)
+
+    def fsdp_step(step):
+        inputs, targets = plait.sampler.shard(step, ctx.dp_rank, ctx.dims.dp)
+        with gemm_context(ctx.device, compute_dtype):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                logits = fsdp_model(inputs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(fsdp_model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    contestants = {"plait zero 3 --dp-shard 2": lambda step: plait.train_step(step), "FSDP2 HSDP (2 x 2)": fsdp_step}
+    times = {name: [] for name in contestants}
+    for step in range(steps + 1):
+        for name, run in contestants.items():
+            dist.barrier()
+            start = time.perf_counter()
+            run(step)
+            dist.barrier()
+            if step:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def hsdp_part(args) -> None:
+    data = synthetic_tokens(8192)
+    pool = WorkerPool(4)
+    try:
+        for dtype in args.dtypes.split(","):
+            times = pool.run(hsdp_contestants, ParallelDims(dp=4, dp_shard=2), data, args.steps, dtype,
+                             timeout_s=1800)[0]
+            ours, theirs = times.values()
+            ratios = sorted(a / b for a, b in zip(ours, theirs))
+            print(f"\n'small' (18.9M), dp=4 = 2 replicas x 2 shards, 1 thread per rank (4 ranks on this VM's cores), "
+                  f"batch 2 x 256 per rank, {dtype}, median of {args.steps} steps, alternating")
+            print("| contestant | step time (s) | ratio (median of per-step ratios, range) |")
+            print("|---|---|---|")
+            names = list(times)
+            print(f"| {names[0]} | {statistics.median(ours):.3f} | **{statistics.median(ratios):.2f}x** "
+                  f"({ratios[0]:.2f}-{ratios[-1]:.2f}) {names[1]} |")
+            print(f"| {names[1]} | {statistics.median(theirs):.3f} | |")
+    finally:
+        pool.shutdown()
+
+
 def speed_part(args) -> None:
     data = synthetic_tokens(8192)
     pool = WorkerPool(2)
@@ -182,7 +250,7 @@ def speed_part(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("memory", "speed", "both"), default="both")
+    parser.add_argument("--part", choices=("memory", "speed", "hsdp", "both"), default="both")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
@@ -190,6 +258,8 @@ def main() -> None:
         memory_part(args)
     if args.part in ("speed", "both"):
         speed_part(args)
+    if args.part in ("hsdp", "both"):
+        hsdp_part(args)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ["environment", "tests", "cpu_match", "device_policy", "throughput", "memory", "multi_rank"]
+SECTIONS = ["environment", "tests", "cpu_match", "device_policy", "throughput", "memory", "multi_rank",
+            "context_parallel"]
 
 
 @pytest.mark.timeout(600)
@@ -28,7 +29,9 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     assert sections["cpu_match"]["max_loss_rel_error"] == 0.0  # the CPU against itself: bit for bit
     assert "no CUDA device is visible" in sections["device_policy"]["message"]
     layouts = sections["multi_rank"]["layouts"]
-    assert set(layouts) == {"dp2", "tp2 + SP", "pp2 1F1B", "dp2 ZeRO-3"} and all(v["ok"] for v in layouts.values())
+    assert set(layouts) == {"dp2", "tp2 + SP", "pp2 1F1B", "dp2 ZeRO-3", "cp2 ring", "cp2 alltoall"}
+    assert all(v["ok"] for v in layouts.values())
+    assert sections["context_parallel"]["plait_rel_error"] <= 1e-5 and "torch_s" not in sections["context_parallel"]
     names = {row["implementation"] for row in sections["throughput"]["rows"]}
     assert {"plait", "transformers", "plait compiled", "transformers compiled",
             "ratio plait compiled / transformers compiled"} <= names
