@@ -281,7 +281,8 @@ def plait_losses(tmp: Path, name: str, nproc: int, layout: list[str], steps: int
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _allreduce_worker(rank: int, world: int, nbytes: int, port: int, backend: str, queue) -> None:
+def _join(rank: int, world: int, port: int, backend: str) -> torch.device:
+    """A spawned worker joins its group on 127.0.0.1:port; returns its device."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -289,6 +290,13 @@ def _allreduce_worker(rank: int, world: int, nbytes: int, port: int, backend: st
     if backend == "nccl":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, rank=rank, world_size=world)
+    return device
+
+
+def _allreduce_worker(rank: int, world: int, nbytes: int, port: int, backend: str, queue) -> None:
+    import torch.distributed as dist
+
+    device = _join(rank, world, port, backend)
     tensor = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     for _ in range(3):
         dist.all_reduce(tensor)
@@ -352,11 +360,7 @@ def _context_parallel_worker(rank: int, world: int, shape: tuple, port: int, bac
     from plait.context_parallel.ring import ring_attention
     from plait.mesh import ParallelDims, build_context
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    device = _join(rank, world, port, backend)
     ctx = build_context(ParallelDims(cp=world), device, backend)
     dtype = torch.bfloat16 if backend == "nccl" else torch.float32
     generator = torch.Generator().manual_seed(0)

@@ -109,12 +109,27 @@ def _memory_part() -> None:
               f"| {peak / 1e6:.0f} |")
 
 
+def torch_train_step(model, optimizer, inputs, targets, device: torch.device, dtype: str) -> None:
+    """One step of a PyTorch-parallelised model, its products run as plait's trainer runs them
+    (widened to fp32 where this CPU emulates bf16)."""
+    from plait.runtime import gemm_context
+
+    compute_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    with gemm_context(device, compute_dtype):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def speed_contestants(ctx: ParallelContext, data: TokenData, steps: int, dtype: str):
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     from plait.models import build_model
-    from plait.runtime import gemm_context
 
     base = dict(model="small", steps=steps + 1, global_batch=8, seq_len=256, dtype=dtype, eval_every=0,
                 progress=False, tensorboard=False, plot=False, peak_tflops=1.0, out="unused", grad_clip=1.0)
@@ -136,15 +151,7 @@ def speed_contestants(ctx: ParallelContext, data: TokenData, steps: int, dtype: 
 
     def torch_step(model, optimizer, step):
         inputs, targets = plait0.sampler.shard(step, ctx.dp_rank, ctx.dims.dp)
-        # the products run as plait's trainer runs them (widened to fp32 where this CPU emulates bf16)
-        with gemm_context(ctx.device, compute_dtype):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch_train_step(model, optimizer, inputs, targets, ctx.device, dtype)
 
     contestants = {
         "plait zero 0": lambda step: plait0.train_step(step),
@@ -170,7 +177,6 @@ def hsdp_contestants(ctx: ParallelContext, data: TokenData, steps: int, dtype: s
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from plait.models import build_model
-    from plait.runtime import gemm_context
 
     base = dict(model="small", steps=steps + 1, global_batch=8, seq_len=256, dtype=dtype, eval_every=0,
                 progress=False, tensorboard=False, plot=False, peak_tflops=1.0, out="unused", grad_clip=1.0)
@@ -188,14 +194,7 @@ def hsdp_contestants(ctx: ParallelContext, data: TokenData, steps: int, dtype: s
 
     def fsdp_step(step):
         inputs, targets = plait.sampler.shard(step, ctx.dp_rank, ctx.dims.dp)
-        with gemm_context(ctx.device, compute_dtype):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                logits = fsdp_model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(fsdp_model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        torch_train_step(fsdp_model, optimizer, inputs, targets, ctx.device, dtype)
 
     contestants = {"plait zero 3 --dp-shard 2": lambda step: plait.train_step(step), "FSDP2 HSDP (2 x 2)": fsdp_step}
     times = {name: [] for name in contestants}

@@ -145,7 +145,8 @@ def reference(data):
     return reference_run(data)
 
 
-@pytest.mark.parametrize("mode, cp", [("ring", 2), ("ring", 4), ("alltoall", 2), ("alltoall", 4)])
+@pytest.mark.parametrize("mode, cp", [("ring", 2), pytest.param("ring", 4, marks=pytest.mark.large),  # 7 s each
+                                      ("alltoall", 2), pytest.param("alltoall", 4, marks=pytest.mark.large)])
 def test_twenty_steps_match_one_process(pool, data, reference, mode, cp):
     cfg = tiny_config(cp=cp, cp_mode=mode)
     assert_runs_match(pool.run(train_and_collect, ParallelDims(cp=cp), cfg, data, tiny_model_config()),

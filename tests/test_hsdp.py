@@ -22,7 +22,8 @@ def reference(data):
 @pytest.mark.parametrize("zero, dims, options", [
     (3, ParallelDims(dp=4, dp_shard=2), dict(micro_batch=1)),  # two micro-batches: shards accumulate
     (2, ParallelDims(dp=4, dp_shard=2), dict()),
-    (3, ParallelDims(dp=4, dp_shard=2, tp=2), dict(tp=2, sequence_parallel=True, loss_parallel=True)),
+    pytest.param(3, ParallelDims(dp=4, dp_shard=2, tp=2), dict(tp=2, sequence_parallel=True, loss_parallel=True),
+                 marks=pytest.mark.large),  # 8 ranks
     (3, ParallelDims(dp=2, dp_shard=1, cp=2), dict(cp=2)),
 ], ids=["dp4-shard2-zero3", "dp4-shard2-zero2", "dp4-shard2-tp2-zero3", "dp2-shard1-cp2-zero3"])
 def test_twenty_steps_match_one_process(pool, data, reference, zero, dims, options):
