@@ -64,7 +64,7 @@ def train_and_collect(ctx, cfg, data, model_config):
     trainer.strategy.materialize()
     tp = ctx.comm("tp")
     params = {name: full_tensor(param, tp).clone() for name, param in model_parameters(trainer.model)}
-    val = trainer.evaluate() if trainer.val_batches else None
+    val = trainer.evaluate() if trainer.val_windows is not None else None
     return [r["loss"] for r in records], [r["grad_norm"] for r in records], params, val
 
 

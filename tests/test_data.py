@@ -25,7 +25,6 @@ from plait.data import (
     load_token_data,
     open_text_corpus,
     stdlib_root,
-    validation_batches,
 )
 
 # --------------------------------------------------------------------- helpers
@@ -374,30 +373,6 @@ def test_too_short_corpus_for_sampler():
     with pytest.raises(DataError, match="corpus has 8 training tokens, fewer than seq_len\\+1 = 9"):
         BatchSampler(counting_tokens(8), seq_len=8, global_batch=2, seed=0)
     BatchSampler(counting_tokens(9), seq_len=8, global_batch=2, seed=0)  # exactly one window is fine
-
-
-def test_validation_batches_are_consecutive_and_deterministic():
-    tokens = counting_tokens(200)
-    batches = validation_batches(tokens, seq_len=10, batch_size=4, max_batches=3)
-    assert len(batches) == 3
-    starts = [int(start) for inputs, _ in batches for start in inputs[:, 0]]
-    assert starts == [10 * index for index in range(12)]
-    for inputs, targets in batches:
-        assert inputs.shape == targets.shape == (4, 10)
-        assert torch.equal(inputs[:, 1:], targets[:, :-1])
-    again = validation_batches(tokens, seq_len=10, batch_size=4, max_batches=3)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
-    # Only as many full batches as fit: 199 // 10 = 19 windows -> 4 batches of 4.
-    assert len(validation_batches(tokens, seq_len=10, batch_size=4, max_batches=100)) == 4
-
-
-def test_validation_batches_small_split():
-    batches = validation_batches(counting_tokens(25), seq_len=10, batch_size=8, max_batches=2)
-    assert len(batches) == 1
-    assert batches[0][0].shape == (2, 10)
-    assert int(batches[0][1].max()) <= 24
-    with pytest.raises(DataError, match="fewer than seq_len"):
-        validation_batches(counting_tokens(10), seq_len=10, batch_size=8, max_batches=2)
 
 
 # ------------------------------------------------------------- load_token_data

@@ -40,7 +40,7 @@ def transformers_loss(model_dir, corpus) -> float:
     tokenizer = PretrainedTokenizer(model_dir)
     texts = [path.read_text() for path in sorted(corpus.iterdir())]
     stream = np.array([t for ids in tokenizer.encode_documents(texts) for t in ids])
-    windows = (len(stream) - 1) // SEQ // BATCH * BATCH
+    windows = (len(stream) - 1) // SEQ  # every window, as plait eval under any layout
     model = transformers.LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     total, count = 0.0, 0
     with torch.no_grad():

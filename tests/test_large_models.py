@@ -212,28 +212,6 @@ def test_construction_peak_is_own_pieces_plus_one_parameter(pool, data):
         assert own + largest + slack < whole
 
 
-def evaluation_loss(ctx, cfg, data, model_config):
-    trainer = Trainer(cfg, ctx, data, model_config)
-    return len(trainer.val_batches), trainer.evaluate()
-
-
-@pytest.mark.parametrize("dims, extra", [
-    (ParallelDims(dp=2), {"micro_batch": 2}),
-    (ParallelDims(dp=2, pp=2), {"micro_batch": None, "microbatches": 2}),
-], ids=["dp2-zero3", "dp2-pp2-zero3"])
-def test_zero3_evaluates_an_uneven_share_of_batches(pool, data, model_config, dims, extra):
-    """3 validation batches over 2 dp ranks: the rank with one runs a second, ignored forward, so
-    ZeRO-3's gathers stay matched (no hang) and the loss equals one process's."""
-    cfg = tiny_config(zero=3, eval_every=1, eval_batches=3, **extra)
-    single_cfg = tiny_config(eval_every=1, eval_batches=3, micro_batch=2)  # the same batches of 2 sequences
-    single = evaluation_loss(ParallelContext.single(), single_cfg, data, model_config)
-    results = pool.run(evaluation_loss, dims, cfg, data, model_config, timeout_s=120)
-    assert single[0] == 3
-    for count, loss in results:
-        assert count == 3
-        assert loss == pytest.approx(single[1], rel=1e-6)
-
-
 def piece_checksums(ctx, cfg, data, model_config):
     """(piece, sum, index-weighted sum) in float64 of this rank's constructed pieces: the values
     stay on the workers (528M parameters), only their checksums travel."""

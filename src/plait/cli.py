@@ -81,7 +81,9 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--seed", "seed", int, "seed of initialisation and data order"),
     ("--dtype", "dtype", str, "compute dtype: float32, or bfloat16 autocast with fp32 master weights"),
     ("--eval-every", "eval_every", int, "validation loss every N steps (0: off)"),
-    ("--eval-batches", "eval_batches", int, "validation batches per evaluation"),
+    ("--eval-batches", "eval_batches", int, "validation set size in global batches: the first N x "
+                                            "--global-batch windows of the held-out split, the same set "
+                                            "under every layout"),
     ("--out", "out", str, "run directory (default: runs/<model>-<time>); re-running with the same --out "
                           "resumes from its newest complete checkpoint"),
     ("--checkpoint-every", "checkpoint_every", int, "write a sharded checkpoint every N steps and at the end (0: never)"),

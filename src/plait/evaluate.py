@@ -4,9 +4,10 @@
     plait eval --model hf-llama/ --data corpus.bin --nproc 4 --tp 2 --pp 2
 
 The corpus is encoded with the model's tokenizer (as ``plait train`` encodes it) into one stream;
-windows of ``seq_len + 1`` tokens start every ``seq_len`` tokens (``validation_batches``: each
-token is predicted once), grouped into batches of ``batch_size`` and shared out over the data-
-parallel ranks. The result is the mean over every predicted token of the cross-entropy,
+windows of ``seq_len + 1`` tokens start every ``seq_len`` tokens (``validation_windows``: each
+token is predicted once); the first ``batch_size x max_batches`` of them are shared out over the
+data-parallel ranks in micro-batches of ``batch_size``. The result is the mean over every
+predicted token of the cross-entropy,
 
     loss = sum_t -log softmax(z_t)[y_t] / T,       perplexity = exp(loss),
 
@@ -52,7 +53,7 @@ def evaluate_corpus(model_path: str, data_spec: str, ctx, seq_len: int, batch_si
     # one training step's worth of batches must be valid for the layout (a pipeline needs pp micro-batches)
     cfg = TrainConfig(model=str(files.weights), data=data_spec, field=field, tokenizer=tokenizer, steps=1,
                       seq_len=seq_len, micro_batch=batch_size, global_batch=batch_size * dims.dp * dims.pp,
-                      eval_every=1, eval_batches=max_batches, dp=dims.dp, tp=dims.tp, pp=dims.pp, zero=zero,
+                      eval_every=0, dp=dims.dp, tp=dims.tp, pp=dims.pp, zero=zero,
                       dtype=dtype, progress=ctx.is_logging_rank, tensorboard=False, plot=False, peak_tflops=1.0,
                       out="unused")
     data = load_data_once(cfg, ctx, model_vocab=files.config.vocab_size)
@@ -62,13 +63,11 @@ def evaluate_corpus(model_path: str, data_spec: str, ctx, seq_len: int, batch_si
     whole = TokenData(train=whole, val=whole, vocab_size=data.vocab_size, eos_id=data.eos_id,
                       tokenizer=data.tokenizer)
     trainer = Trainer(cfg, ctx, whole, files.config)
+    trainer.set_validation(whole.val, batch_size * max_batches)  # the same windows under every layout
     if files.kind == "checkpoint":
         load_checkpoint(trainer, files.weights)
-    if not trainer.val_batches:
+    if trainer.val_windows is None:
         raise GenerateError(f"--data {data_spec} has {len(whole.val)} tokens, fewer than --seq-len + 1 = {seq_len + 1}")
     loss = trainer.evaluate()
-    batches = trainer.val_batches
-    if trainer.pipeline is not None:  # as evaluate: full micro-batches only
-        batches = [(x, y) for x, y in batches if x.shape[0] == trainer.micro_batch]
-    windows = sum(int(x.shape[0]) for x, _ in batches)
+    windows = len(trainer.val_windows[0])
     return EvalResult(loss, math.exp(min(loss, 700.0)), windows * seq_len, windows)

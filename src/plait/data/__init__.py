@@ -5,11 +5,11 @@ Typical use::
     data = load_token_data("stdlib", tokenizer_kind="bpe", vocab_size=8192)
     sampler = BatchSampler(data.train, seq_len=256, global_batch=64, seed=0)
     inputs, targets = sampler.shard(step, dp_rank, dp_size)
-    val = validation_batches(data.val, seq_len=256, batch_size=64, max_batches=8)
+    val_inputs, val_targets = validation_windows(data.val, seq_len=256, max_windows=512)
 """
 
 from plait.data.corpus import DataError, TextCorpus, open_text_corpus, stdlib_root
-from plait.data.sampler import BatchSampler, TokenData, load_token_data, validation_batches
+from plait.data.sampler import BatchSampler, TokenData, load_token_data, validation_windows
 from plait.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, build_tokenizer, default_cache_dir
 
 __all__ = [
@@ -25,5 +25,5 @@ __all__ = [
     "load_token_data",
     "open_text_corpus",
     "stdlib_root",
-    "validation_batches",
+    "validation_windows",
 ]

@@ -316,35 +316,19 @@ class BatchSampler:
         return self._windows(None if streams is None else streams[mine], offsets[mine])
 
 
-def validation_batches(
-    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Fixed validation batches read from the start of ``tokens``.
+def validation_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed validation set: the first ``min(max_windows, available)`` windows of ``tokens``,
+    as (inputs, targets) of shape [windows, seq_len].
 
-    Window ``i`` starts at ``i * seq_len``: consecutive windows share only
-    their boundary token (the last target of one is the first input of the
-    next), so the predicted positions never overlap and no token is skipped.
-    Returns as many full batches as fit, up to ``max_batches``; if not even
-    one full batch fits, a single smaller batch of every window there is.
+    Window ``i`` starts at ``i * seq_len``: consecutive windows share only their boundary token
+    (the last target of one is the first input of the next), so the predicted positions never
+    overlap and no token is skipped. The set depends on the tokens, ``seq_len`` and the count
+    only, never on a layout: how it is cut into micro-batches and shared over ranks is
+    ``evaluation_share``'s business.
     """
-    if seq_len < 1 or batch_size < 1 or max_batches < 1:
-        raise ValueError(
-            "seq_len, batch_size and max_batches must be positive, "
-            f"got {seq_len}, {batch_size}, {max_batches}"
-        )
+    if seq_len < 1 or max_windows < 1:
+        raise ValueError(f"seq_len and max_windows must be positive, got {seq_len}, {max_windows}")
     if len(tokens) < seq_len + 1:
         raise DataError(f"validation split has {len(tokens)} tokens, fewer than seq_len+1 = {seq_len + 1}")
-
-    window_count = (len(tokens) - 1) // seq_len
-    if window_count < batch_size:
-        batch_sizes = [window_count]
-    else:
-        batch_sizes = [batch_size] * min(max_batches, window_count // batch_size)
-
-    batches = []
-    first_window = 0
-    for size in batch_sizes:
-        offsets = [(first_window + i) * seq_len for i in range(size)]
-        batches.append(_gather_windows([tokens], offsets, seq_len))
-        first_window += size
-    return batches
+    count = min(max_windows, (len(tokens) - 1) // seq_len)
+    return _gather_windows([tokens], [index * seq_len for index in range(count)], seq_len)

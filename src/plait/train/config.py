@@ -83,7 +83,7 @@ class TrainConfig:
     timeline: bool = False               # pipeline: write the last step's measured timeline
     # evaluation and output
     eval_every: int = 50                 # 0 disables periodic validation
-    eval_batches: int = 4
+    eval_batches: int = 4                # validation set: the first eval_batches x global_batch windows
     out: str | None = None               # run directory; default runs/<model>-<timestamp>
     checkpoint_every: int = 0            # write a checkpoint every N steps (and at the end); 0: never
     keep_checkpoints: int = 2            # complete checkpoints kept (older ones deleted)

@@ -176,7 +176,7 @@ def _train(cfg: TrainConfig, ctx: ParallelContext) -> list[dict[str, Any]]:
                 ctx.recorder.set_step(step)  # as metrics.jsonl numbers it
                 record = trainer.train_step(step)
                 last = step == cfg.steps - 1
-                if trainer.val_batches and ((step + 1) % cfg.eval_every == 0 or last):
+                if trainer.val_windows is not None and ((step + 1) % cfg.eval_every == 0 or last):
                     record["val_loss"] = trainer.evaluate()
                 history.append(record)
                 if logger is not None:

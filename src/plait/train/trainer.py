@@ -24,7 +24,7 @@ from torch import nn
 from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
 from plait.checkpoint.sources import HFSource, InitSource
 from plait.context_parallel import apply_context_parallel, context_slice
-from plait.data import BatchSampler, TokenData, validation_batches
+from plait.data import BatchSampler, TokenData, validation_windows
 from plait.data_parallel import DataParallelStrategy, Replicated, Sharded, TiedWeights
 from plait.device import to_device
 from plait.layout import LayoutError, check_run, layout_of
@@ -92,16 +92,22 @@ def hidden_loss_sum(model: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return linear_cross_entropy_sum(hidden, head.weight, targets, label_smoothing)
 
 
-def evaluation_share(batches: list[tuple[torch.Tensor, torch.Tensor]], dp: int,
-                     dp_rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Validation batch i goes to dp rank i mod dp. Every rank runs as many forwards as the
-    busiest one (ZeRO-3 gathers parameters in each forward, a collective all dp ranks must
-    join): the short ranks add copies of a batch whose targets are all ignored (loss 0, 0 tokens)."""
-    mine = [batch for index, batch in enumerate(batches) if index % dp == dp_rank]
-    if batches:
-        x, y = batches[0]
-        mine += [(x, torch.full_like(y, IGNORE_INDEX))] * (-(-len(batches) // dp) - len(mine))
-    return mine
+def evaluation_share(windows: tuple[torch.Tensor, torch.Tensor], dp: int, dp_rank: int,
+                     micro_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This dp rank's micro-batches of the validation set: window i goes to dp rank i mod dp.
+
+    Every rank runs the same number of full micro-batches (ZeRO-3 gathers parameters in each
+    forward, a collective all dp ranks must join; a pipeline sends fixed shapes): rows missing
+    from a rank's share are copies of a window whose targets are all ignored (loss 0, 0 tokens).
+    The loss is the sum over the set's tokens divided by their count, whatever the layout."""
+    inputs, targets = windows
+    x, y = inputs[dp_rank::dp], targets[dp_rank::dp]
+    rows = -(-len(inputs) // dp)  # the busiest rank's windows
+    padding = -(-rows // micro_batch) * micro_batch - len(x)
+    if padding:
+        x = torch.cat([x, inputs[:1].expand(padding, -1)])
+        y = torch.cat([y, torch.full((padding, targets.shape[1]), IGNORE_INDEX, dtype=targets.dtype)])
+    return list(zip(x.split(micro_batch), y.split(micro_batch)))
 
 
 class Trainer:
@@ -140,9 +146,9 @@ class Trainer:
         self.strategy.load_parameters(source)
 
         self.sampler = BatchSampler(data.train, cfg.seq_len, cfg.global_batch, cfg.seed, data.weights)
-        self.val_batches = []
-        if cfg.eval_every > 0 and len(data.val) > cfg.seq_len:
-            self.val_batches = validation_batches(data.val, cfg.seq_len, self.micro_batch, cfg.eval_batches)
+        self.val_windows = None  # the fixed validation set (evaluate), the same under every layout
+        if cfg.eval_every > 0:
+            self.set_validation(data.val, cfg.eval_batches * cfg.global_batch)
         self.compute_dtype = DTYPE_BY_NAME[cfg.dtype]
         self.flops_per_token = self.model_config.flops_per_token(cfg.seq_len)
         self.skipped_steps = 0  # steps whose update was dropped (--on-nonfinite skip); kept in checkpoints
@@ -323,26 +329,27 @@ class Trainer:
         self.peak_flops = max(self.peak_flops, achieved)
         return achieved / self.peak_flops
 
+    def set_validation(self, tokens, max_windows: int) -> None:
+        """Evaluate on the first ``max_windows`` windows of ``tokens`` (none if shorter than one)."""
+        self.val_windows = validation_windows(tokens, self.cfg.seq_len, max_windows) \
+            if len(tokens) > self.cfg.seq_len else None
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over the fixed validation batches, shared out over dp ranks."""
+        """Mean token loss over the fixed validation windows, shared out over dp ranks."""
         with gemm_context(self.ctx.device, self.compute_dtype):
             return self._evaluate()
 
     def _evaluate(self) -> float:
         total = torch.zeros((), dtype=torch.float64)
         count = 0
-        batches = self.val_batches
-        if self.pipeline is not None:  # a forward-only GPipe pass of full micro-batches
-            batches = [(x, y) for x, y in batches if x.shape[0] == self.micro_batch]
         mine = [tuple(map(self._my_positions, batch))
-                for batch in evaluation_share(batches, self.ctx.dims.dp, self.ctx.dp_rank)]
-        if self.pipeline is not None:  # the last stage has the loss
-            if mine:
-                inputs = [to_device(x, self.ctx.device) for x, _ in mine]
-                targets = [to_device(y, self.ctx.device) for _, y in mine]
-                total += self._eval_executor(len(mine)).run(inputs, targets, 1, forward_only=True)
-                count = sum(int((y != IGNORE_INDEX).sum()) for y in targets)
+                for batch in evaluation_share(self.val_windows, self.ctx.dims.dp, self.ctx.dp_rank, self.micro_batch)]
+        if self.pipeline is not None:  # a forward-only GPipe pass; the last stage has the loss
+            inputs = [to_device(x, self.ctx.device) for x, _ in mine]
+            targets = [to_device(y, self.ctx.device) for _, y in mine]
+            total += self._eval_executor(len(mine)).run(inputs, targets, 1, forward_only=True)
+            count = sum(int((y != IGNORE_INDEX).sum()) for y in targets)
             (pipeline_total,) = self.ctx.comm("pp").all_reduce_scalars([float(total)], tag="eval")
             total = torch.tensor(pipeline_total, dtype=torch.float64)
         else:
