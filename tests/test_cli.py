@@ -82,6 +82,7 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     (["--data", "/definitely/not/here", "--model", "tiny", "--steps", "1"], "does not exist"),
     (["--data", "a.bin:0.7,b.jsonl"], "'b.jsonl' has no weight"),
     (["--data", "a.bin:-1,b.bin:1"], "the weight of 'a.bin' must be a positive number"),
+    (["--out", "/proc/plait-run"], "--out /proc/plait-run: cannot create or write the run directory"),
 ])
 def test_bad_input_is_one_line(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -25,6 +25,7 @@ from plait.mesh import ParallelDims
 from plait.models import PRESETS, get_preset
 from plait.pipeline.schedules import SCHEDULES
 from plait.train.config import DTYPES, OnNonFinite, TrainConfig, TrainConfigError, load_toml
+from plait.train.run_dir import agreed_run_dir, default_run_dir, make_run_dir
 
 
 # (flag, TrainConfig field, type, help). Defaults come from TrainConfig and are shown in --help.
@@ -253,6 +254,7 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     model = load_hf_config(cfg.model) if is_hf_directory(cfg.model) else get_preset(cfg.model)
     check_run(cfg, dims, model)
     cfg.tokenizer_spec()
+    make_run_dir(cfg.out)
 
 
 def torch_distributed_error() -> tuple[type, ...]:
@@ -270,6 +272,8 @@ def train_worker(cfg: TrainConfig) -> int:
     code = 0
     try:
         ctx = init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s, cfg.device, cfg.cp, cfg.dp_shard)
+        if cfg.out is None:
+            cfg.out = agreed_run_dir(cfg.model, ctx.rank, ctx.world_size)
         run_training(cfg, ctx)
     except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)
@@ -329,11 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     try:
         cfg = train_config_from_args(args)
-        if cfg.out is None:
-            cfg.out = os.path.join("runs", f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-            argv = [*argv, "--out", cfg.out]
-        if under_launcher():
+        if under_launcher():  # without --out, the ranks agree on one name once they have joined
             return train_worker(cfg)
+        if cfg.out is None:
+            cfg.out = default_run_dir(cfg.model)
+            argv = [*argv, "--out", cfg.out]
         validate_before_launch(cfg, cfg.nproc)
     except PlaitError as error:
         print(f"plait: error: {error}", file=sys.stderr)

@@ -18,6 +18,7 @@ from plait.runtime import configure_threads, tune_cpu_allocator
 from plait.train.config import OnNonFinite, TrainConfig
 from plait.train.metrics import MemoryWatch, MetricsLogger
 from plait.train.preemption import Preempted, StopRequests
+from plait.train.run_dir import make_run_dir, restart_count, set_aside_previous_run
 from plait.train.trainer import Trainer
 from plait.train.watchdog import HangWatchdog
 
@@ -134,14 +135,29 @@ def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[d
         return _train(cfg, ctx)
 
 
+def prepare_run_dir(cfg: TrainConfig, ctx: ParallelContext) -> bool:
+    """Create ``--out`` (rank 0, before any rank writes there); under ``--no-resume`` set a previous
+    run in it aside. Returns whether to resume: a worker group the launcher restarted after a
+    failure resumes the run it started, even under ``--no-resume``."""
+    restarted = restart_count() > 0
+    if ctx.rank == 0:
+        make_run_dir(cfg.out)
+        if not cfg.resume and not restarted and (aside := set_aside_previous_run(cfg.out)) is not None:
+            print(f"plait: --no-resume: the previous run in {cfg.out} was moved to {aside}", flush=True)
+    if ctx.world_size > 1:
+        dist.barrier()
+    return cfg.resume or restarted
+
+
 def _train(cfg: TrainConfig, ctx: ParallelContext) -> list[dict[str, Any]]:
+    resume = prepare_run_dir(cfg, ctx)
     data = load_data_once(cfg, ctx)
     memory = MemoryWatch(ctx.device)
     trainer = Trainer(cfg, ctx, data)
     memory.end_phase("construction")
     out_dir = Path(cfg.out)
     start = 0
-    latest = newest_intact_checkpoint(out_dir, ctx) if cfg.resume else None  # rank 0 warns of damage
+    latest = newest_intact_checkpoint(out_dir, ctx) if resume else None  # rank 0 warns of damage
     if latest is not None:
         start = load_checkpoint(trainer, latest)
     logger = None
@@ -210,5 +226,6 @@ def _train(cfg: TrainConfig, ctx: ParallelContext) -> list[dict[str, Any]]:
             summary += f", validation loss {final['val_loss']:.4f}"
         if trainer.skipped_steps:
             summary += f", {trainer.skipped_steps} non-finite step(s) skipped"
-        print(summary + f"; see {out_dir}/metrics.jsonl and {out_dir}/loss.png", flush=True)
+        plot = f" and {out_dir}/loss.png" if cfg.plot else ""
+        print(summary + f"; see {out_dir}/metrics.jsonl{plot}", flush=True)
     return history
