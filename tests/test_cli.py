@@ -93,6 +93,22 @@ def test_bad_input_is_one_line(args, message, capsys, tmp_path, monkeypatch):
     assert len(err.splitlines()) == 1 and err.startswith("plait: error:") and message in err, err
 
 
+def test_a_vocabulary_tp_does_not_divide_is_one_line_before_launch(tmp_path, capsys, monkeypatch):
+    """A 32001-token Llama fine-tune, saved by transformers itself, at tp=2: refused before any worker starts."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32001, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+    model.save_pretrained(tmp_path / "finetune")
+    capsys.readouterr()  # transformers' own progress bar
+    code = main(["train", "--model", str(tmp_path / "finetune"), "--data", "x.bin", "--nproc", "2", "--tp", "2",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("plait: error: tp=2 does not divide the model's vocab_size = 32001"), err
+
+
 def test_config_file_and_flag_precedence(tmp_path):
     from plait.cli import build_parser, train_config_from_args
     config = tmp_path / "run.toml"
