@@ -83,6 +83,9 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
     (["--data", "a.bin:0.7,b.jsonl"], "'b.jsonl' has no weight"),
     (["--data", "a.bin:-1,b.bin:1"], "the weight of 'a.bin' must be a positive number"),
     (["--out", "/proc/plait-run"], "--out /proc/plait-run: cannot create or write the run directory"),
+    (["--model", "tiny", "--schedule", "zbv"], "--schedule only apply to pipeline parallel runs"),
+    (["--model", "tiny", "--virtual-stages", "2", "--timeline"], "--virtual-stages, --timeline only apply to pipeline"),
+    (["--model", "tiny", "--pipeline-split", "2,2"], "--pipeline-split only apply to pipeline parallel runs"),
 ])
 def test_bad_input_is_one_line(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -109,12 +112,43 @@ def test_a_vocabulary_tp_does_not_divide_is_one_line_before_launch(tmp_path, cap
     assert err.startswith("plait: error: tp=2 does not divide the model's vocab_size = 32001"), err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--model", "llama2-7b"], "this run needs about 136.4 GB per rank (model states 107.8 GB"),
+    (["--model", "tiny", "--global-batch", "100000000"],
+     "--global-batch 100000000 x --seq-len 128 needs 311.2 GB of token ids per rank x 1 local rank"),
+    (["--model", "small", "--nproc", "4", "--global-batch", "4096", "--micro-batch", "1024"], "x 4 local ranks"),
+])
+def test_a_run_this_host_cannot_hold_is_one_line_before_launch(args, message, capsys, tmp_path, monkeypatch):
+    """The planner's estimate against the host's available memory (16 GB here), before any worker starts."""
+    import plait.planner.fit
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(plait.planner.fit, "available_host_bytes", lambda: 16 * 10 ** 9)
+    code = main(["train", "--out", str(tmp_path / "out"), "--device", "cpu", *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert message in err and "more than the 16.0 GB available on this host" in err, err
+
+
+def test_the_memory_check_passes_what_this_host_trains(tmp_path):
+    """The README's medium run on 8 ranks (13.5 GB measured) and the default run fit 24 GB."""
+    from plait.mesh import ParallelDims
+    from plait.models import get_preset
+    from plait.planner.fit import check_host_memory
+    medium = TrainConfig(model="medium", zero=3, activation_checkpointing="full", dtype="bfloat16", global_batch=8,
+                         micro_batch=1, seq_len=256, out=str(tmp_path))
+    check_host_memory(medium, ParallelDims(dp=8), get_preset("medium"), local_ranks=8, available=16 * 10 ** 9)
+    check_host_memory(TrainConfig(out=str(tmp_path)), ParallelDims(), get_preset("small"), 1, available=2 * 10 ** 9)
+
+
 def test_config_file_and_flag_precedence(tmp_path):
     from plait.cli import build_parser, train_config_from_args
     config = tmp_path / "run.toml"
     config.write_text('[train]\nsteps = 5\nglobal-batch = 4\nmodel = "tiny"\n')
     cfg = train_config_from_args(build_parser().parse_args(["train", "--config", str(config), "--steps", "7"]))
     assert (cfg.steps, cfg.global_batch, cfg.model) == (7, 4, "tiny")
+    config.write_text('timeout = 30\nhang-timeout = 5\n')  # keys are the long flags (--timeout, --hang-timeout)
+    cfg = train_config_from_args(build_parser().parse_args(["train", "--config", str(config)]))
+    assert (cfg.timeout_s, cfg.hang_timeout_s) == (30, 5)
     config.write_text('steps = "many"\n')
     with pytest.raises(ValueError, match="steps = 'many' is not of type int"):
         train_config_from_args(build_parser().parse_args(["train", "--config", str(config)]))
@@ -132,6 +166,13 @@ def test_schedule_command_draws_and_prints_the_bubble(tmp_path, capsys):
     assert main(["schedule", "--pp", "4", "--microbatches", "6", "--schedule", "interleaved",
                  "--virtual-stages", "2", "-o", str(out)]) == 2
     assert "multiple of pp=4" in capsys.readouterr().err
+    assert main(["schedule", "--pp", "2", "-o", str(tmp_path / "missing" / "s.png")]) == 2
+    assert capsys.readouterr().err.strip() == f"plait: error: -o {tmp_path / 'missing' / 's.png'}: the folder " \
+                                              f"{tmp_path / 'missing'} does not exist"
+    # gpipe over two chunks per rank: the formula has v, as the simulation does
+    assert main(["schedule", "--pp", "2", "--microbatches", "8", "--schedule", "gpipe", "--virtual-stages", "2",
+                 "-o", str(out)]) == 0
+    assert "analytic (p-1)/(v*m+p-1) = 1/(2*8+1) = 0.0588; simulated 0.0588" in capsys.readouterr().out
     # zero bubble: the default backward (2 forwards) split into B = W = 1
     assert main(["schedule", "--pp", "4", "--microbatches", "8", "--schedule", "zb1p", "-o", str(out)]) == 0
     assert "analytic (p-1)/(3m+p-1) = 3/(3*8+3) = 0.1111; simulated 0.1111" in capsys.readouterr().out

@@ -181,10 +181,14 @@ def schedule_command(args: argparse.Namespace) -> int:
     from plait.pipeline.diagram import draw_slots
     from plait.pipeline.schedules import analytic_bubble_formula, splits_backward
 
+    folder = Path(args.output).parent
+    if not folder.is_dir():
+        print(f"plait: error: -o {args.output}: the folder {folder} does not exist", file=sys.stderr)
+        return 2
     try:
         plans = build_schedule(args.schedule, args.pp, args.microbatches, args.virtual_stages)
         # interleaved and ZB-V chunks are 1/v of a stage: keep one time unit = one forward of a whole stage
-        v = args.virtual_stages if args.schedule in ("interleaved", "zbv") else 1
+        v = args.virtual_stages
         backward = args.backward_cost / v
         if splits_backward(args.schedule):  # B (input gradients) and W (weights) share the backward
             slots = simulate(plans, forward_cost=1.0 / v, backward_cost=backward / 2, weight_cost=backward / 2)
@@ -235,7 +239,8 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
     values.pop("command", None)
     config_path = values.pop("config", None)
-    merged = load_toml(config_path) if config_path else {}
+    flag_fields = {flag[2:].replace("-", "_"): field for flag, field, _, _ in TRAIN_FLAGS}
+    merged = load_toml(config_path, flag_fields) if config_path else {}
     merged.update(values)
     try:
         return TrainConfig(**merged)
@@ -248,11 +253,14 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
     from plait.device import host_device_plan
     from plait.layout import check_run
+    from plait.planner.fit import check_host_memory
 
     dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp, cp=cfg.cp, dp_shard=cfg.dp_shard)
-    host_device_plan(cfg.device, local_ranks=world_size)  # --nproc ranks, all on this host
+    devices = host_device_plan(cfg.device, local_ranks=world_size)  # --nproc ranks, all on this host
     model = load_hf_config(cfg.model) if is_hf_directory(cfg.model) else get_preset(cfg.model)
     check_run(cfg, dims, model)
+    if devices.kind == "cpu":
+        check_host_memory(cfg, dims, model, local_ranks=world_size)
     cfg.tokenizer_spec()
     make_run_dir(cfg.out)
 

@@ -235,7 +235,14 @@ def check_run(cfg, dims, model_config) -> None:
 
     layout = layout_of(cfg, dims)
     check_layout(ModelFacts.of_llama(model_config, cfg.seq_len), layout)
-    if dims.pp > 1:
+    if dims.pp == 1:  # a setting that cannot take effect is refused, never ignored
+        pipeline_only = [flag for flag, given in (
+            ("--schedule", cfg.schedule != type(cfg).schedule), ("--virtual-stages", cfg.virtual_stages != 1),
+            ("--pipeline-split", cfg.pipeline_split is not None), ("--timeline", cfg.timeline)) if given]
+        if pipeline_only:
+            raise LayoutError(f"{', '.join(pipeline_only)} only apply to pipeline parallel runs; "
+                              "add --pp N (N > 1) or leave them out")
+    else:
         split = [int(part) for part in cfg.pipeline_split.split(",")] if cfg.pipeline_split else None
         try:
             plan_chunks(model_config, dims.pp, cfg.virtual_stages, cfg.seq_len, split)

@@ -357,8 +357,7 @@ def analytic_bubble(schedule: str, pp: int, microbatches: int, virtual_stages: i
         return (pp - 1) / (6 * microbatches + pp - 1)
     if splits_backward(schedule):
         return (pp - 1) / (3 * microbatches + pp - 1)
-    v = virtual_stages if schedule == "interleaved" else 1
-    return (pp - 1) / (v * microbatches + pp - 1)
+    return (pp - 1) / (virtual_stages * microbatches + pp - 1)  # gpipe over v chunks too
 
 
 def analytic_bubble_formula(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> str:
@@ -368,6 +367,6 @@ def analytic_bubble_formula(schedule: str, pp: int, microbatches: int, virtual_s
         return f"(p-1)/(6m+p-1) = {pp - 1}/(6*{microbatches}+{pp - 1}){note}"
     if splits_backward(schedule):
         return f"(p-1)/(3m+p-1) = {pp - 1}/(3*{microbatches}+{pp - 1})"
-    if schedule == "interleaved" and virtual_stages > 1:
+    if virtual_stages > 1:  # interleaved, or gpipe over v chunks per rank
         return f"(p-1)/(v*m+p-1) = {pp - 1}/({virtual_stages}*{microbatches}+{pp - 1})"
     return f"(p-1)/(m+p-1) = {pp - 1}/({microbatches}+{pp - 1})"

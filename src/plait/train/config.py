@@ -206,8 +206,12 @@ class TrainConfig:
         return [f.name for f in fields(cls)]
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Keys of a TOML config file (flat, or under a [train] table), checked against TrainConfig."""
+def load_toml(path: str | Path, flag_fields: dict[str, str] | None = None) -> dict[str, Any]:
+    """Keys of a TOML config file (flat, or under a [train] table), checked against TrainConfig.
+
+    A key is a long flag without its dashes (``timeout``, ``hang-timeout``), '-' or '_' alike, or
+    a TrainConfig field name; ``flag_fields`` maps flag names ('_' for '-') to fields where
+    they differ."""
     path = Path(path)
     if not path.is_file():
         raise TrainConfigError(f"config file {path} does not exist")
@@ -215,7 +219,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise TrainConfigError(f"config file {path} is not valid TOML: {error}") from None
-    data = {key.replace("-", "_"): value for key, value in data.get("train", data).items()}
+    flag_fields = flag_fields or {}
+    data = {flag_fields.get(key.replace("-", "_"), key.replace("-", "_")): value
+            for key, value in data.get("train", data).items()}
     if isinstance(data.get("data"), dict):  # [train.data] "source" = weight: a mixture
         try:
             data["data"] = format_data_spec(data["data"])
