@@ -88,7 +88,7 @@ class FlightRecorder:
             return [entry for entry in self.entries if entry.end is None]
 
     def write(self, folder: Path) -> Path | None:
-        """``snapshot()`` as ``folder/rank-N.json``; None if it cannot be written."""
+        """``snapshot()`` as ``folder/rank-00003.json`` (rank 3); None if it cannot be written."""
         try:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"rank-{self.rank:05d}.json"

@@ -26,6 +26,7 @@ from plait.checkpoint.hf_config import (SOURCE_DIR, SOURCE_FILES, ConfigForm, ca
                                         read_json)
 from plait.checkpoint.store import TOKENIZER_DIR, CheckpointError, read_full_state, read_meta
 from plait.data.hf_tokenizer import PretrainedTokenizer, has_tokenizer
+from plait.files import atomic_path, atomic_write_text
 from plait.models import LlamaConfig
 from plait.sharding import shard_of
 
@@ -54,8 +55,9 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, form: ConfigForm | No
         weights.pop("lm_head.weight", None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config_dict(config, form, carried), indent=2) + "\n")
+    with atomic_path(out / "model.safetensors") as temp:  # safetensors writes owner-only files
+        save_file(weights, str(temp), metadata={"format": "pt"})
+    atomic_write_text(out / "config.json", json.dumps(hf_config_dict(config, form, carried), indent=2) + "\n")
     for name in SOURCE_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
@@ -63,7 +65,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, form: ConfigForm | No
         tokenizer.save_pretrained(out)
         if not (out / "generation_config.json").is_file():
             generation = {key: carried[key] for key in ("bos_token_id", "eos_token_id") if key in carried}
-            (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+            atomic_write_text(out / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     return out
 
 

@@ -18,9 +18,11 @@ Why safetensors + JSON rather than ``torch.distributed.checkpoint``: loading nev
 anything, the files are readable without plait (one flat tensor per piece, its meaning in plain
 JSON), and resharding needs no planner: a piece says which part of which full tensor it is.
 
-Commit protocol: all ranks write into ``step-N.tmp``; a barrier; rank 0 writes ``meta.json`` and
-``COMPLETE`` inside, then renames the directory to ``step-N`` (atomic on one filesystem) and deletes
-all but the newest ``keep`` complete checkpoints. A crash at any point leaves the previous
+Commit protocol (directories named by the step, zero-padded to 8 digits): all ranks write into
+``step-00000040.tmp``; a barrier; rank 0 writes ``meta.json`` and ``COMPLETE`` inside, then renames
+the directory to ``step-00000040`` (atomic on one filesystem) and deletes all but the newest
+``keep`` complete checkpoints. Each rank file is written under a temporary name and renamed with
+the usual permissions (``plait.files``). A crash at any point leaves the previous
 complete checkpoint untouched and loadable.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ from plait.checkpoint.hf_config import SOURCE_DIR, copy_source_files
 from plait.checkpoint.integrity import damage, file_record, recorded_files
 from plait.checkpoint.pieces import Piece, assemble
 from plait.errors import PlaitError
+from plait.files import atomic_path
 
 FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"  # in a run directory and in each checkpoint
@@ -86,7 +89,8 @@ def save_checkpoint(trainer, run_dir: str | Path, step: int, keep: int = 2) -> P
     pieces = trainer.strategy.state_pieces()
     tensors = {piece.key: data.contiguous() for piece, data in pieces}
     name = f"rank-{ctx.rank:05d}"
-    save_file(tensors, str(tmp / f"{name}.safetensors"))
+    with atomic_path(tmp / f"{name}.safetensors") as temp:  # safetensors writes owner-only files
+        save_file(tensors, str(temp))
     (tmp / f"{name}.json").write_text(json.dumps([piece.to_json() for piece, _ in pieces]))
     records = {file: file_record(tmp / file) for file in (f"{name}.safetensors", f"{name}.json")}
     every = [records]

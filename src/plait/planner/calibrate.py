@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from plait.files import atomic_write_text
 from plait.planner.hardware import HardwareProfile, LinkFit, default_profile_path
 from plait.planner.network import FACTORS
 
@@ -249,8 +250,5 @@ def _physical_memory() -> float:
 
 def write_profile(profile: HardwareProfile, path: Path | None = None) -> Path:
     path = Path(path) if path else default_profile_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(profile.to_json())
-    os.replace(tmp, path)
+    atomic_write_text(path, profile.to_json())
     return path
