@@ -440,7 +440,7 @@ def test_load_token_data_rejects_bad_val_fraction(tmp_path):
 
 
 def test_cache_writes_are_atomic(tmp_path):
-    from plait.data.tokenizer import atomic_output
+    from plait.files import atomic_output
 
     target = tmp_path / "out.bin"
     with pytest.raises(RuntimeError):

@@ -62,3 +62,17 @@ def test_an_interrupted_atomic_write_leaves_the_old_file(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_tokenized_data_and_tokenizer_cache_are_readable_by_others(tmp_path, umask, monkeypatch):
+    """plait tokenize's .bin and the BPE cache went through mkstemp (0600) before plait.files."""
+    from plait.data import load_token_data
+
+    umask(0o022)
+    monkeypatch.setenv("PLAIT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{n}(x):\n    return x + {n}\n" for n in range(300)))
+    load_token_data(str(corpus), "bpe", 300, show_progress=False)
+    written = modes(tmp_path / "cache")
+    assert any(name.endswith(".bin") for name in written) and any(name.endswith(".json") for name in written)
+    assert {name: oct(mode) for name, mode in written.items() if mode != 0o644} == {}

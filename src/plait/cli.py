@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a Hugging Face directory also gets back its token ids, generation_config.json, chat "
                     "template and tokenizer files.")
     export.add_argument("--checkpoint", required=True,
-                        help="a checkpoint directory (runs/X/checkpoints/step-N) or a run directory (its newest)")
+                        help="a checkpoint directory (runs/X/checkpoints/step-00000300) or a run directory (its newest)")
     export.add_argument("--hf", required=True, help="output directory")
     export.add_argument("--config-form", choices=("auto", "4", "5"), default="auto",
                         help="config.json for transformers 4.4x (rope_theta, rope_scaling) or 5.x "
@@ -262,7 +262,8 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     if devices.kind == "cpu":
         check_host_memory(cfg, dims, model, local_ranks=world_size)
     cfg.tokenizer_spec()
-    make_run_dir(cfg.out)
+    if cfg.out is not None:  # plait compare checks layouts before it names their run directories
+        make_run_dir(cfg.out)
 
 
 def torch_distributed_error() -> tuple[type, ...]:

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from plait.data.corpus import DataError, TextCorpus
 from plait.data.sampler import UINT32_BIN_SUFFIX, document_chunks, token_dtype
-from plait.data.tokenizer import Tokenizer, atomic_output, build_tokenizer
+from plait.data.tokenizer import Tokenizer, build_tokenizer
+from plait.files import atomic_output
 
 CHUNK_CHARS = 1_000_000
 

@@ -27,10 +27,10 @@ from plait.data.mixture import TokenChain, parse_data_spec
 from plait.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     Tokenizer,
-    atomic_output,
     build_tokenizer,
     default_cache_dir,
 )
+from plait.files import atomic_output
 
 # Documents are handed to the tokenizer in chunks of roughly this many
 # characters: large enough to keep all tokenizer threads busy, small enough

@@ -11,18 +11,17 @@ never needs the network. All three write themselves in Hugging Face's format
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from typing import BinaryIO, Protocol, runtime_checkable
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from plait.data.corpus import DataError, TextCorpus
 from plait.data.hf_tokenizer import PretrainedTokenizer, byte_backend, save_backend_pretrained
+from plait.files import atomic_write_bytes
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 8192
@@ -199,27 +198,3 @@ def build_tokenizer(
     return tokenizer
 
 
-def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``.
-
-    Concurrent writers (e.g. several ranks on one host) each use their own
-    temporary file, and readers only ever see a complete file.
-    """
-    with atomic_output(path) as handle:
-        handle.write(data)
-
-
-@contextlib.contextmanager
-def atomic_output(path: pathlib.Path) -> Iterator[BinaryIO]:
-    """Yield a binary file that appears at ``path`` only if the ``with`` block
-    finishes; on an exception (or a crash) the final path is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    temp_path = pathlib.Path(temp_name)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            yield handle
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise

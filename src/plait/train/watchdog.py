@@ -8,7 +8,7 @@ computing rank never stalls: the ranks waiting for it do. The protocol goes thro
 into it by all of them), not through the process group or its store, which may be hosted by
 the very rank that hangs:
 
-1. the first rank to stall writes its record (``rank-N.json``) and creates ``ALARM``;
+1. the first rank to stall writes its record (``rank-00003.json``) and creates ``ALARM``;
 2. every live rank's watchdog sees ``ALARM`` within a second and writes its record;
 3. the first to create ``REPORTER`` (``O_EXCL``) waits a few seconds for the others' records,
    writes ``summary.txt`` (``plait.flight_recorder.summarize``) and prints it; every rank then
