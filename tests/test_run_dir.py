@@ -100,3 +100,23 @@ def test_torchrun_without_out_writes_one_run_dir(corpus, tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith("tiny-")
     assert steps_of(run_dir) == [2]
+
+
+def test_a_run_directory_is_told_from_a_model_directory(tmp_path):
+    """A Hugging Face directory has a config.json too: --no-resume never moves one aside, and
+    plait generate on a run without a checkpoint says so instead of misreading its config.json."""
+    from plait.generate import GenerateError, locate_model
+    from plait.train.run_dir import is_run_directory
+
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 32000}))
+    assert not is_run_directory(model) and set_aside_previous_run(model) is None
+    assert (model / "config.json").exists()
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": {"model": "tiny"}, "model": {}}))
+    assert is_run_directory(run)
+    with pytest.raises(GenerateError, match="is a plait run without a checkpoint: train it with --checkpoint-every"):
+        locate_model(run)

@@ -32,6 +32,7 @@ from plait.errors import PlaitError
 from plait.models import LlamaConfig, build_meta_model, model_parameters
 from plait.models.llama import KVCache
 from plait.sharding import shard_of, swap_parameter_data
+from plait.train.run_dir import is_run_directory
 
 
 class GenerateError(PlaitError):
@@ -73,6 +74,9 @@ def locate_model(path: str | Path) -> ModelFiles:
     if not path.exists():
         raise GenerateError(f"--model {path} does not exist")
     checkpoint = path if (path / "COMPLETE").exists() else latest_checkpoint(path)
+    if checkpoint is None and is_run_directory(path):
+        raise GenerateError(f"--model {path} is a plait run without a checkpoint: train it with --checkpoint-every N "
+                            "(a checkpoint is also written at the end)")
     if checkpoint is None and is_hf_directory(path):  # a run directory has a config.json too: checked first
         return ModelFiles("hf", path, load_hf_config(path), path if has_tokenizer(path) else None)
     if checkpoint is None:

@@ -86,7 +86,10 @@ def print_sample(trainer: Trainer, prompt: str, out_dir: Path, new_tokens: int =
         return
     if ctx.world_size > 1 or tokenizer is None:
         why = "the model is spread over ranks" if ctx.world_size > 1 else "the run has no tokenizer"
-        print(f"plait: no sample ({why}); try plait generate --model {out_dir} --prompt ...", flush=True)
+        later = f"plait generate --model {out_dir} --prompt ..."
+        if not trainer.cfg.checkpoint_every:  # generate reads a checkpoint: there will be none
+            later = f"train with --checkpoint-every N, then {later}"
+        print(f"plait: no sample ({why}); to sample it, {later}", flush=True)
         return
     trainer.strategy.materialize()
     try:

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,6 @@ from pathlib import Path
 from plait.errors import PlaitError
 
 PREVIOUS_PREFIX = "previous-"
-RUN_MARKERS = ("checkpoints", "metrics.jsonl", "config.json")  # what makes a directory a plait run
 
 
 class RunDirError(PlaitError):
@@ -65,15 +65,23 @@ def make_run_dir(out: str | Path) -> Path:
     return path
 
 
-def holds_run(path: Path) -> bool:
-    return any((path / marker).exists() for marker in RUN_MARKERS)
+def is_run_directory(path: str | Path) -> bool:
+    """Does ``path`` hold a plait run: its metrics, checkpoints, or a config.json with the run's
+    options (a Hugging Face model directory has a config.json too, without them)?"""
+    path = Path(path)
+    if (path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir():
+        return True
+    try:
+        return "train" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def set_aside_previous_run(out: str | Path) -> Path | None:
     """Move a previous run in ``out`` (everything but earlier set-aside runs) into
     ``out/previous-<time>/``; returns that folder, or None when there was no run."""
     path = Path(out)
-    if not path.is_dir() or not holds_run(path):
+    if not path.is_dir() or not is_run_directory(path):
         return None
     aside = path / f"{PREVIOUS_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
     suffix = 1
