@@ -15,35 +15,36 @@ from plait.data import DataError, validation_windows
 from plait.loss import IGNORE_INDEX
 from plait.mesh import ParallelContext, ParallelDims
 from plait.train import Trainer
-from plait.train.trainer import evaluation_share
+from plait.train.trainer import evaluation_batch, evaluation_share
 
 
 def validation_loss(ctx, cfg, data, model_config):
     """(windows evaluated, validation loss) of the initial weights (the same under every layout)."""
     trainer = Trainer(cfg, ctx, data, model_config)
-    return len(trainer.val_windows[0]), trainer.evaluate()
+    return len(trainer.val_windows), trainer.evaluate()
 
 
 def test_validation_windows_are_consecutive_and_capped():
     tokens = torch.arange(200).numpy()
-    inputs, targets = validation_windows(tokens, seq_len=10, max_windows=7)
+    windows = validation_windows(tokens, seq_len=10, max_windows=7)
+    assert len(windows) == 7
+    inputs, targets = windows.rows(range(7))
     assert inputs.shape == targets.shape == (7, 10)
     assert inputs[:, 0].tolist() == [10 * index for index in range(7)]
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
-    assert len(validation_windows(tokens, seq_len=10, max_windows=100)[0]) == 19  # (200 - 1) // 10
+    assert windows.rows([5])[0][0, 0] == 50  # any window, read on its own
+    assert len(validation_windows(tokens, seq_len=10, max_windows=100)) == 19  # (200 - 1) // 10
     with pytest.raises(DataError, match="fewer than seq_len"):
         validation_windows(tokens[:10], seq_len=10, max_windows=2)
 
 
 def test_evaluation_share_covers_every_window_once_in_equal_micro_batches():
-    inputs = torch.arange(5 * 4).reshape(5, 4)
-    targets = inputs + 100
-    shares = [evaluation_share((inputs, targets), dp=2, dp_rank=rank, micro_batch=2) for rank in range(2)]
-    assert [len(share) for share in shares] == [2, 2]  # 3 windows, then 2 + 1 ignored row
-    assert all(x.shape == (2, 4) for share in shares for x, _ in share)
-    kept = sorted(int(y[row, 0]) for share in shares for _, y in share for row in range(len(y))
-                  if y[row, 0] != IGNORE_INDEX)
-    assert kept == [100 + 4 * index for index in range(5)]
+    shares = [evaluation_share(5, dp=2, dp_rank=rank, micro_batch=2) for rank in range(2)]
+    assert shares == [[[0, 2], [4, None]], [[1, 3], [None, None]]]  # 3 windows each, padded: 2 full micro-batches
+    windows = validation_windows(torch.arange(60).numpy(), seq_len=10, max_windows=5)
+    inputs, targets = evaluation_batch(windows, [4, None])
+    assert inputs[:, 0].tolist() == [40, 0] and targets[0, 0] == 41
+    assert (targets[1] == IGNORE_INDEX).all()  # a padding row counts no token
 
 
 @pytest.fixture(scope="module")

@@ -69,5 +69,5 @@ def evaluate_corpus(model_path: str, data_spec: str, ctx, seq_len: int, batch_si
     if trainer.val_windows is None:
         raise GenerateError(f"--data {data_spec} has {len(whole.val)} tokens, fewer than --seq-len + 1 = {seq_len + 1}")
     loss = trainer.evaluate()
-    windows = len(trainer.val_windows[0])
+    windows = len(trainer.val_windows)
     return EvalResult(loss, math.exp(min(loss, 700.0)), windows * seq_len, windows)

@@ -5,11 +5,11 @@ Typical use::
     data = load_token_data("stdlib", tokenizer_kind="bpe", vocab_size=8192)
     sampler = BatchSampler(data.train, seq_len=256, global_batch=64, seed=0)
     inputs, targets = sampler.shard(step, dp_rank, dp_size)
-    val_inputs, val_targets = validation_windows(data.val, seq_len=256, max_windows=512)
+    val = validation_windows(data.val, seq_len=256, max_windows=512)   # val.rows([0, 1]): inputs, targets
 """
 
 from plait.data.corpus import DataError, TextCorpus, open_text_corpus, stdlib_root
-from plait.data.sampler import BatchSampler, TokenData, load_token_data, validation_windows
+from plait.data.sampler import BatchSampler, TokenData, ValidationWindows, load_token_data, validation_windows
 from plait.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, build_tokenizer, default_cache_dir
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "DataError",
     "TextCorpus",
     "TokenData",
+    "ValidationWindows",
     "Tokenizer",
     "build_tokenizer",
     "default_cache_dir",

@@ -316,19 +316,31 @@ class BatchSampler:
         return self._windows(None if streams is None else streams[mine], offsets[mine])
 
 
-def validation_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed validation set: the first ``min(max_windows, available)`` windows of ``tokens``,
-    as (inputs, targets) of shape [windows, seq_len].
+@dataclass(frozen=True, eq=False)
+class ValidationWindows:
+    """The fixed validation set: ``count`` windows of ``seq_len + 1`` tokens, window ``i`` starting
+    at ``i * seq_len`` of ``tokens``. Consecutive windows share only their boundary token (the last
+    target of one is the first input of the next), so the predicted positions never overlap and no
+    token is skipped. Windows are read on demand (``rows``): a rank reads only its share of a large
+    corpus. The set depends on the tokens, ``seq_len`` and the count only, never on a layout;
+    how it is cut into micro-batches and shared over ranks is ``evaluation_share``'s business."""
 
-    Window ``i`` starts at ``i * seq_len``: consecutive windows share only their boundary token
-    (the last target of one is the first input of the next), so the predicted positions never
-    overlap and no token is skipped. The set depends on the tokens, ``seq_len`` and the count
-    only, never on a layout: how it is cut into micro-batches and shared over ranks is
-    ``evaluation_share``'s business.
-    """
+    tokens: np.ndarray
+    seq_len: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
+
+    def rows(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) [len(indices), seq_len] of the windows ``indices``."""
+        return _gather_windows([self.tokens], [index * self.seq_len for index in indices], self.seq_len)
+
+
+def validation_windows(tokens: np.ndarray, seq_len: int, max_windows: int) -> ValidationWindows:
+    """The first ``min(max_windows, available)`` windows of ``tokens`` (see ``ValidationWindows``)."""
     if seq_len < 1 or max_windows < 1:
         raise ValueError(f"seq_len and max_windows must be positive, got {seq_len}, {max_windows}")
     if len(tokens) < seq_len + 1:
         raise DataError(f"validation split has {len(tokens)} tokens, fewer than seq_len+1 = {seq_len + 1}")
-    count = min(max_windows, (len(tokens) - 1) // seq_len)
-    return _gather_windows([tokens], [index * seq_len for index in range(count)], seq_len)
+    return ValidationWindows(tokens, seq_len, min(max_windows, (len(tokens) - 1) // seq_len))

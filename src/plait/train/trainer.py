@@ -24,7 +24,7 @@ from torch import nn
 from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
 from plait.checkpoint.sources import HFSource, InitSource
 from plait.context_parallel import apply_context_parallel, context_slice
-from plait.data import BatchSampler, TokenData, validation_windows
+from plait.data import BatchSampler, TokenData, ValidationWindows, validation_windows
 from plait.data_parallel import DataParallelStrategy, Replicated, Sharded, TiedWeights
 from plait.device import to_device
 from plait.layout import LayoutError, check_run, layout_of
@@ -92,22 +92,26 @@ def hidden_loss_sum(model: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return linear_cross_entropy_sum(hidden, head.weight, targets, label_smoothing)
 
 
-def evaluation_share(windows: tuple[torch.Tensor, torch.Tensor], dp: int, dp_rank: int,
-                     micro_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This dp rank's micro-batches of the validation set: window i goes to dp rank i mod dp.
+def evaluation_share(windows: int, dp: int, dp_rank: int, micro_batch: int) -> list[list[int | None]]:
+    """This dp rank's micro-batches of a validation set of ``windows`` windows, as window indices:
+    window i goes to dp rank i mod dp.
 
     Every rank runs the same number of full micro-batches (ZeRO-3 gathers parameters in each
     forward, a collective all dp ranks must join; a pipeline sends fixed shapes): rows missing
-    from a rank's share are copies of a window whose targets are all ignored (loss 0, 0 tokens).
-    The loss is the sum over the set's tokens divided by their count, whatever the layout."""
-    inputs, targets = windows
-    x, y = inputs[dp_rank::dp], targets[dp_rank::dp]
-    rows = -(-len(inputs) // dp)  # the busiest rank's windows
-    padding = -(-rows // micro_batch) * micro_batch - len(x)
-    if padding:
-        x = torch.cat([x, inputs[:1].expand(padding, -1)])
-        y = torch.cat([y, torch.full((padding, targets.shape[1]), IGNORE_INDEX, dtype=targets.dtype)])
-    return list(zip(x.split(micro_batch), y.split(micro_batch)))
+    from a rank's share are None, a copy of a window whose targets are all ignored (loss 0, 0
+    tokens). The loss is the sum over the set's tokens divided by their count, whatever the layout."""
+    mine: list[int | None] = list(range(dp_rank, windows, dp))
+    rows = -(-windows // dp)  # the busiest rank's windows
+    mine += [None] * (-(-rows // micro_batch) * micro_batch - len(mine))
+    return [mine[start:start + micro_batch] for start in range(0, len(mine), micro_batch)]
+
+
+def evaluation_batch(windows: ValidationWindows, indices: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of one micro-batch of ``evaluation_share``: a None row is window 0 with
+    every target ignored."""
+    inputs, targets = windows.rows([0 if index is None else index for index in indices])
+    padding = torch.tensor([index is None for index in indices])
+    return inputs, targets.masked_fill(padding.unsqueeze(1), IGNORE_INDEX)
 
 
 class Trainer:
@@ -343,9 +347,10 @@ class Trainer:
     def _evaluate(self) -> float:
         total = torch.zeros((), dtype=torch.float64)
         count = 0
-        mine = [tuple(map(self._my_positions, batch))
-                for batch in evaluation_share(self.val_windows, self.ctx.dims.dp, self.ctx.dp_rank, self.micro_batch)]
+        share = evaluation_share(len(self.val_windows), self.ctx.dims.dp, self.ctx.dp_rank, self.micro_batch)
+        mine = (tuple(map(self._my_positions, evaluation_batch(self.val_windows, indices))) for indices in share)
         if self.pipeline is not None:  # a forward-only GPipe pass; the last stage has the loss
+            mine = list(mine)
             inputs = [to_device(x, self.ctx.device) for x, _ in mine]
             targets = [to_device(y, self.ctx.device) for _, y in mine]
             total += self._eval_executor(len(mine)).run(inputs, targets, 1, forward_only=True)
