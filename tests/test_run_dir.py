@@ -13,7 +13,7 @@ import pytest
 
 from plait.checkpoint import latest_checkpoint
 from plait.mesh import ParallelDims
-from plait.train.run_dir import agreed_run_dir, default_run_dir, set_aside_previous_run
+from plait.run_dir import agreed_run_dir, default_run_dir, set_aside_previous_run
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ def test_a_run_directory_is_told_from_a_model_directory(tmp_path):
     """A Hugging Face directory has a config.json too: --no-resume never moves one aside, and
     plait generate on a run without a checkpoint says so instead of misreading its config.json."""
     from plait.generate import GenerateError, locate_model
-    from plait.train.run_dir import is_run_directory
+    from plait.run_dir import is_run_directory
 
     model = tmp_path / "hf"
     model.mkdir()

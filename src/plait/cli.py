@@ -25,7 +25,7 @@ from plait.mesh import ParallelDims
 from plait.models import PRESETS, get_preset
 from plait.pipeline.schedules import SCHEDULES
 from plait.train.config import DTYPES, OnNonFinite, TrainConfig, TrainConfigError, load_toml
-from plait.train.run_dir import agreed_run_dir, default_run_dir, make_run_dir
+from plait.run_dir import agreed_run_dir, default_run_dir, make_run_dir
 
 
 # (flag, TrainConfig field, type, help). Defaults come from TrainConfig and are shown in --help.

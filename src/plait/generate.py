@@ -32,7 +32,7 @@ from plait.errors import PlaitError
 from plait.models import LlamaConfig, build_meta_model, model_parameters
 from plait.models.llama import KVCache
 from plait.sharding import shard_of, swap_parameter_data
-from plait.train.run_dir import is_run_directory
+from plait.run_dir import is_run_directory
 
 
 class GenerateError(PlaitError):

@@ -18,7 +18,7 @@ from plait.runtime import configure_threads, tune_cpu_allocator
 from plait.train.config import OnNonFinite, TrainConfig
 from plait.train.metrics import MemoryWatch, MetricsLogger
 from plait.train.preemption import Preempted, StopRequests
-from plait.train.run_dir import make_run_dir, restart_count, set_aside_previous_run
+from plait.run_dir import make_run_dir, restart_count, set_aside_previous_run
 from plait.train.trainer import Trainer
 from plait.train.watchdog import HangWatchdog
 
