@@ -257,3 +257,15 @@ def test_hybrid_sharding_against_zero3_at_scale(seq, gpus, hsdp_wins):
     hsdp = predict(shape, base.with_(dp_shard=8), load_profile("h100-80gb"))
     assert (hsdp.step_time_s < zero3.step_time_s) == hsdp_wins
     assert hsdp.memory_bytes_per_gpu > zero3.memory_bytes_per_gpu  # states over 8 ranks, not all
+
+
+def test_megatron_flops_without_recomputation_equal_the_model_flops():
+    """Eq. 3 without recomputation, 72 B s l h^2 (1 + s/6h + V/12lh), is 6 per matmul parameter plus
+    attention for Megatron's GPT: the logit layer keeps its 6 B s h V (it was counted at 16 instead of 12)."""
+    from plait.planner.workload import ModelShape
+
+    shape = ModelShape.gpt(2304, 24, 24, 51200, 2048)
+    assert shape.megatron_flops(8, recompute=False) == pytest.approx(8 * 2048 * shape.model_flops_per_token(), rel=1e-12)
+    logits = 6 * 8 * 2048 * 2304 * 51200
+    layers_forward = (shape.megatron_flops(8, recompute=False) - logits) / 3
+    assert shape.megatron_flops(8, recompute=True) == pytest.approx(4 * layers_forward + logits, rel=1e-12)

@@ -68,10 +68,11 @@ class ModelShape:
     def megatron_flops(self, global_batch: int, recompute: bool = True) -> float:
         """Narayanan et al. (2021) Eq. 3: F = 96 B s l h^2 (1 + s/6h + V/16lh) per iteration,
         which counts a 4h MLP, full (not causal-halved) attention and, with ``recompute``, the
-        extra forward of full activation recomputation; 72 instead of 96 without it."""
+        extra forward of full activation recomputation. Without it, 72 B s l h^2 (1 + s/6h +
+        V/12lh): the logit layer (6 B s h V) is never recomputed, so its term keeps its size."""
         b, s, l, h, v = global_batch, self.seq_len, self.layers, self.hidden, self.vocab
-        factor = 96 if recompute else 72
-        return factor * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+        factor, logits = (96, 16) if recompute else (72, 12)
+        return factor * b * s * l * h * h * (1 + s / (6 * h) + v / (logits * l * h))
 
     def model_flops_per_token(self) -> float:
         """Forward + backward model FLOPs per token, no recomputation (PaLM's MFU convention):
