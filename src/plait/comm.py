@@ -30,6 +30,7 @@ volume (n-1)/n B, so the counted bytes are unchanged. NCCL keeps its native ops.
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass
 from fractions import Fraction
@@ -394,11 +395,29 @@ class ReduceScatterSequence(torch.autograd.Function):
         return _gather_dim(grad, ctx.comm, 1, "sp_bwd"), None
 
 
+_EAGER: dict = {}  # function -> what a call of it runs: itself, or once --compile is on, its disabled form
+
+
 def eager(fn):
     """Keep ``fn`` out of ``torch.compile``'s graphs (``--compile``): a call is a graph break and
     runs as written, so its collectives are issued, counted and recorded as in eager mode, and an
-    autograd node it makes has its own (eager) backward."""
-    return torch.compiler.disable(fn)
+    autograd node it makes has its own (eager) backward.
+
+    ``torch.compiler.disable`` imports ``torch._dynamo``, about a second of every process's start;
+    so a call goes through ``_EAGER``, which ``keep_collectives_eager`` switches to the disabled
+    forms before anything is compiled, and an eager run never imports dynamo."""
+    _EAGER[fn] = fn
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return _EAGER[fn](*args, **kwargs)
+    return call
+
+
+def keep_collectives_eager() -> None:
+    """Make every ``eager`` function a graph break; called before the first ``torch.compile``."""
+    for fn in list(_EAGER):
+        _EAGER[fn] = torch.compiler.disable(fn)
 
 
 @eager

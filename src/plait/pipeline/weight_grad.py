@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.comm import eager
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a linear layer computes in: autocast's, else the input's."""
@@ -122,7 +124,7 @@ class DeferrableLinear(torch.autograd.Function):
         return (input_grad(ctx, saved, grad_y), *weight_and_bias_grads(ctx, saved, grad_y), None)
 
 
-@torch.compiler.disable  # queues its W from backward: kept out of --compile's graphs, as collectives are
+@eager  # queues its W from backward: kept out of --compile's graphs, as collectives are
 def _deferrable_forward(module: nn.Linear, store: DeferredWeightGradients, x: torch.Tensor) -> torch.Tensor:
     return DeferrableLinear.apply(x, module.weight, module.bias, store)
 

@@ -11,7 +11,7 @@ kept this rank's blocks, before recomputation wraps each block's (now compiled) 
 ``torch.utils.checkpoint`` and before the data-parallel strategy registers its hooks.
 
 Collectives stay eager: tensor- and sequence-parallel communication (``plait.comm``) is marked
-``torch.compiler.disable``, so each is a graph break and runs, is counted and is recorded exactly
+``torch.compiler.disable`` (``plait.comm.eager``, switched on here), so each is a graph break and runs, is counted and is recorded exactly
 as without ``--compile``; the compiled graphs are the math between them. The same holds for the
 zero-bubble schedules' deferred weight products (``plait.pipeline.weight_grad``), whose backward
 queues work for a later W.
@@ -23,9 +23,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from plait.comm import keep_collectives_eager
+
 
 def compile_blocks(blocks: Iterable[nn.Module]) -> int:
     """Compile each block's ``forward`` in place; returns how many."""
+    keep_collectives_eager()
     count = 0
     for block in blocks:
         block.forward = torch.compile(block.forward)
