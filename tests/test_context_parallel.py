@@ -154,7 +154,8 @@ def test_twenty_steps_match_one_process(pool, data, reference, mode, cp):
 
 
 @pytest.mark.parametrize("dims, options", [
-    (ParallelDims(cp=2, tp=2), dict(tp=2, sequence_parallel=True, loss_parallel=True)),
+    pytest.param(ParallelDims(cp=2, tp=2), dict(tp=2, sequence_parallel=True, loss_parallel=True),
+                 marks=pytest.mark.large),  # 10 s, 4 ranks: make test-large (make test-random draws cp x tp too)
     (ParallelDims(dp=2, cp=2), dict(zero=3)),
     (ParallelDims(pp=2, cp=2), dict(pp=2, schedule="1f1b", microbatches=4, micro_batch=None)),
 ], ids=["cp2-tp2-sp", "dp2-cp2-zero3", "pp2-cp2-1f1b"])

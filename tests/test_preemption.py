@@ -33,8 +33,10 @@ def corpus(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("layout, signum", [([], signal.SIGINT), (["--nproc", "2", "--dp", "2", "--zero", "2"],
-                                                                   signal.SIGTERM)], ids=["1proc-sigint", "dp2-sigterm"])
+@pytest.mark.parametrize("layout, signum", [
+    ([], signal.SIGINT),
+    pytest.param(["--nproc", "2", "--dp", "2", "--zero", "2"], signal.SIGTERM, marks=pytest.mark.large),  # 18 s
+], ids=["1proc-sigint", "dp2-sigterm"])
 def test_a_signal_saves_at_the_step_boundary_and_the_rerun_resumes_bitwise(corpus, tmp_path, layout, signum):
     out = tmp_path / "run"
     env = {**os.environ, "PLAIT_CACHE": str(tmp_path / "cache")}
