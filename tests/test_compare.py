@@ -8,6 +8,7 @@ from plait.compare import Comparison, RunResult, Tolerance, max_relative
 from test_cli import run_plait, text_dir  # noqa: F401  (fixture)
 
 
+@pytest.mark.large  # 18 s of four launches; make test's randomized layouts run compare's phases and Comparison
 def test_compare_of_two_layouts_is_within_tolerance_and_exits_0(text_dir, tmp_path):  # noqa: F811
     work = tmp_path / "work"
     result = run_plait(["compare", "--model", "tiny", "--data", str(text_dir), "--tokenizer", "byte", "--seq-len", "32",
