@@ -17,7 +17,8 @@ about 8 minutes on one H200 and records what it measured:
 5. ``device_policy``: more local ranks than GPUs is refused in one line before any worker starts;
 6. ``multi_rank`` (2 or more GPUs; on the CPU with gloo): dp2, tp2 + SP, pp2 1F1B, ZeRO-3 and
    cp2 (ring and all-to-all) under ``plait train --nproc 2`` against one process, fp32 losses to
-   1e-5, and the all-reduce bus bandwidth;
+   1e-5, pp2 1F1B again with ``llama-125m``'s 12.6 MB messages (above NCCL's buffer, where the
+   order of a pair's messages decides whether it hangs), and the all-reduce bus bandwidth;
 7. ``context_parallel`` (2 or more GPUs; on the CPU plait's side only): one causal attention of
    [b, heads, S, d] sharded over 2 ranks, plait's ring attention against PyTorch's own
    ``context_parallel`` (which does not run on the CPU): outputs against the full-sequence SDPA
@@ -66,12 +67,14 @@ class Shapes:
     compile: bool
     multi_rank_steps: int
     allreduce_bytes: int
+    big_messages: tuple[str, int]  # (preset, seq_len) of a pp2 1F1B run whose messages exceed NCCL's buffer
 
 
 CUDA_SHAPES = Shapes(models=(("llama-125m", 8, 2048), ("llama-1b", 4, 2048)), throughput_steps=10,
-                     compile=True, multi_rank_steps=10, allreduce_bytes=256 << 20)
+                     compile=True, multi_rank_steps=10, allreduce_bytes=256 << 20,
+                     big_messages=("llama-125m", 2048))  # 2 x 2048 x 768 fp32: 12.6 MB a message
 CPU_SHAPES = Shapes(models=(("tiny", 2, 64),), throughput_steps=2, compile=True, multi_rank_steps=4,
-                    allreduce_bytes=4 << 20)
+                    allreduce_bytes=4 << 20, big_messages=("tiny", 64))
 
 
 @dataclass
@@ -143,7 +146,8 @@ def environment(check: Check) -> dict:
 
 def device_tests(check: Check) -> dict:
     selection = ["tests/test_model.py::test_logits_match_transformers", "tests/test_loss.py",
-                 "tests/test_device.py"]
+                 "tests/test_device.py", "tests/test_context_parallel.py::test_block_kernels_agree_with_sdpa_and_each_other",
+                 "tests/test_context_parallel.py::test_block_kernels_stay_fp32_inside_the_trainers_autocast"]
     env = {**subprocess_env(), "PLAIT_TEST_DEVICE": check.device.type}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -266,14 +270,15 @@ MULTI_RANK_LAYOUTS = {
 }
 
 
-def plait_losses(tmp: Path, name: str, nproc: int, layout: list[str], steps: int, device: str) -> list[float]:
-    out = tmp / name.replace(" ", "_")
+def plait_losses(tmp: Path, name: str, nproc: int, layout: list[str], steps: int, device: str,
+                 model: str = "tiny", seq_len: int = 64) -> list[float]:
+    out = tmp / name.replace(" ", "_").replace(",", "")
     corpus = tmp / "corpus.txt"
     if not corpus.exists():
         corpus.write_text("".join(f"def f{n}(x):\n    return x * {n} + {n % 7}\n" for n in range(4000)))
-    command = [sys.executable, "-m", "plait", "train", "--model", "tiny", "--data", str(corpus), "--tokenizer",
+    command = [sys.executable, "-m", "plait", "train", "--model", model, "--data", str(corpus), "--tokenizer",
                "byte", "--nproc", str(nproc), *layout, "--steps", str(steps), "--global-batch", "8",
-               "--seq-len", "64", "--dtype", "float32", "--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "0",
+               "--seq-len", str(seq_len), "--dtype", "float32", "--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "0",
                "--device", device, "--out", str(out), "--no-progress", "--no-plot", "--no-tensorboard"]
     result = subprocess.run(command, cwd=tmp, env={**subprocess_env(), "PLAIT_CACHE": str(tmp / "cache")},
                             capture_output=True, text=True, timeout=300)
@@ -341,13 +346,24 @@ def multi_rank(check: Check) -> dict:
     # on the CPU each run is mostly interpreter and worker start-up: three at a time; on GPUs one
     # job owns them
     concurrent = 1 if device == "cuda" else 3
+    # (model, seq_len, layout) of each run; NCCL makes a send wait for its receive only above its
+    # buffer size (a few MB), so one pipeline run has messages that large (a wrong message order
+    # hangs there, not with tiny's)
+    runs = {name: ("tiny", 64, layout) for name, layout in MULTI_RANK_LAYOUTS.items()}
+    big_model, big_seq = check.shapes.big_messages
+    if (big_model, big_seq) != ("tiny", 64):
+        runs[f"pp2 1F1B, {big_model} seq {big_seq}"] = (big_model, big_seq, MULTI_RANK_LAYOUTS["pp2 1F1B"])
     with tempfile.TemporaryDirectory() as tmp:
-        reference = plait_losses(Path(tmp), "one", 1, [], steps, device)  # also fills the token cache
+        references = {}
+        for model, seq_len in dict.fromkeys((model, seq_len) for model, seq_len, _ in runs.values()):
+            references[model, seq_len] = plait_losses(Path(tmp), f"one {model} {seq_len}", 1, [], steps, device,
+                                                      model, seq_len)  # also fills the token cache
         with ThreadPoolExecutor(concurrent) as runner:
-            runs = {name: runner.submit(plait_losses, Path(tmp), name, 2, layout, steps, device)
-                    for name, layout in MULTI_RANK_LAYOUTS.items()}
-        for name, run in runs.items():
+            pending = {name: runner.submit(plait_losses, Path(tmp), name, 2, layout, steps, device, model, seq_len)
+                       for name, (model, seq_len, layout) in runs.items()}
+        for name, run in pending.items():
             losses = run.result()
+            reference = references[runs[name][:2]]
             error = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
             figures["layouts"][name] = {"max_loss_rel_error": error, "ok": error <= LOSS_TOLERANCE}
             failed |= error > LOSS_TOLERANCE
@@ -521,7 +537,7 @@ SECTIONS: list[tuple[str, Callable[[Check], dict], float]] = [
     ("device_policy", device_policy, 20),
     ("throughput", throughput, 180),
     ("memory", memory, 60),
-    ("multi_rank", multi_rank, 110),
+    ("multi_rank", multi_rank, 150),
     ("context_parallel", context_parallel_check, 40),
 ]
 

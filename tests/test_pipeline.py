@@ -8,7 +8,8 @@ import pytest
 from plait.mesh import LayoutError, ParallelContext, ParallelDims
 from plait.pipeline import (ScheduleError, analytic_bubble, balanced_split, bubble_fraction, build_schedule,
                             peak_in_flight, plan_chunks, simulate)
-from plait.pipeline.schedules import Op, Placement, in_flight_per_rank, placement_of, splits_backward
+from plait.pipeline.ordering import check_rendezvous, issue_order, receive_posts
+from plait.pipeline.schedules import Action, Op, Placement, in_flight_per_rank, placement_of, splits_backward
 from plait.train import Trainer
 from helpers import assert_runs_match, train_and_collect, tiny_config, tiny_model_config
 
@@ -52,11 +53,37 @@ def test_schedule_is_complete_matched_and_deadlock_free(schedule, pp, m, v):
     assert len(sends) == 2 * m * crossing
     # the simulator runs every list to completion (it raises on a deadlock), respecting the data flow
     slots = simulate(plans)
+    # and so does NCCL's stricter model, where a send waits for its receive, once the receives
+    # are posted as the executor posts them
+    check_rendezvous(plans, receive_posts(plans))
     finish = {(s.kind, s.microbatch, s.chunk): s for s in slots}
     for mb in range(m):
         for c in range(1, chunks):
             assert finish[("F", mb, c)].start >= finish[("F", mb, c - 1)].end
             assert finish[("B", mb, c - 1)].start >= finish[("B", mb, c)].end
+
+
+def test_nccl_needs_the_early_receives_and_they_keep_few_buffers():
+    """As built, 1F1B's two ranks name their messages in different orders (rank 0: F0, F1, B0;
+    rank 1: F0, B0, F1): under NCCL, whose sends wait for their receives, that hangs on any
+    tensor above its buffer size. The early posts fix it at the cost of a few receive buffers."""
+    plans = build_schedule("1f1b", 2, 4)
+    with pytest.raises(ScheduleError, match="deadlocks: .*rank 0 send SEND_F1c0->1 to rank 1"):
+        check_rendezvous(plans, [{}, {}])
+    posts = receive_posts(plans)
+    # rank 1 posts F1's receive before it sends B0 (and F3's before B2); rank 0 B1's before F2
+    assert posts == [{7: [Action(Op.RECV_B, 1, 0, 1)]},
+                     {3: [Action(Op.RECV_F, 1, 1, 0)], 11: [Action(Op.RECV_F, 3, 1, 0)]}]
+    check_rendezvous(plans, posts)
+    for schedule, pp, m, v, most in [("1f1b", 4, 8, 1, 1), ("zb1p", 8, 13, 1, 1), ("interleaved", 4, 8, 2, 2),
+                                     ("zbv", 8, 16, 2, 3)]:
+        plans = build_schedule(schedule, pp, m, v)
+        for plan, mine in zip(plans, receive_posts(plans)):
+            live = peak = 0
+            for item in issue_order(plan, mine):
+                live += {"post": 1, "wait": -1}.get(item.what, 0)
+                peak = max(peak, live)
+            assert peak <= most, (schedule, peak)
 
 
 @pytest.mark.parametrize("schedule, pp, m, v", CASES)

@@ -234,8 +234,13 @@ class Collectives:
         n = self.size
         following, previous = (self.rank + 1) % n, (self.rank - 1) % n
         entry = self._count("send", what, _nbytes(outgoing), Fraction(_nbytes(outgoing)), peer=following)
-        works = [dist.isend(outgoing, group_dst=following, group=self.group, tag=tag),
-                 dist.irecv(incoming, group_src=previous, group=self.group, tag=tag)]
+        # one batch: with n = 2 both messages cross one pair, and NCCL runs a pair's unbatched
+        # sends and receives in issue order, so send-then-receive on both ends would wait forever
+        # on any tensor above its buffer size; every rank of the ring takes part in every step,
+        # as torch requires of a batch. gloo issues the two as they are.
+        works = dist.batch_isend_irecv([
+            dist.P2POp(dist.isend, outgoing, group=self.group, tag=tag, group_peer=following),
+            dist.P2POp(dist.irecv, incoming, group=self.group, tag=tag, group_peer=previous)])
         return self._issued(entry, _WaitAll(works, keep=outgoing))
 
     def broadcast(self, tensor: torch.Tensor, src_group_rank: int = 0, tag: str = "") -> None:
@@ -252,11 +257,27 @@ class Collectives:
         entry = self._count("send", what, _nbytes(tensor), Fraction(_nbytes(tensor)), peer=peer)
         return self._issued(entry, dist.isend(tensor, group_dst=peer, group=self.group, tag=tag))
 
+    def post_recv(self, tensor: torch.Tensor, peer: int, tag: int) -> _Recorded:
+        """Asynchronous receive into ``tensor`` from group rank ``peer``; wait on the handle before
+        reading it (recorded from the post to the wait, not counted)."""
+        entry = self.recorder.begin(self.name, self.ranks, "recv", "", _nbytes(tensor), self.ranks[peer])
+        return _Recorded(dist.irecv(tensor, group_src=peer, group=self.group, tag=tag), self.recorder, entry)
+
     def recv(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         """Blocking receive into ``tensor`` from group rank ``peer`` (recorded, not counted)."""
-        entry = self.recorder.begin(self.name, self.ranks, "recv", "", _nbytes(tensor), self.ranks[peer])
-        dist.irecv(tensor, group_src=peer, group=self.group, tag=tag).wait()
-        self.recorder.end(entry)
+        self.post_recv(tensor, peer, tag).wait()
+
+    def exchange(self, outgoing: torch.Tensor, incoming: torch.Tensor, peer: int, tag: int, what: str) -> None:
+        """Swap tensors with group rank ``peer``: ``incoming`` receives the peer's ``outgoing``.
+        The lower rank sends first and the higher receives first, so both ends issue the two
+        messages in one order, which NCCL needs (``plait.pipeline.ordering``). Counted as a send."""
+        if self.rank < peer:
+            work = self.send(outgoing, peer, tag, what)
+            self.recv(incoming, peer, tag)
+        else:
+            self.recv(incoming, peer, tag)
+            work = self.send(outgoing, peer, tag, what)
+        work.wait()
 
     def barrier(self) -> None:
         if self.size > 1:

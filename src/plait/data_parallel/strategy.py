@@ -60,9 +60,7 @@ class TiedWeights:
     def sum_between_stages(self, tensor: torch.Tensor) -> None:
         """tensor <- tensor + the peer's tensor (the same bits on both stages: a + b = b + a)."""
         received = torch.empty_like(tensor)
-        work = self.pp.send(tensor.contiguous(), self.peer, tag=_TIED_TAG, what="tied_grads")
-        self.pp.recv(received, self.peer, tag=_TIED_TAG)
-        work.wait()
+        self.pp.exchange(tensor.contiguous(), received, self.peer, tag=_TIED_TAG, what="tied_grads")
         tensor.add_(received)
 
 

@@ -1,10 +1,14 @@
 """Runs a schedule's action list on one pipeline rank with point-to-point sends and receives.
 
-Sends are asynchronous (their buffers are kept until the step ends); receives block. Because
-every rank's list is a valid order of the same dependency graph (``schedules.simulate``
-checks it), a rank only ever waits for a send its peer reaches without waiting on it: no
-deadlock, on gloo as on NCCL. Each message carries a tag naming its boundary and
-micro-batch, so messages of different chunks between the same two ranks cannot be confused.
+Sends are asynchronous (their buffers are kept until the step ends); a receive is waited on
+where the list has it. Because every rank's list is a valid order of the same dependency graph
+(``schedules.simulate`` checks it), a rank only ever waits for a send its peer reaches without
+waiting on it: no deadlock on gloo, whose sends never wait. NCCL's sends wait for their
+receives, and a pair of ranks runs its messages in the order they were issued, so some
+receives are posted earlier than they are waited on (``ordering.receive_posts``): then both
+ends of each pair issue their messages in one order (``ordering.check_rendezvous`` proves it
+for every schedule), and NCCL, which ignores tags, matches each message with the right
+receive. Under gloo each message's tag names its boundary and micro-batch as well.
 Neighbouring chunks on one rank (ZB-V's turn of the V) exchange no message: the next chunk's
 forward takes the previous chunk's output, detached as a received tensor would be, and its
 backward leaves the input gradient where the previous chunk's backward looks for it.
@@ -26,7 +30,8 @@ import torch
 from torch import nn
 
 from plait.comm import Collectives
-from plait.pipeline.schedules import Action, Op
+from plait.pipeline.ordering import ReceivePosts
+from plait.pipeline.schedules import Action, Op, message_of
 from plait.pipeline.stage import PipelineChunk, chunk_forward
 from plait.pipeline.weight_grad import DeferredWeightGradients
 
@@ -42,8 +47,10 @@ class PipelineExecutor:
                  activation_dtype: Callable[[], torch.dtype],
                  loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
                  forward_context: Callable[[], contextlib.AbstractContextManager],
-                 weight_gradients: DeferredWeightGradients | None = None) -> None:
+                 weight_gradients: DeferredWeightGradients | None = None,
+                 receive_posts: ReceivePosts | None = None) -> None:
         self.model, self.pp, self.plan = model, pp, plan
+        self.receive_posts = receive_posts or {}
         self.weight_gradients = weight_gradients
         self.chunks = {chunk.index: chunk for chunk in chunks}
         self.microbatches, self.seq_len = microbatches, seq_len
@@ -70,16 +77,32 @@ class PipelineExecutor:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.events = []
         origin = time.perf_counter()
-        for action in self.plan:
+        posted: dict = {}  # message -> (buffer, handle) of the receives posted before their wait
+
+        def post(receive: Action) -> None:
+            buffer = self._empty_activation(device)
+            direction, microbatch, sender = message_of(receive)
+            tag = message_tag(direction, microbatch, sender if direction == Op.F else sender - 1, m)
+            posted[message_of(receive)] = buffer, self.pp.post_recv(buffer, receive.peer, tag)
+
+        def wait_for(receive: Action) -> torch.Tensor:
+            if message_of(receive) not in posted:
+                post(receive)
+            buffer, handle = posted.pop(message_of(receive))
+            handle.wait()
+            return buffer
+
+        for position, action in enumerate(self.plan):
+            for receive in self.receive_posts.get(position, []):
+                if not (forward_only and receive.kind == Op.RECV_B):
+                    post(receive)
             started = time.perf_counter()
             key = (action.microbatch, action.chunk)
             chunk = self.chunks.get(action.chunk)
             if forward_only and action.kind in (Op.B, Op.W, Op.RECV_B, Op.SEND_B):
                 continue
             if action.kind == Op.RECV_F:
-                buffer = self._empty_activation(device)
-                self.pp.recv(buffer, action.peer, message_tag(Op.F, action.microbatch, action.chunk - 1, m))
-                received[key] = buffer.requires_grad_(not forward_only)
+                received[key] = wait_for(action).requires_grad_(not forward_only)
             elif action.kind == Op.F:
                 previous = (action.microbatch, action.chunk - 1)
                 if not chunk.is_first and previous[1] in self.chunks:  # local hand-off, no message
@@ -107,9 +130,7 @@ class PipelineExecutor:
                 pending_sends.append((self.pp.send(tensor.contiguous(), action.peer,
                                                    message_tag(Op.F, action.microbatch, action.chunk, m)), tensor))
             elif action.kind == Op.RECV_B:
-                buffer = self._empty_activation(device)
-                self.pp.recv(buffer, action.peer, message_tag(Op.B, action.microbatch, action.chunk, m))
-                grads[key] = buffer
+                grads[key] = wait_for(action)
             elif action.kind == Op.B:
                 out = outputs.pop(key)
                 deferring = self.weight_gradients.deferring(key) if self.weight_gradients is not None \

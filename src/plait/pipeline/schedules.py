@@ -119,6 +119,17 @@ class Action:
         return text if self.peer is None else f"{text}->{self.peer}" if self.kind.is_send else f"{text}<-{self.peer}"
 
 
+Message = tuple[Op, int, int]  # (direction, micro-batch, chunk of the sender): one tensor between two ranks
+
+
+def message_of(action: Action) -> Message:
+    """The message a send or a receive carries, named alike at both ends."""
+    direction = action.kind.direction
+    if action.kind.is_send:
+        return (direction, action.microbatch, action.chunk)
+    return (direction, action.microbatch, action.chunk - 1 if direction == Op.F else action.chunk + 1)
+
+
 def splits_backward(schedule: str) -> bool:
     return schedule in SPLIT_BACKWARD
 
@@ -272,12 +283,16 @@ Cost = float | Callable[[int], float]
 
 
 def simulate(plans: list[list[Action]], forward_cost: Cost = 1.0, backward_cost: Cost = 1.0,
-             comm_cost: float = 0.0, weight_cost: Cost = 0.0) -> list[Slot]:
+             comm_cost: float = 0.0, weight_cost: Cost = 0.0,
+             send_log: dict[Message, tuple[float, int, int]] | None = None) -> list[Slot]:
     """Run the action lists against each other: each rank executes its list in order; a
     receive waits for the matching send; compute takes its cost (a number, or a function of
     the chunk index: the planner charges the embedding and head to the first and last chunk);
     a message arrives ``comm_cost`` after its send. Under a split backward, ``backward_cost``
-    is B's (input gradients) and ``weight_cost`` W's. Returns the compute slots.
+    is B's (input gradients) and ``weight_cost`` W's. Returns the compute slots; ``send_log``,
+    when given, receives each message's (send time, sending rank, position in its list).
+
+    This is gloo's model: a send never waits. NCCL's stricter one is ``pipeline.ordering``'s.
 
     Raises ScheduleError on a deadlock (a rank waits on a receive that is never sent).
     """
@@ -285,7 +300,7 @@ def simulate(plans: list[list[Action]], forward_cost: Cost = 1.0, backward_cost:
     position = [0] * pp
     clock = [0.0] * pp
     costs = {Op.F: forward_cost, Op.B: backward_cost, Op.W: weight_cost}
-    sent: dict[tuple[Op, int, int], float] = {}  # (direction, mb, chunk of the sender) -> arrival time
+    sent: dict[Message, float] = {}  # -> arrival time
     slots: list[Slot] = []
     progressed = True
     while progressed:
@@ -300,11 +315,11 @@ def simulate(plans: list[list[Action]], forward_cost: Cost = 1.0, backward_cost:
                                       clock[rank] + cost))
                     clock[rank] += cost
                 elif action.kind.is_send:
-                    sent[(action.kind.direction, action.microbatch, action.chunk)] = clock[rank] + comm_cost
+                    sent[message_of(action)] = clock[rank] + comm_cost
+                    if send_log is not None:
+                        send_log[message_of(action)] = (clock[rank], rank, position[rank])
                 else:
-                    direction = action.kind.direction
-                    source = action.chunk - 1 if direction == Op.F else action.chunk + 1
-                    key = (direction, action.microbatch, source)
+                    key = message_of(action)
                     if key not in sent:
                         break  # blocked: let the other ranks progress
                     clock[rank] = max(clock[rank], sent[key])

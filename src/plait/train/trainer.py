@@ -33,6 +33,7 @@ from plait.models import LlamaConfig, build_meta_model, get_preset, model_parame
 from plait.runtime import gemm_context
 from plait.pipeline import (PipelineExecutor, ScheduleError, StageError, build_schedule, keep_stage,
                             named_blocks, plan_chunks)
+from plait.pipeline.ordering import receive_posts
 from plait.pipeline.schedules import placement_of, splits_backward
 from plait.pipeline.weight_grad import DeferredWeightGradients, defer_weight_gradients
 from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize
@@ -224,13 +225,15 @@ class Trainer:
             layers = self.model.model.layers
             defer_weight_gradients((layers[str(i)] for chunk in mine for i in chunk.layers), weight_gradients)
 
-        def executor(plan, microbatches, split=weight_gradients):
-            return PipelineExecutor(self.model, mine, plan, ctx.comm("pp"), microbatches, positions, shape,
-                                    activation_dtype, loss_fn, forward_context, split)
+        def executor(all_plans, microbatches, split=weight_gradients):
+            # every rank's list is needed to agree each pair's message order (NCCL's rule)
+            return PipelineExecutor(self.model, mine, all_plans[ctx.pp_rank], ctx.comm("pp"), microbatches,
+                                    positions, shape, activation_dtype, loss_fn, forward_context, split,
+                                    receive_posts(all_plans)[ctx.pp_rank])
 
-        self.pipeline = executor(plans[ctx.pp_rank], self.n_micro)
+        self.pipeline = executor(plans, self.n_micro)
         self._eval_executor = lambda m: executor(
-            build_schedule("gpipe", dims.pp, m, cfg.virtual_stages, placement)[ctx.pp_rank], m, None)
+            build_schedule("gpipe", dims.pp, m, cfg.virtual_stages, placement), m, None)
         layers = self.model.model.layers
         return [[(f"model.layers.{i}", layers[str(i)]) for i in chunk.layers] for chunk in mine]
 
@@ -308,6 +311,8 @@ class Trainer:
         loss = loss_sum / n_targets
         grad_norm, lr, updated = self.apply_update(step, loss)
         self.skipped_steps += not updated
+        if self.ctx.device.type == "cuda":  # the optimizer's kernels are queued, not done: time them too
+            torch.cuda.synchronize(self.ctx.device)
         elapsed = time.perf_counter() - start
         tokens = self.cfg.global_batch * self.cfg.seq_len
         tokens_per_s = tokens / elapsed
@@ -345,24 +350,25 @@ class Trainer:
             return self._evaluate()
 
     def _evaluate(self) -> float:
-        total = torch.zeros((), dtype=torch.float64)
+        # the loss sum stays on the device and the targets are counted on the host before their
+        # copy: no wait for the GPU per micro-batch, one at the end
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         count = 0
         share = evaluation_share(len(self.val_windows), self.ctx.dims.dp, self.ctx.dp_rank, self.micro_batch)
         mine = (tuple(map(self._my_positions, evaluation_batch(self.val_windows, indices))) for indices in share)
         if self.pipeline is not None:  # a forward-only GPipe pass; the last stage has the loss
             mine = list(mine)
+            count = sum(int((y != IGNORE_INDEX).sum()) for _, y in mine)
             inputs = [to_device(x, self.ctx.device) for x, _ in mine]
             targets = [to_device(y, self.ctx.device) for _, y in mine]
-            total += self._eval_executor(len(mine)).run(inputs, targets, 1, forward_only=True)
-            count = sum(int((y != IGNORE_INDEX).sum()) for y in targets)
-            (pipeline_total,) = self.ctx.comm("pp").all_reduce_scalars([float(total)], tag="eval")
-            total = torch.tensor(pipeline_total, dtype=torch.float64)
+            stage_total = self._eval_executor(len(mine)).run(inputs, targets, 1, forward_only=True)
+            (pipeline_total,) = self.ctx.comm("pp").all_reduce_scalars([stage_total], tag="eval")
+            total += pipeline_total
         else:
             for x, y in mine:
-                y = to_device(y, self.ctx.device)
-                with self._autocast():
-                    total += token_loss_sum(self.model, to_device(x, self.ctx.device), y,
-                                            self.cfg.label_smoothing).double().cpu()
                 count += int((y != IGNORE_INDEX).sum())
+                with self._autocast():
+                    total += token_loss_sum(self.model, to_device(x, self.ctx.device), to_device(y, self.ctx.device),
+                                            self.cfg.label_smoothing).double()
         total_all, count_all = self.ctx.comm("dp_cp").all_reduce_scalars([float(total), float(count)], tag="eval")
         return total_all / max(count_all, 1.0)
