@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk converted to fp32 at once: 16 MB
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk converted to fp32 at once: 16 MB on the CPU
+GPU_CHUNKS_LARGER = 16    # a GPU takes 256 MB chunks: fewer, larger kernels (launches, not cache, bind there)
 
 
 def _compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
@@ -44,7 +45,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             w = weight.to(dtype)
             logits = h @ w.t()  # [N, V] in the compute dtype; overwritten below by dL/dz
             n_rows, vocab = logits.shape
-            chunk = max(1, CHUNK_ELEMENTS // vocab)
+            elements = CHUNK_ELEMENTS * (1 if h.device.type == "cpu" else GPU_CHUNKS_LARGER)
+            chunk = max(1, elements // vocab)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for start in range(0, n_rows, chunk):
                 rows = slice(start, min(start + chunk, n_rows))
@@ -64,8 +66,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     row_loss = row_loss - label_smoothing * mean_logit
                 total += (row_loss.squeeze(1) * valid).sum()
                 if need_grad:  # dL/dz = softmax - (1-eps) onehot - eps/V (zero rows if ignored), in place
-                    if not bool(valid.all()):
-                        sum_exp = torch.where(valid.unsqueeze(1), sum_exp, torch.inf)
+                    # ignored rows divide by inf: zero. Unconditional: testing valid.all() first
+                    # would wait for the GPU once per chunk
+                    sum_exp = torch.where(valid.unsqueeze(1), sum_exp, torch.inf)
                     torch.div(z, sum_exp, out=logits[rows])
                     if label_smoothing:
                         logits[rows] -= (label_smoothing / vocab) * valid.to(dtype).unsqueeze(1)

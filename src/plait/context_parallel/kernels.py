@@ -41,6 +41,18 @@ def block_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     return math_block_attention_backward(grad_out, q, k, v, out, lse, causal)
 
 
+def _fp32(kernel):
+    """Run ``kernel`` outside any autocast region: the trainer's bf16 autocast would otherwise
+    run its "fp32" matmuls in bf16, and the forward's lse would no longer match the scores the
+    backward (outside autocast) recomputes."""
+    def run(q: torch.Tensor, *args):
+        with torch.autocast(q.device.type, enabled=False):
+            return kernel(q, *args)
+    run.__doc__, run.__name__ = kernel.__doc__, kernel.__name__
+    return run
+
+
+@_fp32
 def math_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``block_attention`` in plain fp32 matmuls (any device)."""
@@ -49,6 +61,7 @@ def math_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return (torch.exp(scores - lse.unsqueeze(-1)) @ v.float()).to(q.dtype), lse
 
 
+@_fp32
 def math_block_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, lse: torch.Tensor,
                                   causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -130,9 +130,10 @@ def compile_report(history: list[dict[str, Any]], blocks: int) -> str:
 
 
 def run_training(cfg: TrainConfig, ctx: ParallelContext | None = None) -> list[dict[str, Any]]:
-    ctx = ctx or init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s, cfg.device)
-    if ctx.device.type == "cpu":  # host threads and glibc's heap matter only where the math runs on it
-        configure_threads(cfg.threads)
+    ctx = ctx or init_distributed(cfg.dp, cfg.pp, cfg.tp, cfg.timeout_s, cfg.device, cfg.cp, cfg.dp_shard)
+    # the host's cores shared by its ranks: the math on a CPU, start-up and data on a GPU machine
+    configure_threads(cfg.threads)
+    if ctx.device.type == "cpu":  # glibc's heap matters only where the activations live in it
         tune_cpu_allocator(keep_freed=cfg.zero < 3)  # ZeRO-3: resident memory follows live memory
     with HangWatchdog(ctx.recorder, ctx.world_size, cfg.out, cfg.watchdog_timeout_s):
         return _train(cfg, ctx)
