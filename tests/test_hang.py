@@ -42,6 +42,42 @@ def test_every_collective_is_recorded_with_matching_sequence_numbers(pool):
         assert entries[3]["peer"] == 1 - rank
 
 
+def _record_until_done_on_the_device(ctx):
+    """NCCL's mode (its calls return once queued) run under gloo: a record ends when its handle
+    reports the work completed, found by polling, not when the call returns."""
+    dp = ctx.comm("dp")
+    dp.ends_on_device = True
+    dp.all_reduce(torch.ones(4), tag="grads")
+    opened = [e.op for e in ctx.recorder.entries if e.end is None]  # the call returned; not polled yet
+    ctx.recorder.poll()
+    closed = [e.op for e in ctx.recorder.entries if e.end is None]
+    # a receive nobody has sent: its record stays open, and the rank counts as stalled
+    buffer = torch.empty(3)
+    handle = dp.post_recv(buffer, 1 - dp.rank, tag=9) if dp.rank == 0 else None
+    time.sleep(0.3)
+    stalled = ctx.recorder.stalled_for()
+    waiting = [(e.op, e.peer) for e in ctx.recorder.in_flight()]
+    dp.barrier()  # rank 1 sends only now
+    if dp.rank == 1:
+        dp.send(torch.ones(3), 0, tag=9).wait()
+    else:
+        handle.wait()
+    deadline = time.time() + 5
+    while ctx.recorder.in_flight() and time.time() < deadline:
+        time.sleep(0.01)
+    return opened, closed, stalled, waiting, ctx.recorder.in_flight()
+
+
+def test_under_nccl_a_record_ends_when_the_device_has_run_it(pool):
+    results = pool.run(_record_until_done_on_the_device, ParallelDims(dp=2))
+    for rank, (opened, closed, stalled, waiting, left) in enumerate(results):
+        assert opened == ["all_reduce"] and closed == [] and left == []
+        if rank == 0:
+            assert stalled >= 0.25 and waiting == [("recv", 1)]
+        else:
+            assert stalled == 0.0 and waiting == []
+
+
 def _entry(seq, group_seq, op, start, end, ranks=(0, 1, 2, 3), group="dp", tag="grads", peer=None):
     return {"seq": seq, "group_seq": group_seq, "group": group, "ranks": list(ranks), "op": op, "tag": tag,
             "bytes": 1024, "peer": peer, "start": start, "end": end}

@@ -98,11 +98,15 @@ class _WaitAll:
 
     def __init__(self, works: list, keep: torch.Tensor) -> None:
         self.works, self.keep = works, keep
+        self.issued = list(works)
 
     def wait(self) -> None:
         for work in self.works:
             work.wait()
         self.works, self.keep = [], None
+
+    def is_completed(self) -> bool:
+        return all(work.is_completed() for work in self.issued)
 
 
 class _SumAfter:
@@ -151,6 +155,9 @@ class Collectives:
         self.via_all_to_all = group is not None and dist.get_backend(group) == "gloo"
         # Set while plait.tensor_parallel.sequence.keep_sequence_shards is active.
         self.sequence_shards = None
+        # NCCL's calls return once the GPU has them queued, and the host only waits later, at some
+        # .item(): a collective's record ends when the GPU has run it (the hang watchdog polls)
+        self.ends_on_device = group is not None and dist.get_backend(group) == "nccl"
 
     def _count(self, op: str, tag: str, payload: int, wire: Fraction, peer: int | None = None) -> Entry:
         """Count the collective and record its start; returns the entry to end."""
@@ -165,13 +172,27 @@ class Collectives:
             return None
         return _Recorded(work, self.recorder, entry)
 
+    def _launch(self, entry: Entry, launch, async_op: bool):
+        """Issue ``launch(async_op)`` (a torch.distributed call) and record ``entry``'s end: when
+        the call or its handle's wait returns, or under NCCL (``ends_on_device``) when the GPU has
+        run it. Returns the handle to wait on when ``async_op``, else None."""
+        if not self.ends_on_device:
+            return self._issued(entry, launch(async_op))
+        work = launch(True)
+        self.recorder.end_when_done(entry, work)
+        if async_op:
+            return work
+        work.wait()  # the current CUDA stream waits for it, the host does not
+        return None
+
     def all_reduce(self, tensor: torch.Tensor, op=ReduceOp.SUM, tag: str = "", async_op: bool = False):
         """In-place all-reduce. Returns a work handle when ``async_op`` (else None)."""
         if self.size == 1:
             return None
         n, size = self.size, _nbytes(tensor)
         entry = self._count("all_reduce", tag, size, Fraction(2 * (n - 1) * size, n))
-        return self._issued(entry, dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op))
+        return self._launch(entry, lambda run_async: dist.all_reduce(tensor, op=op, group=self.group,
+                                                                     async_op=run_async), async_op)
 
     def all_gather(self, output: torch.Tensor, shard: torch.Tensor, tag: str = "", async_op: bool = False):
         """``output`` (n x shard along dim 0) receives every rank's ``shard`` in rank order."""
@@ -194,7 +215,8 @@ class Collectives:
                 return self._issued(entry, pending)
             pending.wait()
             return self._issued(entry, None)
-        return self._issued(entry, _all_gather_tensor(output, shard, group=self.group, async_op=async_op))
+        return self._launch(entry, lambda run_async: _all_gather_tensor(output, shard, group=self.group,
+                                                                        async_op=run_async), async_op)
 
     def reduce_scatter(self, output: torch.Tensor, full: torch.Tensor, op=ReduceOp.SUM, tag: str = "",
                        async_op: bool = False):
@@ -214,8 +236,8 @@ class Collectives:
                 return self._issued(entry, pending)
             pending.wait()
             return self._issued(entry, None)
-        return self._issued(entry, _reduce_scatter_tensor(output, full, op=op, group=self.group,
-                                                                 async_op=async_op))
+        return self._launch(entry, lambda run_async: _reduce_scatter_tensor(output, full, op=op, group=self.group,
+                                                                            async_op=run_async), async_op)
 
     def all_to_all(self, output: torch.Tensor, full: torch.Tensor, tag: str = "") -> None:
         """Equal-split all-to-all along dim 0: chunk j of ``full`` goes to rank j, and chunk j of
@@ -225,8 +247,8 @@ class Collectives:
             return
         n, size = self.size, _nbytes(full)
         entry = self._count("all_to_all", tag, size, Fraction((n - 1) * size, n))
-        dist.all_to_all_single(output.view(-1), full.contiguous().view(-1), group=self.group)
-        self._issued(entry, None)
+        self._launch(entry, lambda run_async: dist.all_to_all_single(
+            output.view(-1), full.contiguous().view(-1), group=self.group, async_op=run_async), False)
 
     def ring_exchange(self, outgoing: torch.Tensor, incoming: torch.Tensor, tag: int, what: str):
         """Send ``outgoing`` to the next group rank and receive ``incoming`` from the previous one,
@@ -241,27 +263,27 @@ class Collectives:
         works = dist.batch_isend_irecv([
             dist.P2POp(dist.isend, outgoing, group=self.group, tag=tag, group_peer=following),
             dist.P2POp(dist.irecv, incoming, group=self.group, tag=tag, group_peer=previous)])
-        return self._issued(entry, _WaitAll(works, keep=outgoing))
+        return self._launch(entry, lambda _: _WaitAll(works, keep=outgoing), True)
 
     def broadcast(self, tensor: torch.Tensor, src_group_rank: int = 0, tag: str = "") -> None:
         if self.size == 1:
             return
         size = _nbytes(tensor)
         entry = self._count("broadcast", tag, size, Fraction(size))
-        dist.broadcast(tensor, group_src=src_group_rank, group=self.group)
-        self._issued(entry, None)
+        self._launch(entry, lambda run_async: dist.broadcast(tensor, group_src=src_group_rank, group=self.group,
+                                                             async_op=run_async), False)
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int, what: str = "activations"):
         """Asynchronous point-to-point send to group rank ``peer``; returns the work handle.
         Counted on the sender only (``B`` bytes, under ``what``); the matching ``recv`` counts nothing."""
         entry = self._count("send", what, _nbytes(tensor), Fraction(_nbytes(tensor)), peer=peer)
-        return self._issued(entry, dist.isend(tensor, group_dst=peer, group=self.group, tag=tag))
+        return self._launch(entry, lambda _: dist.isend(tensor, group_dst=peer, group=self.group, tag=tag), True)
 
-    def post_recv(self, tensor: torch.Tensor, peer: int, tag: int) -> _Recorded:
+    def post_recv(self, tensor: torch.Tensor, peer: int, tag: int):
         """Asynchronous receive into ``tensor`` from group rank ``peer``; wait on the handle before
         reading it (recorded from the post to the wait, not counted)."""
         entry = self.recorder.begin(self.name, self.ranks, "recv", "", _nbytes(tensor), self.ranks[peer])
-        return _Recorded(dist.irecv(tensor, group_src=peer, group=self.group, tag=tag), self.recorder, entry)
+        return self._launch(entry, lambda _: dist.irecv(tensor, group_src=peer, group=self.group, tag=tag), True)
 
     def recv(self, tensor: torch.Tensor, peer: int, tag: int) -> None:
         """Blocking receive into ``tensor`` from group rank ``peer`` (recorded, not counted)."""

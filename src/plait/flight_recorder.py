@@ -4,7 +4,8 @@ Every collective plait issues goes through ``plait.comm.Collectives``, which rec
 a sequence number over all of the rank's collectives, one per process group (the n-th
 collective of a group is the same collective on every member), the group's name and global
 ranks, the op, its tag, its bytes, the peer of a send or receive, and the wall-clock start and
-end (an asynchronous collective ends when its handle is waited on). The buffer keeps the last
+end (an asynchronous collective ends when its handle is waited on; under NCCL, whose calls
+return as soon as the GPU has them queued, when the GPU has run it: ``end_when_done``). The buffer keeps the last
 ``capacity`` entries: recording is a lock and a deque append, cheap beside any collective.
 
 When a run stops making progress (``plait.train.watchdog``), every live rank writes
@@ -54,6 +55,7 @@ class FlightRecorder:
         self._lock = threading.Lock()
         self.last_progress = time.time()
         self.hung = False  # set by the hang watchdog once the job is being ended
+        self._on_device: list[tuple[Entry, Any]] = []  # entries that end when their work is done
 
     def begin(self, group: str, ranks: tuple[int, ...], op: str, tag: str, nbytes: int,
               peer: int | None = None) -> Entry:
@@ -70,6 +72,28 @@ class FlightRecorder:
         with self._lock:
             entry.end = self.last_progress = time.time()
 
+    def end_when_done(self, entry: Entry, work) -> None:
+        """``entry`` ends once ``work`` (a torch.distributed handle) reports it completed on its
+        device: found by ``poll`` (the watchdog's, and here, so that finished handles are let go)."""
+        self.poll()
+        with self._lock:
+            self._on_device.append((entry, work))
+
+    def poll(self) -> None:
+        """End the entries whose device work has completed (a CUDA event query: no waiting)."""
+        with self._lock:
+            pending = []
+            for entry, work in self._on_device:
+                try:
+                    finished = work.is_completed()
+                except RuntimeError:  # a failed collective has ended too; its error surfaces at its wait
+                    finished = True
+                if finished:
+                    entry.end = self.last_progress = time.time()
+                else:
+                    pending.append((entry, work))
+            self._on_device = pending
+
     def set_step(self, step: int) -> None:
         with self._lock:
             self.step = step
@@ -78,12 +102,14 @@ class FlightRecorder:
     def stalled_for(self, now: float | None = None) -> float:
         """Seconds this rank has waited in a collective without any progress (0 if none is in flight)."""
         now = time.time() if now is None else now
+        self.poll()
         with self._lock:
             waiting = any(entry.end is None for entry in self.entries)
             return now - self.last_progress if waiting else 0.0
 
     def in_flight(self) -> list[Entry]:
         """Collectives started and not finished, oldest first."""
+        self.poll()
         with self._lock:
             return [entry for entry in self.entries if entry.end is None]
 
@@ -98,6 +124,7 @@ class FlightRecorder:
             return None
 
     def snapshot(self) -> dict[str, Any]:
+        self.poll()
         with self._lock:
             return {"rank": self.rank, "step": self.step, "time": time.time(), "last_progress": self.last_progress,
                     "entries": [asdict(entry) for entry in self.entries]}
