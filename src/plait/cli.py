@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 def schedule_command(args: argparse.Namespace) -> int:
     from plait.pipeline import ScheduleError, analytic_bubble, bubble_fraction, build_schedule, peak_in_flight, simulate
     from plait.pipeline.diagram import draw_slots
+    from plait.pipeline.ordering import check_rendezvous, receive_posts
     from plait.pipeline.schedules import analytic_bubble_formula, splits_backward
 
     folder = Path(args.output).parent
@@ -207,6 +208,10 @@ def schedule_command(args: argparse.Namespace) -> int:
     print(f"bubble fraction: analytic {formula} = {analytic:.4f}; simulated {simulated:.4f}")
     size = f" (each 1/{v} of a stage)" if v > 1 else ""
     print(f"peak in-flight micro-batch activations per rank, in chunks{size}: {[peak_in_flight(p) for p in plans]}")
+    posts = receive_posts(plans)
+    check_rendezvous(plans, posts)  # raises (a bug, not a user error) if NCCL's order could hang
+    early = sum(len(receives) for rank in posts for receives in rank.values())
+    print(f"NCCL message order: both ends of each pair agree; {early} receives posted before they are waited on")
     print(f"wrote {args.output}")
     return 0
 
