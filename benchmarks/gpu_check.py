@@ -326,18 +326,34 @@ def _allreduce_worker(rank: int, world: int, nbytes: int, port: int, backend: st
     dist.destroy_process_group()
 
 
-def allreduce_bandwidth(world: int, nbytes: int, backend: str) -> float:
+def run_workers(worker, world: int, args: tuple, timeout_s: float):
+    """Spawn ``world`` ranks of ``worker(rank, world, *args, port, backend, queue)`` and return what
+    rank 0 puts on the queue; ranks still running after ``timeout_s`` (a hang: NCCL would wait
+    out its own 10-minute timeout) are killed and the section fails, leaving the others' time."""
+    import queue as queues
     import socket
     import torch.multiprocessing as mp
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    mp.start_processes(_allreduce_worker, args=(world, nbytes, port, backend, queue), nprocs=world,
-                       start_method="spawn")
-    return queue.get(timeout=60)
+    results = mp.get_context("spawn").Queue()
+    workers = mp.start_processes(worker, args=(world, *args[:-1], port, args[-1], results), nprocs=world,
+                                 start_method="spawn", join=False)
+    try:
+        result = results.get(timeout=timeout_s)
+        workers.join(timeout=30)
+        return result
+    except queues.Empty:
+        raise TimeoutError(f"{worker.__name__}: no result within {timeout_s:.0f} s") from None
+    finally:
+        for process in workers.processes:
+            if process.is_alive():
+                process.kill()
+
+
+def allreduce_bandwidth(world: int, nbytes: int, backend: str) -> float:
+    return run_workers(_allreduce_worker, world, (nbytes, backend), timeout_s=60)
 
 
 def multi_rank(check: Check) -> dict:
@@ -445,22 +461,12 @@ def _context_parallel_worker(rank: int, world: int, shape: tuple, port: int, bac
 
 
 def context_parallel_check(check: Check) -> dict:
-    import socket
-    import torch.multiprocessing as mp
-
     gpus = torch.cuda.device_count() if check.device.type == "cuda" else 0
     if check.device.type == "cuda" and gpus < 2:
         return {"status": "skipped", "why": f"{gpus} GPU: needs 2 or more"}
     backend = "nccl" if check.device.type == "cuda" else "gloo"
     shape = (1, 32, 16384, 64) if backend == "nccl" else (1, 4, 256, 16)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    mp.start_processes(_context_parallel_worker, args=(2, shape, port, backend, queue), nprocs=2,
-                       start_method="spawn")
-    report = queue.get(timeout=120)
+    report = run_workers(_context_parallel_worker, 2, (shape, backend), timeout_s=120)
     tolerance = 2e-2 if backend == "nccl" else 1e-5  # bf16 on CUDA, fp32 on the CPU
     failed = report["plait_rel_error"] > tolerance or report.get("torch_rel_error", 0.0) > tolerance
     if "torch_s" in report:
