@@ -55,7 +55,9 @@ def test_schedule_is_complete_matched_and_deadlock_free(schedule, pp, m, v):
     slots = simulate(plans)
     # and so does NCCL's stricter model, where a send waits for its receive, once the receives
     # are posted as the executor posts them
-    check_rendezvous(plans, receive_posts(plans))
+    posts = receive_posts(plans)
+    check_rendezvous(plans, posts)
+    check_rendezvous(plans, posts, shared_stream=True)
     finish = {(s.kind, s.microbatch, s.chunk): s for s in slots}
     for mb in range(m):
         for c in range(1, chunks):
@@ -66,16 +68,22 @@ def test_schedule_is_complete_matched_and_deadlock_free(schedule, pp, m, v):
 def test_nccl_needs_the_early_receives_and_they_keep_few_buffers():
     """As built, 1F1B's two ranks name their messages in different orders (rank 0: F0, F1, B0;
     rank 1: F0, B0, F1): under NCCL, whose sends wait for their receives, that hangs on any
-    tensor above its buffer size. The early posts fix it at the cost of a few receive buffers."""
+    tensor above its buffer size, whether torch gives each pair of ranks a stream or each rank
+    one for all its peers. The early posts fix it at the cost of a few receive buffers."""
     plans = build_schedule("1f1b", 2, 4)
-    with pytest.raises(ScheduleError, match="deadlocks: .*rank 0 send SEND_F1c0->1 to rank 1"):
-        check_rendezvous(plans, [{}, {}])
+    for shared_stream in (False, True):
+        with pytest.raises(ScheduleError, match="deadlocks: .*rank 0 send SEND_F1c0->1 to rank 1"):
+            check_rendezvous(plans, [{}, {}], shared_stream)
+    deeper = build_schedule("1f1b", 4, 8)  # middle ranks: one stream for two peers
+    with pytest.raises(ScheduleError, match="deadlocks"):
+        check_rendezvous(deeper, [{} for _ in deeper], shared_stream=True)
+    check_rendezvous(deeper, receive_posts(deeper), shared_stream=True)
     posts = receive_posts(plans)
     # rank 1 posts F1's receive before it sends B0 (and F3's before B2); rank 0 B1's before F2
     assert posts == [{7: [Action(Op.RECV_B, 1, 0, 1)]},
                      {3: [Action(Op.RECV_F, 1, 1, 0)], 11: [Action(Op.RECV_F, 3, 1, 0)]}]
     check_rendezvous(plans, posts)
-    for schedule, pp, m, v, most in [("1f1b", 4, 8, 1, 1), ("zb1p", 8, 13, 1, 1), ("interleaved", 4, 8, 2, 2),
+    for schedule, pp, m, v, most in [("1f1b", 4, 8, 1, 2), ("zb1p", 8, 13, 1, 2), ("interleaved", 4, 8, 2, 3),
                                      ("zbv", 8, 16, 2, 3)]:
         plans = build_schedule(schedule, pp, m, v)
         for plan, mine in zip(plans, receive_posts(plans)):
