@@ -80,6 +80,9 @@ def test_train_dp2_tp2_local_workers_end_to_end(text_dir, tmp_path):
      "--pipeline-split needs 2 positive block counts summing to 4"),
     (["--global-batch", "8", "--micro-batch", "3"], "is not divisible by --micro-batch 3"),
     (["--data", "/definitely/not/here", "--model", "tiny", "--steps", "1"], "does not exist"),
+    # before launch: no worker starts to find it missing (a traceback of its peer followed)
+    (["--nproc", "2", "--model", "tiny", "--data", "/definitely/not/here:1,/also/not:1"],
+     "data path /definitely/not/here does not exist"),
     (["--data", "a.bin:0.7,b.jsonl"], "'b.jsonl' has no weight"),
     (["--data", "a.bin:-1,b.bin:1"], "the weight of 'a.bin' must be a positive number"),
     (["--out", "/proc/plait-run"], "--out /proc/plait-run: cannot create or write the run directory"),
@@ -110,6 +113,15 @@ def test_a_vocabulary_tp_does_not_divide_is_one_line_before_launch(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("plait: error: tp=2 does not divide the model's vocab_size = 32001"), err
+    assert "model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=128)" in err
+    # the hint, followed: the padded model passes the layout rules (what stops it now is the missing data)
+    model.resize_token_embeddings(32001, pad_to_multiple_of=128, mean_resizing=False)
+    model.save_pretrained(tmp_path / "padded")
+    capsys.readouterr()
+    code = main(["train", "--model", str(tmp_path / "padded"), "--data", "x.bin", "--nproc", "2", "--tp", "2",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "vocab_size" not in err and "x.bin" in err, err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -265,6 +277,19 @@ def test_killed_worker_is_restarted_and_the_run_finishes_identically(text_dir, t
     assert latest_checkpoint(tmp_path / "killed").name == "step-00000012"
     for key, tensor in want.items():
         assert torch.equal(got[key], tensor), key  # bitwise: the restarted run replays the same steps
+
+
+def test_rank_zero_failing_to_read_the_data_is_one_line_from_each_rank(tmp_path):
+    """Rank 0 reads the corpus while the others wait in a (recorded) barrier: they say their peer
+    failed in one line each, no traceback."""
+    (tmp_path / "empty").mkdir()
+    result = run_plait(["train", "--model", "tiny", "--data", str(tmp_path / "empty"), "--tokenizer", "byte",
+                        "--nproc", "2", "--out", str(tmp_path / "o"), "--no-progress"], tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"plait: error: data path {tmp_path / 'empty'} is empty (no non-empty text files)", lines
+    assert lines[1].startswith("plait: rank 1: a collective failed in world/barrier"), lines
+    assert lines[2] == "plait: error: worker rank 0 exited with code 2 (exit code 2; its message, if any, is above)"
 
 
 def test_dead_peer_without_restart_ends_the_run_quickly_with_a_message(text_dir, tmp_path):

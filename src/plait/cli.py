@@ -258,6 +258,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     """Everything checkable without data or processes, so a bad flag fails in one line, once."""
     from plait.checkpoint.hf_config import is_hf_directory, load_hf_config
+    from plait.data.mixture import check_sources_exist
     from plait.device import host_device_plan
     from plait.layout import check_run
     from plait.planner.fit import check_host_memory
@@ -269,6 +270,7 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     if devices.kind == "cpu":
         check_host_memory(cfg, dims, model, local_ranks=world_size)
     cfg.tokenizer_spec()
+    check_sources_exist(cfg.data)
     if cfg.out is not None:  # plait compare checks layouts before it names their run directories
         make_run_dir(cfg.out)
 

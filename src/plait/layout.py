@@ -141,7 +141,9 @@ def layout_problem(model: ModelFacts, layout: Layout) -> str | None:
     for what, size in (("num_attention_heads", model.heads), ("num_key_value_heads", model.kv_heads),
                        ("intermediate_size (FFN width)", model.ffn), ("vocab_size", model.vocab)):
         if size % t:
-            hint = " (plait does not pad a vocabulary: choose a tp that divides it)" if what == "vocab_size" else ""
+            hint = (f" (plait does not pad a vocabulary: choose a tp that divides it, or pad the model's with "
+                    f"transformers: model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of={64 * t}), "
+                    f"then save_pretrained)") if what == "vocab_size" else ""
             return f"tp={t} does not divide the model's {what} = {size}{hint}"
     if p > model.layers:
         return f"pp={p} is larger than the model's {model.layers} layers"

@@ -152,6 +152,9 @@ class ParallelContext:
         if "dp_shard" not in self.comms:
             self.comms["dp_shard"] = self.comms["dp_cp"]
             self.comms["dp_replicate"] = Collectives("dp_replicate", None, self.counter, self.device, self.recorder)
+        if "world" not in self.comms:  # every rank: control messages and the run's set-up barriers
+            world = dist.group.WORLD if self.mesh is not None else None
+            self.comms["world"] = Collectives("world", world, self.counter, self.device, self.recorder)
 
     @property
     def world_size(self) -> int:

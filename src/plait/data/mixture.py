@@ -35,6 +35,13 @@ class DataSource:
         return self.spec.endswith(".bin")
 
 
+def check_sources_exist(spec: str) -> None:
+    """A one-line ``DataError`` for a ``--data`` source that is not there, before any worker starts."""
+    for source in parse_data_spec(spec):
+        if source.spec != STDLIB_SPEC and not pathlib.Path(source.spec).expanduser().exists():
+            raise DataError(f"data path {source.spec} does not exist")
+
+
 def parse_data_spec(spec: str) -> list[DataSource]:
     """The sources a ``--data`` spec names, in order; a ``DataError`` says why one does not parse."""
     if not spec.strip():

@@ -15,10 +15,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-import torch.distributed as dist
 from torch.distributed import ReduceOp
 
-from plait.comm import Collectives
 from plait.mesh import ParallelContext
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -44,7 +42,6 @@ class StopRequests:
     def __init__(self) -> None:
         self.signum = 0
         self._previous: dict[int, object] = {}
-        self._world: Collectives | None = None  # built at the first agreement of a multi-rank run
 
     def __enter__(self) -> "StopRequests":
         for signum in SIGNALS:
@@ -64,7 +61,5 @@ class StopRequests:
         """The signal any rank noted (0: none); one scalar all-reduce over every rank."""
         if ctx.world_size == 1:
             return self.signum
-        if self._world is None:
-            self._world = Collectives("world", dist.group.WORLD, ctx.counter, ctx.device, ctx.recorder)
-        (value,) = self._world.all_reduce_scalars([float(self.signum)], op=ReduceOp.MAX, tag="control")
+        (value,) = ctx.comm("world").all_reduce_scalars([float(self.signum)], op=ReduceOp.MAX, tag="control")
         return int(value)

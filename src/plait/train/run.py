@@ -31,7 +31,7 @@ def load_data_once(cfg: TrainConfig, ctx: ParallelContext, model_vocab: int | No
     if ctx.world_size == 1:
         return load(cfg.progress)
     data = load(cfg.progress) if ctx.rank == 0 else None
-    dist.barrier()
+    ctx.comm("world").barrier()  # recorded: if rank 0 fails here, the others say so in one line
     return data if data is not None else load(False)
 
 
@@ -148,8 +148,7 @@ def prepare_run_dir(cfg: TrainConfig, ctx: ParallelContext) -> bool:
         make_run_dir(cfg.out)
         if not cfg.resume and not restarted and (aside := set_aside_previous_run(cfg.out)) is not None:
             print(f"plait: --no-resume: the previous run in {cfg.out} was moved to {aside}", flush=True)
-    if ctx.world_size > 1:
-        dist.barrier()
+    ctx.comm("world").barrier()
     return cfg.resume or restarted
 
 
