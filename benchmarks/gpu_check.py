@@ -11,9 +11,10 @@ about 8 minutes on one H200 and records what it measured:
 3. ``throughput``: bf16 training steps of ``llama-125m`` and ``llama-1b`` (tiny on the CPU),
    plait and ``transformers.LlamaForCausalLM`` (SDPA), eager and each decoder layer compiled,
    same batch, alternating steps (``benchmarks/single_rank.py``); MFU against the datasheet
-   dense bf16 peak (the ``h200`` profile) and against the measured matmul rate;
+   dense bf16 peak (the GPU's planner profile: ``h200``, ``h100-80gb``, ...) and against the
+   measured matmul rate;
 4. ``memory``: plait's trainer's peak memory (``torch.cuda.max_memory_allocated``) of the
-   biggest model against the planner's prediction for the ``h200`` profile;
+   biggest model against the planner's prediction for that profile;
 5. ``device_policy``: more local ranks than GPUs is refused in one line before any worker starts;
 6. ``multi_rank`` (2 or more GPUs; on the CPU with gloo): dp2, tp2 + SP, pp2 1F1B, ZeRO-3 and
    cp2 (ring and all-to-all) under ``plait train --nproc 2`` against one process, fp32 losses to
@@ -130,6 +131,18 @@ def synthetic_data(vocab: int, n_tokens: int = 200_000, seed: int = 0):
                      eos_id=None, tokenizer=None)
 
 
+def planner_profile(device: torch.device) -> str:
+    """The planner's hardware profile of this GPU (by its name; the lent machines are H200s and
+    H100s), ``h200`` when none matches (said in the results)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if device.type == "cuda" else 0
+    for marker, profile in (("H200", "h200"), ("H100", "h100-80gb"),
+                            ("A100", "a100-80gb" if memory_gb > 50 else "a100-40gb")):
+        if marker in name:
+            return profile
+    return "h200"
+
+
 def subprocess_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     env.pop("WORLD_SIZE", None)
@@ -199,7 +212,8 @@ def throughput(check: Check) -> dict:
 
     dtype = torch.bfloat16
     measured = measure_matmul_peak(dtype, check.device, seconds=1.0, size=8192 if check.device.type == "cuda" else 512)
-    datasheet = load_profile("h200").peak("bfloat16") if check.device.type == "cuda" else None
+    profile = planner_profile(check.device)
+    datasheet = load_profile(profile).peak("bfloat16") if check.device.type == "cuda" else None
     rows = []
     for preset, batch, seq_len in check.shapes.models:
         config = get_preset(preset)
@@ -211,7 +225,7 @@ def throughput(check: Check) -> dict:
             rows.append(row)
         if check.device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"dtype": "bfloat16", "matmul_peak_tflops": measured / 1e12,
+    return {"dtype": "bfloat16", "profile": profile, "matmul_peak_tflops": measured / 1e12,
             "datasheet_peak_tflops": datasheet / 1e12 if datasheet else None, "rows": rows}
 
 
@@ -231,7 +245,8 @@ def memory(check: Check) -> dict:
     cfg = TrainConfig(model=preset, steps=3, global_batch=batch, micro_batch=batch, seq_len=seq_len,
                       dtype="bfloat16", eval_every=0, progress=False, tensorboard=False, plot=False,
                       out="unused", device=check.device.type)
-    hardware = load_profile("h200")
+    profile = planner_profile(check.device)
+    hardware = load_profile(profile)
     prediction = predict(ModelShape.from_llama_config(config, seq_len), layout_of(cfg, ParallelDims()), hardware)
     if check.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(check.device)
@@ -241,7 +256,7 @@ def memory(check: Check) -> dict:
     measured = peak_memory_bytes(check.device)
     predicted = prediction.memory_bytes_per_gpu - hardware.framework_memory_bytes  # the allocator's share
     del trainer
-    return {"model": preset, "batch": batch, "seq_len": seq_len,
+    return {"model": preset, "batch": batch, "seq_len": seq_len, "profile": profile,
             "measured_gb": measured / 1e9, "what": "max_memory_allocated" if check.device.type == "cuda"
             else "process peak resident set", "predicted_gb": predicted / 1e9,
             "ratio_measured_over_predicted": measured / predicted,
@@ -488,7 +503,8 @@ def markdown(check: Check) -> str:
     if rows:
         peak = r["throughput"]
         lines += ["", f"bf16 training step, measured matmul peak {peak['matmul_peak_tflops']:.1f} TFLOP/s"
-                  + (f", datasheet {peak['datasheet_peak_tflops']:.0f} TFLOP/s" if peak.get("datasheet_peak_tflops")
+                  + (f", datasheet {peak['datasheet_peak_tflops']:.0f} TFLOP/s ({peak['profile']})"
+                     if peak.get("datasheet_peak_tflops")
                      else ""), "",
                   "| model | batch x seq | implementation | step (s) | tokens/s | MFU (measured peak) | MFU (datasheet) |",
                   "|---|---|---|---|---|---|---|"]
@@ -515,7 +531,8 @@ def summary_of(name: str, figures: dict) -> str:
                 f"parameters {figures['max_param_rel_error']:.1e} (tolerance {figures['tolerance']:.0e})")
     if name == "memory":
         return (f"{figures['model']}: {figures['measured_gb']:.2f} GB measured ({figures['what']}) vs "
-                f"{figures['predicted_gb']:.2f} GB predicted ({figures['ratio_measured_over_predicted']:.2f}x)")
+                f"{figures['predicted_gb']:.2f} GB predicted for {figures['profile']} "
+                f"({figures['ratio_measured_over_predicted']:.2f}x)")
     if name == "device_policy":
         return f"`{figures['command']}`: exit {figures['exit_code']}, {figures['message'][:150]}"
     if name == "multi_rank":
