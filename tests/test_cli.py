@@ -153,7 +153,8 @@ def test_the_memory_check_passes_what_this_host_trains(tmp_path):
 
 
 def test_config_file_and_flag_precedence(tmp_path):
-    from plait.cli import build_parser, train_config_from_args
+    from plait.cli import build_parser
+    from plait.train_cli import train_config_from_args
     config = tmp_path / "run.toml"
     config.write_text('[train]\nsteps = 5\nglobal-batch = 4\nmodel = "tiny"\n')
     cfg = train_config_from_args(build_parser().parse_args(["train", "--config", str(config), "--steps", "7"]))
@@ -322,7 +323,8 @@ def test_dead_peer_without_restart_ends_the_run_quickly_with_a_message(text_dir,
                                         (["--activation-checkpointing", "full"], "full"),
                                         (["--no-activation-checkpointing"], "none")])
 def test_activation_checkpointing_modes(args, mode):
-    from plait.cli import build_parser, train_config_from_args
+    from plait.cli import build_parser
+    from plait.train_cli import train_config_from_args
 
     assert train_config_from_args(build_parser().parse_args(["train", *args])).activation_checkpointing == mode
 

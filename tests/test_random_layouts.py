@@ -33,7 +33,7 @@ MODELS = {  # name: (tie_word_embeddings, num_key_value_heads)
 
 
 def _configure(flags: list[str]):
-    from plait.cli import train_config_from_args
+    from plait.train_cli import train_config_from_args
     return train_config_from_args(argparse.Namespace(**train_fields(flags)))
 
 

@@ -296,12 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_fields(flags: Sequence[str]) -> dict:
     """The TrainConfig fields ``flags`` set (plait train's own parser; SUPPRESS keeps only given ones)."""
-    from plait.cli import build_parser as build_cli_parser
+    from plait.train_cli import parse_train_flags
 
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):
-            parsed = build_cli_parser().parse_args(["train", *flags])
+            parsed = parse_train_flags(flags)
     except SystemExit:  # argparse's usage and message, kept to the message's one line
         message = said.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1] if said.getvalue().strip() else ""
         raise CompareError(f"plait train flags {' '.join(flags)}: {message}") from None
@@ -329,7 +329,7 @@ def compare_main(argv: Sequence[str]) -> int:
 
 
 def _compare(args: argparse.Namespace, common: list[str]) -> int:
-    from plait.cli import train_config_from_args, validate_before_launch
+    from plait.train_cli import train_config_from_args, validate_before_launch
 
     fields = train_fields(common)
     managed = sorted(set(fields) & MANAGED_FIELDS)

@@ -8,7 +8,8 @@ Typical use::
     val = validation_windows(data.val, seq_len=256, max_windows=512)   # val.rows([0, 1]): inputs, targets
 """
 
-from plait.data.corpus import DataError, TextCorpus, open_text_corpus, stdlib_root
+from plait.data.corpus import TextCorpus, open_text_corpus, stdlib_root
+from plait.data.errors import DataError
 from plait.data.sampler import BatchSampler, TokenData, ValidationWindows, load_token_data, validation_windows
 from plait.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, build_tokenizer, default_cache_dir
 

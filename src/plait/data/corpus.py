@@ -15,22 +15,14 @@ import pathlib
 import sysconfig
 from collections.abc import Iterator
 
-from plait.errors import PlaitError
+from plait.data.errors import DataError
+from plait.data.formats import read_documents
 
 STDLIB_SPEC = "stdlib"
 
 # Third-party code lives inside the stdlib directory on most installs; it is
 # not part of the standard library and differs from machine to machine.
 _THIRD_PARTY_DIRS = ("site-packages", "dist-packages")
-
-
-class DataError(PlaitError):
-    """Any problem with user-supplied data: missing paths, empty corpora,
-    undecodable text, token ids outside the vocabulary.
-
-    The message is always a single line naming the offending path or value,
-    so a CLI can print it as-is instead of a traceback.
-    """
 
 
 def stdlib_root() -> pathlib.Path:
@@ -97,8 +89,6 @@ class TextCorpus:
 
     def documents_with_sizes(self) -> Iterator[tuple[str, int]]:
         """(document, bytes of its file it took): what a progress bar over ``total_bytes`` counts."""
-        from plait.data.formats import read_documents
-
         self.skipped = 0
         for path in self.files:
             found = False
@@ -110,25 +100,6 @@ class TextCorpus:
 
     def total_bytes(self) -> int:
         return sum(path.stat().st_size for path in self.files)
-
-
-def read_text_file(path: pathlib.Path, skip_undecodable: bool = False) -> str | None:
-    """Read ``path`` as strict UTF-8.
-
-    Returns ``None`` for undecodable files when ``skip_undecodable``; otherwise
-    raises ``DataError`` pointing at the first bad byte so the user can find it.
-    """
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        if skip_undecodable:
-            return None
-        bad_byte = data[error.start]
-        raise DataError(
-            f"data file {path} is not UTF-8 text "
-            f"(invalid byte 0x{bad_byte:02x} at offset {error.start})"
-        ) from None
 
 
 def open_text_corpus(spec: str, field: str = "text") -> TextCorpus:

@@ -15,9 +15,28 @@ import json
 import pathlib
 from collections.abc import Iterator
 
-from plait.data.corpus import DataError, read_text_file
+from plait.data.errors import DataError
 
 DEFAULT_FIELD = "text"
+
+
+def read_text_file(path: pathlib.Path, skip_undecodable: bool = False) -> str | None:
+    """Read ``path`` as strict UTF-8.
+
+    Returns ``None`` for undecodable files when ``skip_undecodable``; otherwise
+    raises ``DataError`` pointing at the first bad byte so the user can find it.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if skip_undecodable:
+            return None
+        bad_byte = data[error.start]
+        raise DataError(
+            f"data file {path} is not UTF-8 text "
+            f"(invalid byte 0x{bad_byte:02x} at offset {error.start})"
+        ) from None
 
 
 def file_kind(path: pathlib.Path) -> str:

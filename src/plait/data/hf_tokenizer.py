@@ -32,7 +32,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from plait.data.corpus import DataError
+from plait.data.errors import DataError
 
 TOKENIZER_JSON = "tokenizer.json"
 # Files of a tokenizer directory that travel with it (into a run, its checkpoints, an export).

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from plait.data.corpus import STDLIB_SPEC, DataError
+from plait.data.corpus import STDLIB_SPEC
+from plait.data.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from plait.data.corpus import DataError, TextCorpus
+from plait.data.corpus import TextCorpus
+from plait.data.errors import DataError
 from plait.data.sampler import UINT32_BIN_SUFFIX, document_chunks, token_dtype
 from plait.data.tokenizer import Tokenizer, build_tokenizer
 from plait.files import atomic_output

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from plait.data.corpus import DataError, TextCorpus, combine_corpora, open_text_corpus
+from plait.data.corpus import TextCorpus, combine_corpora, open_text_corpus
+from plait.data.errors import DataError
 from plait.data.hf_tokenizer import PretrainedTokenizer
 from plait.data.mixture import TokenChain, parse_data_spec
 from plait.data.tokenizer import (

@@ -19,7 +19,8 @@ from typing import Protocol, runtime_checkable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from plait.data.corpus import DataError, TextCorpus
+from plait.data.corpus import TextCorpus
+from plait.data.errors import DataError
 from plait.data.hf_tokenizer import PretrainedTokenizer, byte_backend, save_backend_pretrained
 from plait.files import atomic_write_bytes
 

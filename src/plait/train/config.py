@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from plait.device import DeviceRequest
-from plait.data.corpus import DataError
+from plait.data.errors import DataError
 from plait.data.mixture import format_data_spec, has_text_source, parse_data_spec
 from plait.errors import PlaitError
 from plait.layout import Recompute
