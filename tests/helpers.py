@@ -40,7 +40,7 @@ def tiny_config(**overrides) -> TrainConfig:
 
 
 def tiny_model_config(**overrides):
-    return get_preset("tiny").replace(vocab_size=VOCAB, **overrides)
+    return get_preset("tiny").replace(**{"vocab_size": VOCAB, **overrides})
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

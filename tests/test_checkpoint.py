@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from plait.checkpoint import (CheckpointError, complete_checkpoints, latest_checkpoint, load_checkpoint,
                               save_checkpoint)
@@ -73,6 +74,36 @@ def test_reshard_between_layouts(pool, tmp_path, data, model_config, uninterrupt
     for rest in run(target, load_and_train):
         for step, (got, want) in enumerate(zip(first + rest, uninterrupted)):
             assert abs(got - want) <= TOLERANCE * want, f"{source} -> {target}, step {step}: {got} vs {want}"
+
+
+def test_a_vocabulary_tp_does_not_divide_reshards_and_exports(pool, tmp_path, data):
+    """259 tokens: saved at tp 2 (rows 130 + 129) under ZeRO-3, resumed at tp 4 (65, 65, 65, 64) and
+    at one process, both continuing the one-process run; the export holds all 259 rows."""
+    from safetensors.torch import load_file
+
+    from plait.checkpoint.hf import export_hf
+    from plait.models import model_parameters
+    from helpers import tiny_model_config
+
+    odd = tiny_model_config(vocab_size=259)
+    cfg = tiny_config(steps=TOTAL, micro_batch=1)
+    single = ParallelContext.single()
+    whole = Trainer(cfg, single, data, odd)
+    uninterrupted = [whole.train_step(step)["loss"] for step in range(TOTAL)]
+    saved = pool.run(train_and_save, ParallelDims(dp=2, tp=2), tiny_config(steps=TOTAL, micro_batch=1, tp=2, zero=3),
+                     data, odd, tmp_path, SPLIT)[0]
+    continued = [*pool.run(load_and_train, ParallelDims(tp=4), tiny_config(steps=TOTAL, micro_batch=1, tp=4),
+                           data, odd, tmp_path, TOTAL),
+                 load_and_train(single, cfg, data, odd, tmp_path, TOTAL)]
+    for rest in continued:
+        for step, (got, want) in enumerate(zip(saved + rest, uninterrupted)):
+            assert abs(got - want) <= TOLERANCE * want, f"step {step}: {got} vs {want}"
+    exported = load_file(export_hf(latest_checkpoint(tmp_path), tmp_path / "hf") / "model.safetensors")
+    loaded = Trainer(cfg, single, data, odd)
+    load_checkpoint(loaded, latest_checkpoint(tmp_path))
+    for name, param in model_parameters(loaded.model):
+        assert torch.equal(exported[name], param.detach().float()), name
+    assert exported["model.embed_tokens.weight"].shape == (259, odd.hidden_size)
 
 
 def test_mismatched_model_is_a_clear_error(tmp_path, data, model_config):

@@ -63,6 +63,26 @@ def test_logits_loss_and_gradients_match_one_process(pool, data, tp, sp, lp):
             assert relative_error(grads[name], want) <= TOLERANCE, f"rank {rank} grad {name}"
 
 
+@pytest.mark.parametrize("tp, sp, lp, tied", [(4, True, True, True), (2, False, False, False)])
+def test_an_uneven_vocabulary_gives_the_logits_loss_and_gradients_of_one_process(pool, data, tp, sp, lp, tied):
+    """259 tokens over tp 4 (rows 65, 65, 65, 64), label smoothing, tied or not: the gathered logits,
+    the loss and every gradient (gathered back to full size) equal one process."""
+    cfg = tiny_config(tp=tp, sequence_parallel=sp, loss_parallel=lp, label_smoothing=0.1)
+    model_config = tiny_model_config(vocab_size=259, tie_word_embeddings=tied)
+    inputs, targets = batch_with_ignored_targets()
+    targets[0, 3] = 258  # the last row, held by the last rank
+    ref_logits, ref_loss, ref_grads, ref_params = forward_backward(
+        ParallelContext.single(), tiny_config(label_smoothing=0.1), data, model_config, inputs, targets)
+    assert ref_logits.shape[-1] == 259
+    for rank, (logits, loss, grads, params) in enumerate(
+            pool.run(forward_backward, ParallelDims(tp=tp), cfg, data, model_config, inputs, targets)):
+        assert logits.shape == ref_logits.shape and relative_error(logits, ref_logits) <= TOLERANCE, rank
+        assert abs(loss - ref_loss) <= TOLERANCE * abs(ref_loss), f"rank {rank} loss {loss} vs {ref_loss}"
+        for name, want in ref_grads.items():
+            assert torch.equal(params[name], ref_params[name]), f"rank {rank} initial {name}"
+            assert relative_error(grads[name], want) <= TOLERANCE, f"rank {rank} grad {name}"
+
+
 @pytest.mark.parametrize("dims, sp, lp", [
     pytest.param(ParallelDims(tp=2), False, False, marks=pytest.mark.large),  # tp2 alone: one-step tests here
     (ParallelDims(tp=2), True, True),
@@ -74,6 +94,20 @@ def test_twenty_steps_match_one_process(pool, data, dims, sp, lp):
     model_config = tiny_model_config()
     reference = train_and_collect(ParallelContext.single(), tiny_config(), data, model_config)
     cfg = tiny_config(tp=dims.tp, sequence_parallel=sp, loss_parallel=lp)
+    assert_runs_match(pool.run(train_and_collect, dims, cfg, data, model_config), reference, TOLERANCE)
+
+
+@pytest.mark.parametrize("dims, options", [
+    (ParallelDims(tp=2), dict(sequence_parallel=True, loss_parallel=True)),  # rows 130 + 129
+    (ParallelDims(tp=2), dict()),                                            # logits gathered: padded parts
+    (ParallelDims(dp=2, tp=2), dict(zero=3, sequence_parallel=True, loss_parallel=True)),
+])
+def test_a_vocabulary_tp_does_not_divide_splits_unevenly_and_matches_one_process(pool, data, dims, options):
+    """A 259-token vocabulary (what a tokenizer with added tokens brings) at tp 2: the first rank
+    holds one row more of the embedding and head; 20 steps equal one process."""
+    model_config = tiny_model_config(vocab_size=259)
+    reference = train_and_collect(ParallelContext.single(), tiny_config(), data, model_config)
+    cfg = tiny_config(tp=dims.tp, **options)
     assert_runs_match(pool.run(train_and_collect, dims, cfg, data, model_config), reference, TOLERANCE)
 
 

@@ -138,13 +138,11 @@ def layout_problem(model: ModelFacts, layout: Layout) -> str | None:
     t, p, dp = layout.tp, layout.pp, layout.dp
     if min(dp, t, p, layout.micro_batch, layout.global_batch, layout.virtual_stages) < 1:
         return "--dp, --tp, --pp, --micro-batch, --global-batch and --virtual-stages must be >= 1"
+    # a vocabulary tp does not divide is split unevenly (the first ranks one row more)
     for what, size in (("num_attention_heads", model.heads), ("num_key_value_heads", model.kv_heads),
-                       ("intermediate_size (FFN width)", model.ffn), ("vocab_size", model.vocab)):
+                       ("intermediate_size (FFN width)", model.ffn)):
         if size % t:
-            hint = (f" (plait does not pad a vocabulary: choose a tp that divides it, or pad the model's with "
-                    f"transformers: model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of={64 * t}), "
-                    f"then save_pretrained)") if what == "vocab_size" else ""
-            return f"tp={t} does not divide the model's {what} = {size}{hint}"
+            return f"tp={t} does not divide the model's {what} = {size}"
     if p > model.layers:
         return f"pp={p} is larger than the model's {model.layers} layers"
     if (layout.sequence_parallel or layout.loss_parallel) and t == 1:

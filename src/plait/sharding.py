@@ -10,6 +10,10 @@ tensor down to a rank's part is ``TensorShard.local`` (written once, here).
                       dim 1, count t   ->  part i: columns [i in/t,  (i+1) in/t)   (row-parallel)
                       dim None         ->  the whole tensor on every tp rank      (norms)
 
+A dimension t does not divide (only a vocabulary: 32001 tokens at tp 2) splits as
+``torch.tensor_split`` does, the first n mod t parts one longer (``split_bounds``); such a shard
+also records the dimension's full length (``full_size``), which its part alone cannot tell.
+
 For a replicated tensor ``index``/``count`` are the tp rank and size: elements that every tp
 rank holds are counted (gradient norm) and written (checkpoints) by tp rank 0 alone, which is
 ``owns_elements``. ``partial_grad`` marks a replicated tensor whose gradient is a per-tp-rank
@@ -28,6 +32,12 @@ class TensorShard:
     index: int = 0
     count: int = 1
     partial_grad: bool = False
+    full_size: int | None = None  # the split dimension's length, when count does not divide it
+
+    @classmethod
+    def split(cls, dim: int, index: int, count: int, size: int) -> "TensorShard":
+        """Part ``index`` of ``count`` of a dimension of ``size`` (even or not)."""
+        return cls(dim, index, count, full_size=size if size % count else None)
 
     @classmethod
     def replicated(cls, tp_rank: int = 0, tp_size: int = 1, partial_grad: bool = False) -> "TensorShard":
@@ -43,29 +53,54 @@ class TensorShard:
         return self.is_split or self.index == 0
 
     def local_shape(self, full_shape: tuple[int, ...]) -> tuple[int, ...]:
-        if not self.is_split:
-            return tuple(full_shape)
-        return tuple(size // self.count if d == self.dim else size for d, size in enumerate(full_shape))
+        return tuple(stop - start for start, stop in self.box(full_shape))
 
     def full_shape(self, local_shape: tuple[int, ...]) -> tuple[int, ...]:
         if not self.is_split:
             return tuple(local_shape)
-        return tuple(size * self.count if d == self.dim else size for d, size in enumerate(local_shape))
+        full = self.full_size if self.full_size is not None else local_shape[self.dim] * self.count
+        return tuple(full if d == self.dim else size for d, size in enumerate(local_shape))
 
     def box(self, full_shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
         """Per dimension, the [start, stop) of this part in the full tensor."""
-        local = self.local_shape(full_shape)
-        return tuple((self.index * local[d], (self.index + 1) * local[d]) if self.is_split and d == self.dim
+        return tuple(split_bounds(size, self.count, self.index) if self.is_split and d == self.dim
                      else (0, size) for d, size in enumerate(full_shape))
 
     def local(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of ``full`` (a view)."""
         if not self.is_split:
             return full
-        if full.shape[self.dim] % self.count:
-            raise ValueError(f"dimension {self.dim} of size {full.shape[self.dim]} does not split into {self.count}")
-        size = full.shape[self.dim] // self.count
-        return full.narrow(self.dim, self.index * size, size)
+        start, stop = split_bounds(full.shape[self.dim], self.count, self.index)
+        return full.narrow(self.dim, start, stop - start)
+
+
+def padded_part(part: torch.Tensor, dim: int, size: int, count: int) -> torch.Tensor:
+    """``part`` (of a dimension of ``size`` split into ``count``) zero-padded along ``dim`` to the
+    longest part's length: what an all-gather, which needs equal parts, sends."""
+    longest = -(-size // count)
+    if part.shape[dim] == longest:
+        return part
+    padding = list(part.shape)
+    padding[dim] = longest - part.shape[dim]
+    return torch.cat([part, part.new_zeros(padding)], dim=dim)
+
+
+def without_padding(gathered: torch.Tensor, dim: int, size: int, count: int) -> torch.Tensor:
+    """The full tensor from an all-gather of ``padded_part``s: each part cut back to its length."""
+    longest = -(-size // count)
+    if longest * count == size:
+        return gathered
+    return torch.cat([gathered.narrow(dim, index * longest, stop - start)
+                      for index, (start, stop) in enumerate(split_bounds(size, count, i) for i in range(count))],
+                     dim=dim)
+
+
+def split_bounds(size: int, count: int, index: int) -> tuple[int, int]:
+    """[start, stop) of part ``index`` when ``size`` elements are cut into ``count`` contiguous
+    parts, the first ``size % count`` of them one longer (``torch.tensor_split``'s rule)."""
+    base, longer = divmod(size, count)
+    start = index * base + min(index, longer)
+    return start, start + base + (index < longer)
 
 
 _ATTRIBUTE = "plait_shard"

@@ -35,18 +35,20 @@ class Piece:
     tp_count: int
     start: int  # flat range within the local tensor
     end: int
+    tp_full: int | None = None  # the split dimension's full length when tp_count does not divide it
 
     @classmethod
     def of(cls, name: str, kind: str, shard: TensorShard, local_shape: tuple[int, ...], start: int,
            end: int) -> "Piece":
         """A piece of a rank's part ``shard``; replicated tensors are recorded as one whole part."""
         if shard.is_split:
-            return cls(name, kind, tuple(local_shape), shard.dim, shard.index, shard.count, start, end)
+            return cls(name, kind, tuple(local_shape), shard.dim, shard.index, shard.count, start, end,
+                       shard.full_size)
         return cls(name, kind, tuple(local_shape), None, 0, 1, start, end)
 
     @property
     def shard(self) -> TensorShard:
-        return TensorShard(self.tp_dim, self.tp_index, self.tp_count)
+        return TensorShard(self.tp_dim, self.tp_index, self.tp_count, full_size=self.tp_full)
 
     @property
     def full_shape(self) -> tuple[int, ...]:
@@ -57,7 +59,10 @@ class Piece:
         return f"{self.name}|{self.kind}|{self.tp_index}|{self.start}"
 
     def to_json(self) -> dict:
-        return asdict(self)
+        record = asdict(self)
+        if record["tp_full"] is None:  # even parts: the record checkpoints had before uneven ones existed
+            del record["tp_full"]
+        return record
 
     @classmethod
     def from_json(cls, data: dict) -> "Piece":

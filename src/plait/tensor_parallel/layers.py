@@ -27,7 +27,7 @@ from plait.comm import (Collectives, copy_to_tp, eager, gather_from_tp, gather_s
                         reduce_scatter_sequence)
 from plait.pipeline.weight_grad import (DeferrableLinear, DeferredWeightGradients, input_grad, save_linear,
                                        saved_linear, weight_and_bias_grads)
-from plait.sharding import TensorShard, set_shard
+from plait.sharding import TensorShard, padded_part, set_shard, split_bounds, without_padding
 
 INPUT_MODES = ("copy", "gather_sequence", "none")
 OUTPUT_MODES = ("all_reduce", "reduce_scatter_sequence")
@@ -97,7 +97,7 @@ class _CopyThenLinear(torch.autograd.Function):
 
 def _sharded_parameter(full: torch.Tensor, dim: int, comm: Collectives) -> nn.Parameter:
     """This rank's part of ``full`` along ``dim`` (a copy; on the meta device, no memory)."""
-    shard = TensorShard(dim, comm.rank, comm.size)
+    shard = TensorShard.split(dim, comm.rank, comm.size, full.shape[dim])
     param = nn.Parameter(shard.local(full.detach()).clone())
     set_shard(param, shard)
     return param
@@ -158,8 +158,10 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.comm = comm
         self.output_mode = output_mode
-        self.num_embeddings = embedding.num_embeddings // comm.size  # local
-        self.vocab_start = comm.rank * self.num_embeddings
+        # this rank's rows: a vocabulary tp does not divide leaves the first ranks one row more
+        self.vocab_start, stop = split_bounds(embedding.num_embeddings, comm.size, comm.rank)
+        self.num_embeddings = stop - self.vocab_start  # local
+        self.vocab_size = embedding.num_embeddings
         self.weight = _sharded_parameter(embedding.weight, 0, comm)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -171,7 +173,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rows {self.vocab_start}..{self.vocab_start + self.num_embeddings} of " \
-               f"{self.num_embeddings * self.comm.size}, output={self.output_mode}"
+               f"{self.vocab_size}, output={self.output_mode}"
 
 
 class ParallelLMHead(ColumnParallelLinear):
@@ -183,9 +185,27 @@ class ParallelLMHead(ColumnParallelLinear):
 
     def __init__(self, linear: nn.Linear, comm: Collectives, input_mode: str = "copy",
                  loss_parallel: bool = True) -> None:
-        super().__init__(linear, comm, input_mode=input_mode, gather_output=True)
+        super().__init__(linear, comm, input_mode=input_mode, gather_output=False)
         self.loss_parallel = loss_parallel
         self.vocab_size = linear.out_features
+        # this rank's columns of the logits (uneven when tp does not divide the vocabulary)
+        self.vocab_start, stop = split_bounds(self.vocab_size, comm.size, comm.rank)
+        self.out_features = stop - self.vocab_start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (evaluation, generation): this rank's columns, then every rank's."""
+        return self.gather_vocabulary(super().forward(x))
+
+    def gather_vocabulary(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """Every rank's logit columns in vocabulary order (an all-gather). Parts of a vocabulary tp
+        does not divide are padded to the longest for the collective and cut back after it."""
+        last, size, t = local_logits.dim() - 1, self.vocab_size, self.comm.size
+        gathered = gather_from_tp(padded_part(local_logits, last, size, t), self.comm)
+        return without_padding(gathered, last, size, t)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, vocabulary {self.vocab_start}..{self.vocab_start + self.out_features} "
+                f"of {self.vocab_size}, input={self.input_mode}, loss_parallel={self.loss_parallel}")
 
     def loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         from plait.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy_sum
@@ -196,9 +216,8 @@ class ParallelLMHead(ColumnParallelLinear):
         else:
             local_logits = F.linear(prepare_input(hidden, self.input_mode, self.comm), self.weight, self.bias)
         if self.loss_parallel:
-            return vocab_parallel_cross_entropy_sum(local_logits, targets, self.comm,
-                                                    self.comm.rank * self.out_features, self.vocab_size,
-                                                    label_smoothing)
-        logits = gather_from_tp(local_logits, self.comm).float()
+            return vocab_parallel_cross_entropy_sum(local_logits, targets, self.comm, self.vocab_start,
+                                                    self.vocab_size, label_smoothing)
+        logits = self.gather_vocabulary(local_logits).float()
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                label_smoothing=label_smoothing, reduction="sum")

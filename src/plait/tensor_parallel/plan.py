@@ -24,7 +24,7 @@ from torch import nn
 
 from plait.comm import Collectives, _gather_dim
 from plait.errors import PlaitError
-from plait.sharding import TensorShard, set_shard, shard_of
+from plait.sharding import TensorShard, padded_part, set_shard, shard_of, without_padding
 from plait.tensor_parallel.layers import (INPUT_MODES, OUTPUT_MODES, ColumnParallelLinear, ParallelLMHead,
                                           RowParallelLinear, VocabParallelEmbedding, prepare_input)
 
@@ -82,8 +82,7 @@ class VocabParallel:
     def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
         _check_type(name, module, nn.Embedding, self)
         _check_mode(self.output, OUTPUT_MODES, "VocabParallel.output")
-        _check_divisible(name, "num_embeddings", module.num_embeddings, comm)
-        return VocabParallelEmbedding(module, comm, self.output)
+        return VocabParallelEmbedding(module, comm, self.output)  # any vocabulary: parts may differ by a row
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,6 @@ class ParallelHead:
     def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
         _check_type(name, module, nn.Linear, self)
         _check_mode(self.input, INPUT_MODES, "ParallelHead.input")
-        _check_divisible(name, "out_features (vocabulary)", module.out_features, comm)
         return ParallelLMHead(module, comm, self.input, self.loss_parallel)
 
 
@@ -210,7 +208,11 @@ def sum_partial_grads(tensors: list[torch.Tensor], comm: Collectives) -> None:
 
 def _unshard(tensor: torch.Tensor, param: nn.Parameter, comm: Collectives) -> torch.Tensor:
     shard = shard_of(param)
-    return _gather_dim(tensor, comm, shard.dim, "gather_state") if shard.is_split else tensor
+    if not shard.is_split:
+        return tensor
+    size = shard.full_shape(tuple(tensor.shape))[shard.dim]
+    gathered = _gather_dim(padded_part(tensor, shard.dim, size, comm.size), comm, shard.dim, "gather_state")
+    return without_padding(gathered, shard.dim, size, comm.size)
 
 
 def full_tensor(param: nn.Parameter, comm: Collectives) -> torch.Tensor:
