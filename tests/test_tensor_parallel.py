@@ -99,8 +99,10 @@ def test_twenty_steps_match_one_process(pool, data, dims, sp, lp):
 
 @pytest.mark.parametrize("dims, options", [
     (ParallelDims(tp=2), dict(sequence_parallel=True, loss_parallel=True)),  # rows 130 + 129
-    (ParallelDims(tp=2), dict()),                                            # logits gathered: padded parts
-    (ParallelDims(dp=2, tp=2), dict(zero=3, sequence_parallel=True, loss_parallel=True)),
+    # make test-large (7-8 s each); make test checks both paths in one step, and ZeRO-3 in the reshard test
+    pytest.param(ParallelDims(tp=2), dict(), marks=pytest.mark.large),      # logits gathered: padded parts
+    pytest.param(ParallelDims(dp=2, tp=2), dict(zero=3, sequence_parallel=True, loss_parallel=True),
+                 marks=pytest.mark.large),
 ])
 def test_a_vocabulary_tp_does_not_divide_splits_unevenly_and_matches_one_process(pool, data, dims, options):
     """A 259-token vocabulary (what a tokenizer with added tokens brings) at tp 2: the first rank
