@@ -241,7 +241,8 @@ def test_split_backward_defers_exactly_the_blocks_weight_products():
     import torch
 
     from plait.models import LlamaForCausalLM
-    from plait.pipeline.weight_grad import DeferredWeightGradients, defer_weight_gradients
+    from plait.pipeline.stage import defer_weight_gradients
+    from plait.pipeline.weight_grad import DeferredWeightGradients
 
     config = tiny_model_config(num_hidden_layers=2)
     torch.manual_seed(0)

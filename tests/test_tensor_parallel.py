@@ -85,7 +85,8 @@ def test_an_uneven_vocabulary_gives_the_logits_loss_and_gradients_of_one_process
 
 @pytest.mark.parametrize("dims, sp, lp", [
     pytest.param(ParallelDims(tp=2), False, False, marks=pytest.mark.large),  # tp2 alone: one-step tests here
-    (ParallelDims(tp=2), True, True),
+    # tp2 SP + LP twenty steps: make test runs them with the 259-token vocabulary (below)
+    pytest.param(ParallelDims(tp=2), True, True, marks=pytest.mark.large),
     pytest.param(ParallelDims(tp=4), True, False, marks=pytest.mark.large),  # 22 s; tp4: one-step tests, random layouts
     pytest.param(ParallelDims(tp=4), False, True, marks=pytest.mark.large),  # 16 s
     (ParallelDims(dp=2, tp=2), True, True),

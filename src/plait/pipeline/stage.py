@@ -10,14 +10,19 @@ it owns chunk 0, and the final norm and head if it owns the last chunk.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from plait.comm import eager
 from plait.errors import PlaitError
 from plait.models.config import LlamaConfig
 from plait.pipeline.schedules import Placement
+from plait.pipeline.weight_grad import DeferrableLinear, DeferredWeightGradients
+from plait.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
 class StageError(PlaitError):
@@ -139,3 +144,25 @@ def chunk_forward(model: nn.Module, chunk: PipelineChunk, x: torch.Tensor, seq_l
     if chunk.is_last:
         x = decoder.norm(x)
     return x
+
+
+@eager  # queues its W from backward: kept out of --compile's graphs, as collectives are
+def _deferrable_forward(module: nn.Linear, store: DeferredWeightGradients, x: torch.Tensor) -> torch.Tensor:
+    return DeferrableLinear.apply(x, module.weight, module.bias, store)
+
+
+def defer_weight_gradients(blocks: Iterable[nn.Module], store: DeferredWeightGradients) -> int:
+    """Route every linear layer of ``blocks`` through ``store`` (plain ``nn.Linear`` by patching
+    its forward, as recomputation patches blocks; tensor-parallel layers by their
+    ``weight_gradients`` slot). Returns how many layers were routed."""
+    routed = 0
+    for block in blocks:
+        for module in block.modules():
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                module.weight_gradients = store
+            elif isinstance(module, nn.Linear):
+                module.forward = functools.partial(_deferrable_forward, module, store)
+            else:
+                continue
+            routed += 1
+    return routed

@@ -18,14 +18,12 @@ backward FLOPs.
 from __future__ import annotations
 
 import contextlib
-import functools
-from typing import Hashable, Iterable, Iterator
+from typing import Hashable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.comm import eager
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -122,27 +120,3 @@ class DeferrableLinear(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         saved = saved_linear(ctx)
         return (input_grad(ctx, saved, grad_y), *weight_and_bias_grads(ctx, saved, grad_y), None)
-
-
-@eager  # queues its W from backward: kept out of --compile's graphs, as collectives are
-def _deferrable_forward(module: nn.Linear, store: DeferredWeightGradients, x: torch.Tensor) -> torch.Tensor:
-    return DeferrableLinear.apply(x, module.weight, module.bias, store)
-
-
-def defer_weight_gradients(blocks: Iterable[nn.Module], store: DeferredWeightGradients) -> int:
-    """Route every linear layer of ``blocks`` through ``store`` (plain ``nn.Linear`` by patching
-    its forward, as recomputation patches blocks; tensor-parallel layers by their
-    ``weight_gradients`` slot). Returns how many layers were routed."""
-    from plait.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
-    routed = 0
-    for block in blocks:
-        for module in block.modules():
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                module.weight_gradients = store
-            elif isinstance(module, nn.Linear):
-                module.forward = functools.partial(_deferrable_forward, module, store)
-            else:
-                continue
-            routed += 1
-    return routed

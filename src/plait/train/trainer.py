@@ -35,7 +35,8 @@ from plait.pipeline import (PipelineExecutor, ScheduleError, StageError, build_s
                             named_blocks, plan_chunks)
 from plait.pipeline.ordering import receive_posts
 from plait.pipeline.schedules import placement_of, splits_backward
-from plait.pipeline.weight_grad import DeferredWeightGradients, defer_weight_gradients
+from plait.pipeline.stage import defer_weight_gradients
+from plait.pipeline.weight_grad import DeferredWeightGradients
 from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize
 from plait.train.config import TrainConfig
 from plait.loss import IGNORE_INDEX, linear_cross_entropy_sum
