@@ -89,7 +89,8 @@ def test_an_uneven_vocabulary_gives_the_logits_loss_and_gradients_of_one_process
     pytest.param(ParallelDims(tp=2), True, True, marks=pytest.mark.large),
     pytest.param(ParallelDims(tp=4), True, False, marks=pytest.mark.large),  # 22 s; tp4: one-step tests, random layouts
     pytest.param(ParallelDims(tp=4), False, True, marks=pytest.mark.large),  # 16 s
-    (ParallelDims(dp=2, tp=2), True, True),
+    # dp2 x tp2 SP + LP: make test runs it end to end through plait train (test_cli) and in random layouts
+    pytest.param(ParallelDims(dp=2, tp=2), True, True, marks=pytest.mark.large),
 ])
 def test_twenty_steps_match_one_process(pool, data, dims, sp, lp):
     model_config = tiny_model_config()
