@@ -55,7 +55,7 @@ class FlightRecorder:
         self._lock = threading.Lock()
         self.last_progress = time.time()
         self.hung = False  # set by the hang watchdog once the job is being ended
-        self._on_device: list[tuple[Entry, Any]] = []  # entries that end when their work is done
+        self._on_device: deque[tuple[Entry, Any]] = deque()  # entries that end when their work is done
 
     def begin(self, group: str, ranks: tuple[int, ...], op: str, tag: str, nbytes: int,
               peer: int | None = None) -> Entry:
@@ -74,21 +74,20 @@ class FlightRecorder:
 
     def end_when_done(self, entry: Entry, work) -> None:
         """``entry`` ends once ``work`` (a torch.distributed handle) reports it completed on its
-        device: found by ``poll`` (the watchdog's, and here, so that finished handles are let go)."""
-        self.poll()
+        device: found by ``poll`` (the watchdog's). Here only the oldest finished handles are let
+        go, up to the first one still running, so a collective costs O(1) event queries, not one
+        per handle in flight."""
         with self._lock:
+            while self._on_device and _finished(self._on_device[0][1]):
+                self._on_device.popleft()[0].end = self.last_progress = time.time()
             self._on_device.append((entry, work))
 
     def poll(self) -> None:
-        """End the entries whose device work has completed (a CUDA event query: no waiting)."""
+        """End every entry whose device work has completed (CUDA event queries: no waiting)."""
         with self._lock:
-            pending = []
+            pending: deque[tuple[Entry, Any]] = deque()
             for entry, work in self._on_device:
-                try:
-                    finished = work.is_completed()
-                except RuntimeError:  # a failed collective has ended too; its error surfaces at its wait
-                    finished = True
-                if finished:
+                if _finished(work):
                     entry.end = self.last_progress = time.time()
                 else:
                     pending.append((entry, work))
@@ -128,6 +127,13 @@ class FlightRecorder:
         with self._lock:
             return {"rank": self.rank, "step": self.step, "time": time.time(), "last_progress": self.last_progress,
                     "entries": [asdict(entry) for entry in self.entries]}
+
+
+def _finished(work) -> bool:
+    try:
+        return work.is_completed()
+    except RuntimeError:  # a failed collective has ended too; its error surfaces at its wait
+        return True
 
 
 def _entry(data: dict) -> Entry:
