@@ -31,13 +31,16 @@ from torch import nn
 
 from plait.comm import Collectives
 from plait.pipeline.ordering import ReceivePosts
-from plait.pipeline.schedules import Action, Op, message_of
+from plait.pipeline.schedules import Action, Message, Op, message_of
 from plait.pipeline.stage import PipelineChunk, chunk_forward
 from plait.pipeline.weight_grad import DeferredWeightGradients
 
 
-def message_tag(direction: Op, microbatch: int, boundary: int, microbatches: int) -> int:
-    """Tag of the message crossing the boundary between chunks ``boundary`` and ``boundary+1``."""
+def message_tag(message: Message, microbatches: int) -> int:
+    """Tag of a message (the same at both ends): its boundary between chunks b and b + 1, its
+    micro-batch and direction."""
+    direction, microbatch, sender = message
+    boundary = sender if direction == Op.F else sender - 1
     return ((boundary * microbatches + microbatch) << 1) | (direction == Op.B)
 
 
@@ -81,9 +84,8 @@ class PipelineExecutor:
 
         def post(receive: Action) -> None:
             buffer = self._empty_activation(device)
-            direction, microbatch, sender = message_of(receive)
-            tag = message_tag(direction, microbatch, sender if direction == Op.F else sender - 1, m)
-            posted[message_of(receive)] = buffer, self.pp.post_recv(buffer, receive.peer, tag)
+            message = message_of(receive)
+            posted[message] = buffer, self.pp.post_recv(buffer, receive.peer, message_tag(message, m))
 
         def wait_for(receive: Action) -> torch.Tensor:
             if message_of(receive) not in posted:
@@ -128,7 +130,7 @@ class PipelineExecutor:
                 if forward_only:
                     outputs.pop(key)
                 pending_sends.append((self.pp.send(tensor.contiguous(), action.peer,
-                                                   message_tag(Op.F, action.microbatch, action.chunk, m)), tensor))
+                                                   message_tag(message_of(action), m)), tensor))
             elif action.kind == Op.RECV_B:
                 grads[key] = wait_for(action)
             elif action.kind == Op.B:
@@ -155,7 +157,7 @@ class PipelineExecutor:
             elif action.kind == Op.SEND_B:
                 tensor = input_grads.pop(key).contiguous()
                 pending_sends.append((self.pp.send(tensor, action.peer,
-                                                   message_tag(Op.B, action.microbatch, action.chunk - 1, m)), tensor))
+                                                   message_tag(message_of(action), m)), tensor))
         for work, _ in pending_sends:
             work.wait()
         return float(loss_sum)
