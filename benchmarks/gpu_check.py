@@ -5,8 +5,10 @@ so this is one command, prepared and exercised on the CPU (``make gpu-check DEVI
 the same sections with tiny shapes, and ``tests/test_gpu_check.py`` runs that), that finishes in
 about 8 minutes on one H200 and records what it measured:
 
+0. ``environment``: the GPU, torch, and the kernel bf16 ring-attention blocks run with (CUDA
+   flash once its self-check on the device passed; else the plain fp32 one);
 1. ``tests``: the single-process tests that honour ``PLAIT_TEST_DEVICE`` (model equals
-   ``transformers``, the fused loss, trainer steps) on the device;
+   ``transformers``, the fused loss, trainer steps, the ring-attention block kernels) on the device;
 2. ``cpu_match``: 10 fp32 steps of ``tiny`` on the device against the same run on the CPU;
 3. ``throughput``: bf16 training steps of ``llama-125m`` and ``llama-1b`` (tiny on the CPU),
    plait and ``transformers.LlamaForCausalLM`` (SDPA), eager and each decoder layer compiled,
@@ -159,13 +161,17 @@ def environment(check: Check) -> dict:
                     cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}")
     import transformers
     info["transformers"] = transformers.__version__
+    from plait.context_parallel.kernels import kernel_for  # bf16 ring-attention blocks: flash once self-checked
+    info["ring_attention_kernel"] = kernel_for(torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16,
+                                                           device=check.device)).name
     return info
 
 
 def device_tests(check: Check) -> dict:
     selection = ["tests/test_model.py::test_logits_match_transformers", "tests/test_loss.py",
                  "tests/test_device.py", "tests/test_context_parallel.py::test_block_kernels_agree_with_sdpa_and_each_other",
-                 "tests/test_context_parallel.py::test_block_kernels_stay_fp32_inside_the_trainers_autocast"]
+                 "tests/test_context_parallel.py::test_block_kernels_stay_fp32_inside_the_trainers_autocast",
+                 "tests/test_context_parallel.py::test_the_device_flash_kernel_passes_its_self_check_and_a_wrong_one_falls_back"]
     env = {**subprocess_env(), "PLAIT_TEST_DEVICE": check.device.type}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -449,7 +455,7 @@ def _context_parallel_worker(rank: int, world: int, shape: tuple, port: int, bac
 
     out = plait_run()
     reference = context_slice(want, rank, world, dim=2)
-    report["plait_rel_error"] = float((out.float() - reference).norm() / reference.norm())
+    report["plait_rel_error"] = float((out.detach().float() - reference).norm() / reference.norm())
     report["plait_s"] = timed(plait_run)
     if backend == "nccl":
         try:
@@ -523,7 +529,8 @@ def summary_of(name: str, figures: dict) -> str:
     if figures["status"] in ("failed", "skipped") and ("error" in figures or "why" in figures):
         return str(figures.get("error") or figures.get("why")).replace("|", "/").splitlines()[0][:200]
     if name == "environment":
-        return f"{figures.get('gpu', 'CPU')} x {figures.get('gpus', 1)}, torch {figures['torch']}"
+        return (f"{figures.get('gpu', 'CPU')} x {figures.get('gpus', 1)}, torch {figures['torch']}; "
+                f"bf16 ring attention: {figures['ring_attention_kernel']}")
     if name == "tests":
         return figures["summary"]
     if name == "cpu_match":

@@ -2,14 +2,17 @@
 sequence (outputs, gradients, exact traffic), and training equal to one process across layouts."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from plait.context_parallel import context_positions, context_slice
 from plait.context_parallel.alltoall import alltoall_attention, kv_repeats
-from plait.context_parallel.kernels import (block_attention, block_attention_backward, math_block_attention,
-                                            math_block_attention_backward)
+from plait.context_parallel.kernels import (CPU_FLASH, CUDA_FLASH, MATH, BlockKernel, block_attention,
+                                            block_attention_backward, kernel_for, math_block_attention,
+                                            math_block_attention_backward, self_check, verified)
 from plait.context_parallel.ring import block_of, ring_attention
 from plait.context_parallel.sequence import from_natural_order, to_natural_order
 from plait.layout import Layout, ModelFacts, layout_problem
@@ -90,6 +93,32 @@ def test_block_kernels_stay_fp32_inside_the_trainers_autocast():
         inside_grads = math_block_attention_backward(grad, q, k, v, *inside, True)
     for got, want in zip((*inside, *inside_grads), (*plain, *plain_grads)):
         assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_the_device_flash_kernel_passes_its_self_check_and_a_wrong_one_falls_back(caplog):
+    """bf16 on TEST_DEVICE (make gpu-check runs it on CUDA, where the CUDA flash kernel must be the
+    one chosen, not the plain fallback): the chosen kernel agrees with the plain one; a kernel that
+    computes a wrong lse, or raises, is refused with one warning and the plain kernel runs instead."""
+    chosen = kernel_for(torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16, device=TEST_DEVICE))
+    assert chosen is (CUDA_FLASH if TEST_DEVICE.type == "cuda" else CPU_FLASH)
+    assert self_check(chosen, TEST_DEVICE, torch.bfloat16, 64) is None
+    assert kernel_for(torch.zeros(1, 1, 4, 64, device=TEST_DEVICE)) is (MATH if TEST_DEVICE.type == "cuda"
+                                                                        else CPU_FLASH)
+
+    def shifted_lse(q, k, v, causal):
+        out, lse = MATH.forward(q, k, v, causal)
+        return out, lse + 1
+
+    def unsupported(*args):
+        raise RuntimeError("no kernel for head size 24")
+
+    assert "lse differs" in self_check(BlockKernel("shifted", shifted_lse, MATH.backward), TEST_DEVICE,
+                                       torch.bfloat16, 24)
+    assert "RuntimeError: no kernel" in self_check(BlockKernel("missing", unsupported, unsupported), TEST_DEVICE,
+                                                   torch.bfloat16, 24)
+    with caplog.at_level(logging.WARNING, logger="plait.context_parallel.kernels"):
+        assert verified(BlockKernel("shifted", shifted_lse, MATH.backward), TEST_DEVICE, torch.bfloat16, 24) is MATH
+    assert "shifted failed its self-check" in caplog.text and "using math" in caplog.text
 
 
 def test_layout_rules_of_context_parallel():
