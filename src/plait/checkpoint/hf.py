@@ -19,15 +19,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from plait.checkpoint.hf_config import (SOURCE_DIR, SOURCE_FILES, ConfigForm, carried_fields, hf_config_dict,
                                         read_json)
-from plait.checkpoint.store import TOKENIZER_DIR, CheckpointError, read_full_state, read_meta
+from plait.checkpoint.sources import HFSource
+from plait.checkpoint.store import TOKENIZER_DIR, read_full_state, read_meta
 from plait.data.hf_tokenizer import PretrainedTokenizer, has_tokenizer
 from plait.files import atomic_path, atomic_write_text
-from plait.models import LlamaConfig
+from plait.models import LlamaConfig, model_parameters
 from plait.sharding import shard_of
 
 
@@ -69,26 +69,10 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, form: ConfigForm | No
     return out
 
 
-def weight_files(path: Path) -> dict[str, Path]:
-    """parameter name -> the safetensors file holding it (sharded checkpoints via their index)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        mapping = json.loads(index.read_text())["weight_map"]
-        return {name: path / file for name, file in mapping.items()}
-    single = path / "model.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json")
-    with safe_open(str(single), framework="pt") as handle:
-        return {name: single for name in handle.keys()}
-
-
 @torch.no_grad()
 def load_hf_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Copy a Hugging Face Llama's weights into a (possibly tensor-parallel) plait model, by name,
     reading only what each parameter holds: of a tensor-parallel parameter only its part."""
-    from plait.checkpoint.sources import HFSource
-    from plait.models import model_parameters
-
     source = HFSource(path)
     try:
         for name, param in model_parameters(model):

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 
 from plait.checkpoint.pieces import Piece
-from plait.checkpoint.store import CheckpointError
+from plait.checkpoint.errors import CheckpointError
 from plait.models import LlamaConfig, initial_value
 from plait.sharding import TensorShard, flat_slice
 
@@ -46,12 +46,23 @@ class InitSource:
         return flat_slice(local, lo, hi)  # may view the full tensor: callers copy it and let go
 
 
+def weight_files(path: Path) -> dict[str, Path]:
+    """parameter name -> the safetensors file holding it (sharded checkpoints via their index)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        mapping = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in mapping.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json")
+    with safe_open(str(single), framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
 class HFSource:
     """A Hugging Face directory (single or sharded safetensors)."""
 
     def __init__(self, path: str | Path) -> None:
-        from plait.checkpoint.hf import weight_files
-
         self.path = Path(path)
         self.files = weight_files(self.path)
         self.handles: dict[Path, object] = {}

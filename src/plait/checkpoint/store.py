@@ -40,16 +40,13 @@ from safetensors.torch import save_file
 
 from plait.checkpoint.hf_config import SOURCE_DIR, copy_source_files
 from plait.checkpoint.integrity import damage, file_record, recorded_files
+from plait.checkpoint.errors import CheckpointError
 from plait.checkpoint.pieces import Piece, assemble
-from plait.errors import PlaitError
+from plait.checkpoint.sources import CheckpointSource
 from plait.files import atomic_path
 
 FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"  # in a run directory and in each checkpoint
-
-
-class CheckpointError(PlaitError):
-    """A checkpoint that cannot be used here; one line."""
 
 
 def _barrier(ctx) -> None:
@@ -194,8 +191,6 @@ def load_checkpoint(trainer, path: str | Path) -> int:
     reads only the ranges of the pieces that overlap what it holds. The files' checksums are
     not verified here: resume finds ``path`` with ``newest_intact_checkpoint``, which did (the
     ranks sharing the work); other callers use ``verify_checkpoint`` first."""
-    from plait.checkpoint.sources import CheckpointSource
-
     meta = json.loads((_complete(path) / "meta.json").read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
