@@ -201,10 +201,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
 
 def load_toml(path: str | Path, flag_fields: dict[str, str] | None = None) -> dict[str, Any]:
     """Keys of a TOML config file (flat, or under a [train] table), checked against TrainConfig.
