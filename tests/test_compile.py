@@ -16,6 +16,7 @@ from helpers import assert_runs_match, tiny_config, train_and_collect
 from plait.mesh import ParallelContext, ParallelDims
 
 TOLERANCE = 1e-5
+STEPS = 20  # the bar for --compile (the other equivalence tests run ten)
 COMPILE_TIMEOUT_S = 420.0  # a cold inductor cache compiles each rank's block graphs first (~20-60 s here)
 
 
@@ -27,14 +28,14 @@ def train_counting_traffic(ctx: ParallelContext, cfg, data, model_config):
 
 @pytest.fixture(scope="module")
 def eager_reference(data, model_config):
-    return train_and_collect(ParallelContext.single(), tiny_config(), data, model_config)
+    return train_and_collect(ParallelContext.single(), tiny_config(steps=STEPS), data, model_config)
 
 
 @pytest.mark.parametrize("recompute", ["none", "full"])
 def test_one_process_compiled_equals_eager(data, model_config, eager_reference, recompute):
     torch._dynamo.reset()  # compile afresh here, whatever ran before in this process
     graphs_before = counters["stats"]["unique_graphs"]
-    cfg = tiny_config(compile=True, activation_checkpointing=recompute)
+    cfg = tiny_config(steps=STEPS, compile=True, activation_checkpointing=recompute)
     assert_runs_match([train_and_collect(ParallelContext.single(), cfg, data, model_config)], eager_reference,
                       TOLERANCE)
     assert counters["stats"]["unique_graphs"] > graphs_before  # dynamo captured the blocks, not a silent eager run
@@ -43,7 +44,7 @@ def test_one_process_compiled_equals_eager(data, model_config, eager_reference, 
 def test_tp2_sequence_parallel_compiled_equals_eager_with_the_same_traffic(pool, data, model_config,
                                                                            eager_reference):
     dims = ParallelDims(tp=2)
-    cfg = tiny_config(tp=2, sequence_parallel=True, loss_parallel=True)
+    cfg = tiny_config(steps=STEPS, tp=2, sequence_parallel=True, loss_parallel=True)
     eager = pool.run(train_counting_traffic, dims, cfg, data, model_config)
     compiled = pool.run(train_counting_traffic, dims, cfg.replace(compile=True), data, model_config,
                         timeout_s=COMPILE_TIMEOUT_S)
@@ -57,6 +58,6 @@ def test_tp2_sequence_parallel_compiled_equals_eager_with_the_same_traffic(pool,
     (ParallelDims(pp=2), dict(microbatches=4, micro_batch=None, schedule="1f1b")),
 ], ids=["dp2-zero3", "pp2-1f1b"])
 def test_compiled_layouts_equal_one_eager_process(pool, data, model_config, eager_reference, dims, layout):
-    cfg = tiny_config(compile=True, **layout)
+    cfg = tiny_config(steps=STEPS, compile=True, **layout)
     results = pool.run(train_and_collect, dims, cfg, data, model_config, timeout_s=COMPILE_TIMEOUT_S)
     assert_runs_match(results, eager_reference, TOLERANCE)

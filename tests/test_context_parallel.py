@@ -192,7 +192,7 @@ def reference(data):
 
 @pytest.mark.parametrize("mode, cp", [("ring", 2), pytest.param("ring", 4, marks=pytest.mark.large),  # 7 s each
                                       ("alltoall", 2), pytest.param("alltoall", 4, marks=pytest.mark.large)])
-def test_twenty_steps_match_one_process(pool, data, reference, mode, cp):
+def test_training_matches_one_process(pool, data, reference, mode, cp):
     cfg = tiny_config(cp=cp, cp_mode=mode)
     assert_runs_match(pool.run(train_and_collect, ParallelDims(cp=cp), cfg, data, tiny_model_config()),
                       reference, TOLERANCE)

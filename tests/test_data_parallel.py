@@ -31,7 +31,7 @@ def first_step_gradients(ctx: ParallelContext, cfg, data, model_config):
 
 
 @pytest.mark.parametrize("dp, micro_batch, tied", [(2, 2, False), (4, 1, True), (2, 4, True)])
-def test_twenty_steps_match_one_process(pool, data, dp, micro_batch, tied):
+def test_training_matches_one_process(pool, data, dp, micro_batch, tied):
     cfg = tiny_config(micro_batch=micro_batch)
     model_config = tiny_model_config(tie_word_embeddings=tied)
     ref_losses, ref_params = train_losses_and_params(ParallelContext.single(), cfg, data, model_config)

@@ -26,7 +26,7 @@ def reference(data):
                  marks=pytest.mark.large),  # 8 ranks
     (3, ParallelDims(dp=2, dp_shard=1, cp=2), dict(cp=2)),
 ], ids=["dp4-shard2-zero3", "dp4-shard2-zero2", "dp4-shard2-tp2-zero3", "dp2-shard1-cp2-zero3"])
-def test_twenty_steps_match_one_process(pool, data, reference, zero, dims, options):
+def test_training_matches_one_process(pool, data, reference, zero, dims, options):
     cfg = tiny_config(zero=zero, dp_shard=dims.dp_shard, **options)
     assert_runs_match(pool.run(train_and_collect, dims, cfg, data, tiny_model_config()), reference, TOLERANCE)
 

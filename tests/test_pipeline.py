@@ -180,7 +180,7 @@ def check_against_reference(results, reference):
                                              pytest.param(4, "gpipe", 1, marks=pytest.mark.large),
                                              (4, "1f1b", 1), (4, "interleaved", 2), (2, "zb1p", 1), (4, "zb1p", 1),
                                              (2, "zbv", 2), (4, "zbv", 2)])
-def test_twenty_steps_match_one_process(pool, data, model_config, reference, pp, schedule, v):
+def test_training_matches_one_process(pool, data, model_config, reference, pp, schedule, v):
     cfg = tiny_config(micro_batch=None, microbatches=8, schedule=schedule, virtual_stages=v, eval_every=10)
     check_against_reference(pool.run(train_and_collect, ParallelDims(pp=pp), cfg, data, model_config), reference)
 

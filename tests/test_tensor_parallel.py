@@ -85,14 +85,14 @@ def test_an_uneven_vocabulary_gives_the_logits_loss_and_gradients_of_one_process
 
 @pytest.mark.parametrize("dims, sp, lp", [
     pytest.param(ParallelDims(tp=2), False, False, marks=pytest.mark.large),  # tp2 alone: one-step tests here
-    # tp2 SP + LP twenty steps: make test runs them with the 259-token vocabulary (below)
+    # tp2 SP + LP training: make test runs them with the 259-token vocabulary (below)
     pytest.param(ParallelDims(tp=2), True, True, marks=pytest.mark.large),
     pytest.param(ParallelDims(tp=4), True, False, marks=pytest.mark.large),  # 22 s; tp4: one-step tests, random layouts
     pytest.param(ParallelDims(tp=4), False, True, marks=pytest.mark.large),  # 16 s
     # dp2 x tp2 SP + LP: make test runs it end to end through plait train (test_cli) and in random layouts
     pytest.param(ParallelDims(dp=2, tp=2), True, True, marks=pytest.mark.large),
 ])
-def test_twenty_steps_match_one_process(pool, data, dims, sp, lp):
+def test_training_matches_one_process(pool, data, dims, sp, lp):
     model_config = tiny_model_config()
     reference = train_and_collect(ParallelContext.single(), tiny_config(), data, model_config)
     cfg = tiny_config(tp=dims.tp, sequence_parallel=sp, loss_parallel=lp)
@@ -108,7 +108,7 @@ def test_twenty_steps_match_one_process(pool, data, dims, sp, lp):
 ])
 def test_a_vocabulary_tp_does_not_divide_splits_unevenly_and_matches_one_process(pool, data, dims, options):
     """A 259-token vocabulary (what a tokenizer with added tokens brings) at tp 2: the first rank
-    holds one row more of the embedding and head; 20 steps equal one process."""
+    holds one row more of the embedding and head; ten steps equal one process."""
     model_config = tiny_model_config(vocab_size=259)
     reference = train_and_collect(ParallelContext.single(), tiny_config(), data, model_config)
     cfg = tiny_config(tp=dims.tp, **options)

@@ -1,4 +1,4 @@
-"""ZeRO-1/2/3 equal one process: 20 steps' losses and final parameters; exact traffic counts."""
+"""ZeRO-1/2/3 equal one process: ten steps' losses and final parameters; exact traffic counts."""
 from __future__ import annotations
 
 from fractions import Fraction
@@ -22,7 +22,7 @@ def reference(data):
     (1, ParallelDims(dp=4)), (2, ParallelDims(dp=4)), (3, ParallelDims(dp=4)),
     (3, ParallelDims(dp=2, tp=2)),
 ])
-def test_twenty_steps_match_one_process(pool, data, reference, zero, dims):
+def test_training_matches_one_process(pool, data, reference, zero, dims):
     cfg = tiny_config(zero=zero, tp=dims.tp, sequence_parallel=dims.tp > 1, loss_parallel=dims.tp > 1)
     results = pool.run(train_and_collect, dims, cfg, data, tiny_model_config())
     assert_runs_match(results, reference, TOLERANCE)
