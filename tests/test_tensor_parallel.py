@@ -217,6 +217,8 @@ def test_plan_errors_name_the_module():
         parallelize(model, fake_comm(5), {"model.layers.0.mlp.up_proj": ColumnParallel()})
     with pytest.raises(PlanError, match="module 'model.norm' is a RMSNorm; RowParallel needs an nn.Linear"):
         parallelize(model, fake_comm(2), {"model.norm": RowParallel()})
+    with pytest.raises(PlanError, match="ColumnParallel.input must be one of copy, gather_sequence, none, got 'gather'"):
+        parallelize(model, fake_comm(2), {"model.layers.0.mlp.up_proj": ColumnParallel(input="gather")})
     assert set(llama_plan(True, True)) > set(llama_plan(False, False))
 
 

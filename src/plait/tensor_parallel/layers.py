@@ -19,6 +19,8 @@ sum (a row-parallel bias under SP) are marked ``partial_grad`` there.
 """
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,24 +31,30 @@ from plait.pipeline.weight_grad import (DeferrableLinear, DeferredWeightGradient
                                        saved_linear, weight_and_bias_grads)
 from plait.sharding import TensorShard, padded_part, set_shard, split_bounds, without_padding
 
-INPUT_MODES = ("copy", "gather_sequence", "none")
-OUTPUT_MODES = ("all_reduce", "reduce_scatter_sequence")
+class InputMode(str, Enum):
+    """How an activation enters a column-parallel region (the value is the plan's spelling)."""
+    COPY = "copy"                        # f: identity forward, all-reduce of the gradient
+    GATHER_SEQUENCE = "gather_sequence"  # SP: all-gather along the sequence; reduce-scatter backward
+    NONE = "none"                        # already entered (a PrepareInput on the parent did it once)
+
+    def prepare(self, x: torch.Tensor, comm: Collectives) -> torch.Tensor:
+        """Bring a replicated or sequence-sharded activation into the region."""
+        if self is InputMode.COPY:
+            return copy_to_tp(x, comm)
+        if self is InputMode.GATHER_SEQUENCE:
+            return gather_sequence(x, comm)
+        return x
 
 
-def prepare_input(x: torch.Tensor, mode: str, comm: Collectives) -> torch.Tensor:
-    """Bring a replicated or sequence-sharded activation into a column-parallel region."""
-    if mode == "copy":
-        return copy_to_tp(x, comm)
-    if mode == "gather_sequence":
-        return gather_sequence(x, comm)
-    return x
+class OutputMode(str, Enum):
+    """How row-parallel partial outputs are summed (the value is the plan's spelling)."""
+    ALL_REDUCE = "all_reduce"                            # g
+    REDUCE_SCATTER_SEQUENCE = "reduce_scatter_sequence"  # SP: each rank keeps its sequence shard
 
-
-def reduce_output(y: torch.Tensor, mode: str, comm: Collectives) -> torch.Tensor:
-    """Sum row-parallel partial outputs: all-reduce, or reduce-scatter along the sequence."""
-    if mode == "reduce_scatter_sequence":
-        return reduce_scatter_sequence(y, comm)
-    return reduce_from_tp(y, comm)
+    def reduce(self, y: torch.Tensor, comm: Collectives) -> torch.Tensor:
+        if self is OutputMode.REDUCE_SCATTER_SEQUENCE:
+            return reduce_scatter_sequence(y, comm)
+        return reduce_from_tp(y, comm)
 
 
 def _linear(x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None,
@@ -104,7 +112,7 @@ def _sharded_parameter(full: torch.Tensor, dim: int, comm: Collectives) -> nn.Pa
 
 
 class ColumnParallelLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, comm: Collectives, input_mode: str = "copy",
+    def __init__(self, linear: nn.Linear, comm: Collectives, input_mode: InputMode = InputMode.COPY,
                  gather_output: bool = False) -> None:
         super().__init__()
         self.comm = comm
@@ -117,19 +125,20 @@ class ColumnParallelLinear(nn.Module):
         self.weight_gradients: DeferredWeightGradients | None = None  # set by split-backward schedules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_mode == "copy" and self.comm.size > 1 and torch.is_grad_enabled():
+        if self.input_mode is InputMode.COPY and self.comm.size > 1 and torch.is_grad_enabled():
             y = _copy_then_linear(x, self.weight, self.bias, self.comm, self.weight_gradients)
         else:
-            y = _linear(prepare_input(x, self.input_mode, self.comm), self.weight, self.bias, self.weight_gradients)
+            y = _linear(self.input_mode.prepare(x, self.comm), self.weight, self.bias, self.weight_gradients)
         return gather_from_tp(y, self.comm) if self.gather_output else y
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features} of {self.out_features * self.comm.size}, "
-                f"input={self.input_mode}, gather_output={self.gather_output}")
+                f"input={self.input_mode.value}, gather_output={self.gather_output}")
 
 
 class RowParallelLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, comm: Collectives, output_mode: str = "all_reduce") -> None:
+    def __init__(self, linear: nn.Linear, comm: Collectives,
+                 output_mode: OutputMode = OutputMode.ALL_REDUCE) -> None:
         super().__init__()
         self.comm = comm
         self.output_mode = output_mode
@@ -141,20 +150,21 @@ class RowParallelLinear(nn.Module):
             self.bias = nn.Parameter(linear.bias.detach().clone())
             # under SP the bias is added on each rank's sequence shard: its gradient is partial
             set_shard(self.bias, TensorShard.replicated(comm.rank, comm.size,
-                                                        partial_grad=output_mode == "reduce_scatter_sequence"))
+                                                        partial_grad=output_mode is OutputMode.REDUCE_SCATTER_SEQUENCE))
         self.weight_gradients: DeferredWeightGradients | None = None  # set by split-backward schedules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_output(_linear(x, self.weight, None, self.weight_gradients), self.output_mode, self.comm)
+        y = self.output_mode.reduce(_linear(x, self.weight, None, self.weight_gradients), self.comm)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features} of {self.in_features * self.comm.size}, out={self.out_features}, "
-                f"output={self.output_mode}")
+                f"output={self.output_mode.value}")
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, embedding: nn.Embedding, comm: Collectives, output_mode: str = "all_reduce") -> None:
+    def __init__(self, embedding: nn.Embedding, comm: Collectives,
+                 output_mode: OutputMode = OutputMode.ALL_REDUCE) -> None:
         super().__init__()
         self.comm = comm
         self.output_mode = output_mode
@@ -169,11 +179,11 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.num_embeddings)
         rows = F.embedding(local.masked_fill(outside, 0), self.weight)
         rows = rows.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_output(rows, self.output_mode, self.comm)
+        return self.output_mode.reduce(rows, self.comm)
 
     def extra_repr(self) -> str:
         return f"rows {self.vocab_start}..{self.vocab_start + self.num_embeddings} of " \
-               f"{self.vocab_size}, output={self.output_mode}"
+               f"{self.vocab_size}, output={self.output_mode.value}"
 
 
 class ParallelLMHead(ColumnParallelLinear):
@@ -183,7 +193,7 @@ class ParallelLMHead(ColumnParallelLinear):
     training calls ``loss_sum``, which with ``loss_parallel`` never gathers the logits.
     """
 
-    def __init__(self, linear: nn.Linear, comm: Collectives, input_mode: str = "copy",
+    def __init__(self, linear: nn.Linear, comm: Collectives, input_mode: InputMode = InputMode.COPY,
                  loss_parallel: bool = True) -> None:
         super().__init__(linear, comm, input_mode=input_mode, gather_output=False)
         self.loss_parallel = loss_parallel
@@ -205,16 +215,16 @@ class ParallelLMHead(ColumnParallelLinear):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, vocabulary {self.vocab_start}..{self.vocab_start + self.out_features} "
-                f"of {self.vocab_size}, input={self.input_mode}, loss_parallel={self.loss_parallel}")
+                f"of {self.vocab_size}, input={self.input_mode.value}, loss_parallel={self.loss_parallel}")
 
     def loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         from plait.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy_sum
         from plait.loss import IGNORE_INDEX
 
-        if self.input_mode == "copy" and self.comm.size > 1:
+        if self.input_mode is InputMode.COPY and self.comm.size > 1:
             local_logits = _copy_then_linear(hidden, self.weight, self.bias, self.comm, None)
         else:
-            local_logits = F.linear(prepare_input(hidden, self.input_mode, self.comm), self.weight, self.bias)
+            local_logits = F.linear(self.input_mode.prepare(hidden, self.comm), self.weight, self.bias)
         if self.loss_parallel:
             return vocab_parallel_cross_entropy_sum(local_logits, targets, self.comm, self.vocab_start,
                                                     self.vocab_size, label_smoothing)

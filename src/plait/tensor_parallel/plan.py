@@ -25,8 +25,8 @@ from torch import nn
 from plait.comm import Collectives, _gather_dim
 from plait.errors import PlaitError
 from plait.sharding import TensorShard, padded_part, set_shard, shard_of, without_padding
-from plait.tensor_parallel.layers import (INPUT_MODES, OUTPUT_MODES, ColumnParallelLinear, ParallelLMHead,
-                                          RowParallelLinear, VocabParallelEmbedding, prepare_input)
+from plait.tensor_parallel.layers import (ColumnParallelLinear, InputMode, OutputMode, ParallelLMHead,
+                                          RowParallelLinear, VocabParallelEmbedding)
 
 
 class PlanError(PlaitError):
@@ -44,71 +44,73 @@ def _check_type(name: str, module: nn.Module, kind: type, style: object) -> None
                         f"an nn.{kind.__name__}")
 
 
-def _check_mode(value: str, allowed: tuple[str, ...], field: str) -> None:
-    if value not in allowed:
-        raise PlanError(f"{field} must be one of {', '.join(allowed)}, got {value!r}")
+def _mode(kind: type[InputMode] | type[OutputMode], value: str, field: str):
+    """``value`` (a mode, or its spelling in a plan) as a ``kind``; a one-line PlanError if none."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise PlanError(f"{field} must be one of {', '.join(m.value for m in kind)}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
 class ColumnParallel:
     """nn.Linear -> ColumnParallelLinear. input: "copy" (f), "gather_sequence" (SP), "none"."""
-    input: str = "copy"
+    input: InputMode | str = InputMode.COPY
     gather_output: bool = False
 
     def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
         _check_type(name, module, nn.Linear, self)
-        _check_mode(self.input, INPUT_MODES, "ColumnParallel.input")
+        mode = _mode(InputMode, self.input, "ColumnParallel.input")
         _check_divisible(name, "out_features", module.out_features, comm)
-        return ColumnParallelLinear(module, comm, self.input, self.gather_output)
+        return ColumnParallelLinear(module, comm, mode, self.gather_output)
 
 
 @dataclass(frozen=True)
 class RowParallel:
     """nn.Linear -> RowParallelLinear. output: "all_reduce" (g) or "reduce_scatter_sequence" (SP)."""
-    output: str = "all_reduce"
+    output: OutputMode | str = OutputMode.ALL_REDUCE
 
     def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
         _check_type(name, module, nn.Linear, self)
-        _check_mode(self.output, OUTPUT_MODES, "RowParallel.output")
+        mode = _mode(OutputMode, self.output, "RowParallel.output")
         _check_divisible(name, "in_features", module.in_features, comm)
-        return RowParallelLinear(module, comm, self.output)
+        return RowParallelLinear(module, comm, mode)
 
 
 @dataclass(frozen=True)
 class VocabParallel:
     """nn.Embedding -> VocabParallelEmbedding (rows of the table split over tp)."""
-    output: str = "all_reduce"
+    output: OutputMode | str = OutputMode.ALL_REDUCE
 
     def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
         _check_type(name, module, nn.Embedding, self)
-        _check_mode(self.output, OUTPUT_MODES, "VocabParallel.output")
-        return VocabParallelEmbedding(module, comm, self.output)  # any vocabulary: parts may differ by a row
+        mode = _mode(OutputMode, self.output, "VocabParallel.output")
+        return VocabParallelEmbedding(module, comm, mode)  # any vocabulary: parts may differ by a row
 
 
 @dataclass(frozen=True)
 class ParallelHead:
     """Output nn.Linear -> ParallelLMHead: vocabulary split; loss parallel if asked."""
-    input: str = "copy"
+    input: InputMode | str = InputMode.COPY
     loss_parallel: bool = True
 
     def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
         _check_type(name, module, nn.Linear, self)
-        _check_mode(self.input, INPUT_MODES, "ParallelHead.input")
-        return ParallelLMHead(module, comm, self.input, self.loss_parallel)
+        mode = _mode(InputMode, self.input, "ParallelHead.input")
+        return ParallelLMHead(module, comm, mode, self.loss_parallel)
 
 
 @dataclass(frozen=True)
 class PrepareInput:
     """Apply f ("copy") or the SP all-gather ("gather_sequence") once to a module's first
     input, so several column-parallel children (q, k, v) share one collective."""
-    mode: str = "copy"
+    mode: InputMode | str = InputMode.COPY
 
     def apply(self, name: str, module: nn.Module, comm: Collectives) -> nn.Module:
-        _check_mode(self.mode, INPUT_MODES, "PrepareInput.mode")
-        mode = self.mode
+        mode = _mode(InputMode, self.mode, "PrepareInput.mode")
 
         def hook(_module: nn.Module, args: tuple) -> tuple:
-            return (prepare_input(args[0], mode, comm), *args[1:])
+            return (mode.prepare(args[0], comm), *args[1:])
 
         module.register_forward_pre_hook(hook)
         return module
@@ -134,18 +136,18 @@ Plan = dict[str, object]
 def llama_plan(sequence_parallel: bool = False, loss_parallel: bool = True) -> Plan:
     """Megatron's layout for plait's Llama: q/k/v and gate/up column-parallel (by heads, GQA kv
     heads too), o/down row-parallel, vocabulary-parallel embedding and head."""
-    enter = "gather_sequence" if sequence_parallel else "copy"
-    leave = "reduce_scatter_sequence" if sequence_parallel else "all_reduce"
+    enter = InputMode.GATHER_SEQUENCE if sequence_parallel else InputMode.COPY
+    leave = OutputMode.REDUCE_SCATTER_SEQUENCE if sequence_parallel else OutputMode.ALL_REDUCE
     plan: Plan = {
         "model.embed_tokens": VocabParallel(output=leave),
         "model.layers.*.self_attn": PrepareInput(enter),
-        "model.layers.*.self_attn.q_proj": ColumnParallel(input="none"),
-        "model.layers.*.self_attn.k_proj": ColumnParallel(input="none"),
-        "model.layers.*.self_attn.v_proj": ColumnParallel(input="none"),
+        "model.layers.*.self_attn.q_proj": ColumnParallel(input=InputMode.NONE),
+        "model.layers.*.self_attn.k_proj": ColumnParallel(input=InputMode.NONE),
+        "model.layers.*.self_attn.v_proj": ColumnParallel(input=InputMode.NONE),
         "model.layers.*.self_attn.o_proj": RowParallel(output=leave),
         "model.layers.*.mlp": PrepareInput(enter),
-        "model.layers.*.mlp.gate_proj": ColumnParallel(input="none"),
-        "model.layers.*.mlp.up_proj": ColumnParallel(input="none"),
+        "model.layers.*.mlp.gate_proj": ColumnParallel(input=InputMode.NONE),
+        "model.layers.*.mlp.up_proj": ColumnParallel(input=InputMode.NONE),
         "model.layers.*.mlp.down_proj": RowParallel(output=leave),
         "lm_head": ParallelHead(input=enter, loss_parallel=loss_parallel),
     }

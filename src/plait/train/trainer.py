@@ -37,7 +37,7 @@ from plait.pipeline.ordering import receive_posts
 from plait.pipeline.schedules import placement_of, splits_backward
 from plait.pipeline.stage import defer_weight_gradients
 from plait.pipeline.weight_grad import DeferredWeightGradients
-from plait.tensor_parallel import keep_sequence_shards, llama_plan, parallelize
+from plait.tensor_parallel import ParallelLMHead, keep_sequence_shards, llama_plan, parallelize
 from plait.train.config import TrainConfig
 from plait.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from plait.train.metrics import calibrated_peak, measure_matmul_peak, peak_memory_bytes
@@ -89,7 +89,7 @@ def hidden_loss_sum(model: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
                     label_smoothing: float = 0.0) -> torch.Tensor:
     """The head and its cross-entropy, from final-norm hidden states (see ``token_loss_sum``)."""
     head = model.lm_head
-    if hasattr(head, "loss_sum"):
+    if isinstance(head, ParallelLMHead):  # vocabulary split over tp: its own (loss-parallel) loss
         return head.loss_sum(hidden, targets, label_smoothing)
     return linear_cross_entropy_sum(hidden, head.weight, targets, label_smoothing)
 
