@@ -30,7 +30,7 @@ from plait.data import TokenData
 from plait.mesh import ParallelContext, ParallelDims
 from plait.models import build_model, get_preset
 from plait.pipeline import analytic_bubble, plan_chunks
-from plait.pipeline.schedules import Slot, bubble_fraction, placement_of
+from plait.pipeline.schedules import Schedule, Slot, bubble_fraction
 from plait.testing import WorkerPool
 from plait.train import TrainConfig, Trainer
 
@@ -66,7 +66,7 @@ def torch_pipeline(ctx: ParallelContext, config, seq_len: int, microbatches: int
     ours = TORCH_SCHEDULES[name]
     v = PLAIT_SCHEDULES[ours]
     chunks = plan_chunks(config, 2, v, seq_len)
-    placement = placement_of(ours)
+    placement = Schedule(ours).placement
     model = build_model(config, seed=0)
     rank = ctx.pp_rank
     stages, modules = [], []

@@ -9,7 +9,7 @@ from plait.mesh import LayoutError, ParallelContext, ParallelDims
 from plait.pipeline import (ScheduleError, analytic_bubble, balanced_split, bubble_fraction, build_schedule,
                             peak_in_flight, plan_chunks, simulate)
 from plait.pipeline.ordering import check_rendezvous, issue_order, receive_posts
-from plait.pipeline.schedules import Action, Op, Placement, in_flight_per_rank, placement_of, splits_backward
+from plait.pipeline.schedules import Action, Op, Placement, Schedule, in_flight_per_rank
 from plait.train import Trainer
 from helpers import assert_runs_match, train_and_collect, tiny_config, tiny_model_config
 
@@ -24,12 +24,12 @@ CASES = [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("interleaved", 4, 8, 2), ("1f1b
 def test_schedule_is_complete_matched_and_deadlock_free(schedule, pp, m, v):
     plans = build_schedule(schedule, pp, m, v)
     chunks = pp * v
-    kinds = ("F", "B", "W") if splits_backward(schedule) else ("F", "B")
+    kinds = ("F", "B", "W") if Schedule(schedule).splits_backward else ("F", "B")
     for rank, plan in enumerate(plans):
         for kind in kinds:  # each (micro-batch, chunk) of the rank: F, B (and W) exactly once
             done = Counter((a.microbatch, a.chunk) for a in plan if a.kind == kind)
             expected = {(mb, c) for mb in range(m) for c in range(chunks)
-                        if placement_of(schedule).rank_of(c, pp) == rank}
+                        if Schedule(schedule).placement.rank_of(c, pp) == rank}
             assert set(done) == expected and set(done.values()) == {1}, (rank, kind)
         assert all(a.kind in kinds or not a.kind.is_compute for a in plan)
         # a micro-batch's backward on a chunk comes after its forward, its W after its B
@@ -48,7 +48,7 @@ def test_schedule_is_complete_matched_and_deadlock_free(schedule, pp, m, v):
                 receives[(a.kind[-1], a.microbatch, source_chunk, a.peer, rank)] += 1
     assert sends == receives and set(sends.values()) in ({1}, set())
     # a message per boundary between chunks of different ranks, none between chunks of one rank
-    placement = placement_of(schedule)
+    placement = Schedule(schedule).placement
     crossing = sum(placement.rank_of(c, pp) != placement.rank_of(c + 1, pp) for c in range(chunks - 1))
     assert len(sends) == 2 * m * crossing
     # the simulator runs every list to completion (it raises on a deadlock), respecting the data flow
@@ -114,7 +114,7 @@ def test_bubble_and_in_flight_activations(schedule, pp, m, v):
         assert max(peaks) == 2 * max(one_f_one_b) if m >= 2 * pp - 1 else max(peaks) <= 2 * max(one_f_one_b)
         assert peaks == in_flight_per_rank(schedule, pp, m, v)
         return
-    if splits_backward(schedule):  # unit F = B = W: Qi et al.'s (p-1)(T_F + T_B - T_W) per rank
+    if Schedule(schedule).splits_backward:  # unit F = B = W: Qi et al.'s (p-1)(T_F + T_B - T_W) per rank
         bubble = bubble_fraction(simulate(plans, 1.0, 1.0, weight_cost=1.0), pp)
         assert abs(bubble - (pp - 1) / (3 * m + pp - 1)) < 1e-9
         assert abs(bubble - analytic_bubble(schedule, pp, m, v)) < 1e-9

@@ -59,7 +59,7 @@ def schedule_command(args: argparse.Namespace) -> int:
     from plait.pipeline import ScheduleError, analytic_bubble, bubble_fraction, build_schedule, peak_in_flight, simulate
     from plait.pipeline.diagram import draw_slots
     from plait.pipeline.ordering import check_rendezvous, receive_posts
-    from plait.pipeline.schedules import analytic_bubble_formula, splits_backward
+    from plait.pipeline.schedules import Schedule, analytic_bubble_formula
 
     folder = Path(args.output).parent
     if not folder.is_dir():
@@ -70,7 +70,7 @@ def schedule_command(args: argparse.Namespace) -> int:
         # interleaved and ZB-V chunks are 1/v of a stage: keep one time unit = one forward of a whole stage
         v = args.virtual_stages
         backward = args.backward_cost / v
-        if splits_backward(args.schedule):  # B (input gradients) and W (weights) share the backward
+        if Schedule(args.schedule).splits_backward:  # B (input gradients) and W (weights) share the backward
             slots = simulate(plans, forward_cost=1.0 / v, backward_cost=backward / 2, weight_cost=backward / 2)
         else:
             slots = simulate(plans, forward_cost=1.0 / v, backward_cost=backward)

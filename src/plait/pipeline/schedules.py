@@ -52,10 +52,6 @@ from typing import Callable
 
 from plait.errors import PlaitError
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb1p", "zbv")
-SPLIT_BACKWARD = frozenset({"zb1p", "zbv"})  # schedules whose backward is B (inputs) + W (weights)
-
-
 class Placement(str, enum.Enum):
     """Which rank runs chunk c of S = p * v: LOOP c % p; V (v = 2) c or 2p-1-c, whichever is < p."""
 
@@ -74,8 +70,27 @@ class Placement(str, enum.Enum):
         return [rank + k * pp for k in range(virtual_stages)]
 
 
-def placement_of(schedule: str) -> Placement:
-    return Placement.V if schedule == "zbv" else Placement.LOOP
+class Schedule(str, enum.Enum):
+    """The pipeline schedules, by their ``--schedule`` names, and what each implies."""
+
+    GPIPE = "gpipe"
+    ONE_F_ONE_B = "1f1b"
+    INTERLEAVED = "interleaved"
+    ZB1P = "zb1p"  # ZB-H1
+    ZBV = "zbv"
+
+    @property
+    def placement(self) -> Placement:
+        """ZB-V's V (two chunks per rank); a loop for every other schedule."""
+        return Placement.V if self is Schedule.ZBV else Placement.LOOP
+
+    @property
+    def splits_backward(self) -> bool:
+        """The zero-bubble schedules: a backward is B (input gradients), its W (weights) later."""
+        return self in (Schedule.ZB1P, Schedule.ZBV)
+
+
+SCHEDULES = tuple(schedule.value for schedule in Schedule)  # the --schedule choices
 
 
 class ScheduleError(PlaitError):
@@ -130,10 +145,6 @@ def message_of(action: Action) -> Message:
     return (direction, action.microbatch, action.chunk - 1 if direction == Op.F else action.chunk + 1)
 
 
-def splits_backward(schedule: str) -> bool:
-    return schedule in SPLIT_BACKWARD
-
-
 def _zero_bubble_v_order(pp: int, m: int, rank: int) -> list[tuple[str, int, int]]:
     """ZB-V's order on ``rank`` (see the module docstring), built for max(m, 2p-1) micro-batches
     and cut to the first m."""
@@ -161,17 +172,17 @@ def _zero_bubble_v_order(pp: int, m: int, rank: int) -> list[tuple[str, int, int
     return [step for step in order if step[1] < m]
 
 
-def _compute_order(schedule: str, pp: int, m: int, v: int, rank: int,
+def _compute_order(schedule: Schedule, pp: int, m: int, v: int, rank: int,
                    placement: Placement = Placement.LOOP) -> list[tuple[str, int, int]]:
     """The F/B(/W) order of one rank, as (kind, microbatch, chunk)."""
     chunks = placement.chunks_of(rank, pp, v)
-    if schedule == "zbv":
+    if schedule is Schedule.ZBV:
         return _zero_bubble_v_order(pp, m, rank)
-    if schedule == "gpipe":
+    if schedule is Schedule.GPIPE:
         forwards = [("F", mb, c) for c in chunks for mb in range(m)]
         backwards = [("B", mb, c) for c in reversed(chunks) for mb in range(m)]
         return forwards + backwards
-    if schedule == "zb1p":  # ZB-H1, see the module docstring
+    if schedule is Schedule.ZB1P:  # ZB-H1, see the module docstring
         chunk = chunks[0]
         order = [("F", mb, chunk) for mb in range(min(pp - rank, m))]
         for k in range(m):
@@ -181,7 +192,7 @@ def _compute_order(schedule: str, pp: int, m: int, v: int, rank: int,
             if k >= rank:
                 order.append(("W", k - rank, chunk))
         return order + [("W", mb, chunk) for mb in range(max(0, m - rank), m)]
-    if schedule == "1f1b" and v == 1:
+    if schedule is Schedule.ONE_F_ONE_B and v == 1:
         chunk = chunks[0]
         warmup = min(pp - rank - 1, m)
         order = [("F", mb, chunk) for mb in range(warmup)]
@@ -216,18 +227,19 @@ def check_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: in
     """Raise a one-line ScheduleError when ``build_schedule`` cannot build these sizes."""
     if schedule not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    schedule = Schedule(schedule)
     if pp < 1 or microbatches < 1 or virtual_stages < 1:
         raise ScheduleError("pp, microbatches and virtual stages must be >= 1")
-    if schedule == "interleaved":
+    if schedule is Schedule.INTERLEAVED:
         if virtual_stages < 2:
             raise ScheduleError("the interleaved schedule needs --virtual-stages >= 2")
         if microbatches % pp:
             raise ScheduleError(f"the interleaved schedule needs the micro-batch count {microbatches} "
                                 f"to be a multiple of pp={pp}")
-    elif schedule == "zbv" and virtual_stages != 2:
+    elif schedule is Schedule.ZBV and virtual_stages != 2:
         raise ScheduleError("--schedule zbv places two chunks on each rank; set --virtual-stages 2")
-    elif schedule in ("1f1b", "zb1p") and virtual_stages != 1:
-        raise ScheduleError(f"--virtual-stages > 1 needs --schedule interleaved (or gpipe), not {schedule}")
+    elif schedule in (Schedule.ONE_F_ONE_B, Schedule.ZB1P) and virtual_stages != 1:
+        raise ScheduleError(f"--virtual-stages > 1 needs --schedule interleaved (or gpipe), not {schedule.value}")
 
 
 def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1,
@@ -239,7 +251,7 @@ def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: in
     executor hands the tensor over locally."""
     check_schedule(schedule, pp, microbatches, virtual_stages)
     if placement is None:
-        placement = placement_of(schedule)
+        placement = Schedule(schedule).placement
     last_chunk = pp * virtual_stages - 1
 
     def peer(rank: int, chunk: int) -> int | None:
@@ -250,7 +262,7 @@ def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: in
     plans = []
     for rank in range(pp):
         actions: list[Action] = []
-        for kind, mb, chunk in _compute_order(schedule, pp, microbatches, virtual_stages, rank, placement):
+        for kind, mb, chunk in _compute_order(Schedule(schedule), pp, microbatches, virtual_stages, rank, placement):
             if kind == "F":
                 if chunk > 0 and (source := peer(rank, chunk - 1)) is not None:
                     actions.append(Action(Op.RECV_F, mb, chunk, source))
@@ -354,10 +366,10 @@ def peak_in_flight(plan: list[Action]) -> int:
 def in_flight_per_rank(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> list[int]:
     """``peak_in_flight`` of every rank, read from the same compute order ``build_schedule``
     uses, without building the send / receive actions (the planner's search calls it often)."""
-    peaks = []
+    schedule, peaks = Schedule(schedule), []
     for rank in range(pp):
         live = peak = 0
-        for kind, _, _ in _compute_order(schedule, pp, microbatches, virtual_stages, rank, placement_of(schedule)):
+        for kind, _, _ in _compute_order(schedule, pp, microbatches, virtual_stages, rank, schedule.placement):
             live += {"F": 1, "B": -1, "W": 0}[kind]
             peak = max(peak, live)
         peaks.append(peak)
@@ -368,19 +380,21 @@ def analytic_bubble(schedule: str, pp: int, microbatches: int, virtual_stages: i
     """Idle fraction with equal forward and backward costs: (p-1)/(v m + p - 1); ZB-H1 with
     equal F, B and W: (p-1)/(3m + p - 1); ZB-V, each chunk's F, B and W equal:
     (p-1)/(6m + p - 1), exact for m >= 2p - 1 (with fewer micro-batches the V never fills)."""
-    if schedule == "zbv":
+    schedule = Schedule(schedule)
+    if schedule is Schedule.ZBV:
         return (pp - 1) / (6 * microbatches + pp - 1)
-    if splits_backward(schedule):
+    if schedule.splits_backward:
         return (pp - 1) / (3 * microbatches + pp - 1)
     return (pp - 1) / (virtual_stages * microbatches + pp - 1)  # gpipe over v chunks too
 
 
 def analytic_bubble_formula(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> str:
     """``analytic_bubble``'s formula with the numbers in (for printing)."""
-    if schedule == "zbv":
+    schedule = Schedule(schedule)
+    if schedule is Schedule.ZBV:
         note = "" if microbatches >= 2 * pp - 1 else f" (exact for m >= 2p-1 = {2 * pp - 1})"
         return f"(p-1)/(6m+p-1) = {pp - 1}/(6*{microbatches}+{pp - 1}){note}"
-    if splits_backward(schedule):
+    if schedule.splits_backward:
         return f"(p-1)/(3m+p-1) = {pp - 1}/(3*{microbatches}+{pp - 1})"
     if virtual_stages > 1:  # interleaved, or gpipe over v chunks per rank
         return f"(p-1)/(v*m+p-1) = {pp - 1}/({virtual_stages}*{microbatches}+{pp - 1})"

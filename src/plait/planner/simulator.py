@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from plait.errors import PlaitError
-from plait.pipeline.schedules import build_schedule, in_flight_per_rank, placement_of, simulate, splits_backward
+from plait.pipeline.schedules import Schedule, build_schedule, in_flight_per_rank, simulate
 from plait.pipeline.stage import balanced_split
 from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
                                    head_backward, head_forward, layer_backward, layer_forward, local_seq)
@@ -299,18 +299,18 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
     parts = pp * v
     counts = chunk_layer_counts(shape, parts)
     forwards, backwards = model.chunk_costs(counts)
-    schedule = layout.schedule if pp > 1 else "1f1b"
+    schedule = Schedule(layout.schedule) if pp > 1 else Schedule.ONE_F_ONE_B
     in_flight = _in_flight(schedule, pp, m, v) if pp > 1 else (1,)
     if pp == 1:
         makespan = m * (forwards[0].seconds + backwards[0].seconds)
         bubble = 0.0
     elif not exact_pipeline:
-        placement = placement_of(schedule)
+        placement = schedule.placement
         per_rank = [sum(forwards[c].seconds + backwards[c].seconds for c in placement.chunks_of(r, pp, v))
                     for r in range(pp)]
-        if schedule == "zbv":  # each rank idles while the first forward reaches it: p - 1 chunk forwards
+        if schedule is Schedule.ZBV:  # each rank idles while the first forward reaches it: p - 1 chunk forwards
             makespan = m * max(per_rank) + (pp - 1) * max(f.seconds for f in forwards)
-        elif splits_backward(schedule):  # ZB-H1 idles (p - 1)(T_F + T_B - T_W) per rank
+        elif schedule.splits_backward:  # ZB-H1 idles (p - 1)(T_F + T_B - T_W) per rank
             weight = max(counts) * model.layer_f.gemm
             makespan = m * max(per_rank) + (pp - 1) * max(0.0, max(per_rank) - 2 * weight)
         else:
@@ -318,7 +318,7 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
         bubble = 1.0 - m * max(per_rank) / makespan
     else:
         # a split backward's W: the blocks' weight-gradient products, as many FLOPs as their forward GEMMs
-        weights = [counts[c] * model.layer_f.gemm if splits_backward(schedule) else 0.0 for c in range(parts)]
+        weights = [counts[c] * model.layer_f.gemm if schedule.splits_backward else 0.0 for c in range(parts)]
         slots = simulate(_schedule(schedule, pp, m, v), forward_cost=lambda c: forwards[c].seconds,
                          backward_cost=lambda c: backwards[c].seconds - weights[c], comm_cost=model.p2p_time(),
                          weight_cost=lambda c: weights[c])
@@ -331,7 +331,7 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
     # the largest parameter, generated whole before its part is kept
     largest = max(shape.hidden * shape.ffn_hidden, shape.hidden * shape.hidden, shape.vocab * shape.hidden)
     for rank in range(pp):
-        chunks = placement_of(schedule).chunks_of(rank, pp, v)
+        chunks = schedule.placement.chunks_of(rank, pp, v)
         layers = sum(counts[c] for c in chunks)
         first, last = 0 in chunks, parts - 1 in chunks
         params = stage_parameters(shape, layout, layers, first, last)

@@ -34,7 +34,7 @@ from plait.runtime import gemm_context
 from plait.pipeline import (PipelineExecutor, ScheduleError, StageError, build_schedule, keep_stage,
                             named_blocks, plan_chunks)
 from plait.pipeline.ordering import receive_posts
-from plait.pipeline.schedules import placement_of, splits_backward
+from plait.pipeline.schedules import Schedule
 from plait.pipeline.stage import defer_weight_gradients
 from plait.pipeline.weight_grad import DeferredWeightGradients
 from plait.tensor_parallel import ParallelLMHead, keep_sequence_shards, llama_plan, parallelize
@@ -172,7 +172,7 @@ class Trainer:
         ctx, pp = self.ctx, self.ctx.dims.pp
         if pp == 1 or not self.model_config.tie_word_embeddings:
             return None
-        placement = placement_of(self.cfg.schedule)
+        placement = Schedule(self.cfg.schedule).placement
         first, last = placement.rank_of(0, pp), placement.rank_of(pp * self.cfg.virtual_stages - 1, pp)
         if first == last or ctx.pp_rank not in (first, last):
             return None
@@ -202,7 +202,7 @@ class Trainer:
         rank's blocks grouped by chunk."""
         cfg, ctx, dims = self.cfg, self.ctx, self.ctx.dims
         chunks, plans = plan_pipeline(cfg, dims, self.model_config, self.n_micro)
-        placement = placement_of(cfg.schedule)
+        placement = Schedule(cfg.schedule).placement
         mine = keep_stage(self.model, chunks, ctx.pp_rank, dims.pp, placement)
         positions = cfg.seq_len // dims.cp  # this cp rank's part of each sequence
         seq_local = positions // dims.tp if cfg.sequence_parallel else positions
@@ -221,7 +221,7 @@ class Trainer:
             return stack
 
         weight_gradients = None
-        if splits_backward(cfg.schedule):  # zero bubble: the blocks' weight products wait for W
+        if Schedule(cfg.schedule).splits_backward:  # zero bubble: the blocks' weight products wait for W
             weight_gradients = DeferredWeightGradients()
             layers = self.model.model.layers
             defer_weight_gradients((layers[str(i)] for chunk in mine for i in chunk.layers), weight_gradients)
@@ -234,7 +234,7 @@ class Trainer:
 
         self.pipeline = executor(plans, self.n_micro)
         self._eval_executor = lambda m: executor(
-            build_schedule("gpipe", dims.pp, m, cfg.virtual_stages, placement), m, None)
+            build_schedule(Schedule.GPIPE, dims.pp, m, cfg.virtual_stages, placement), m, None)
         layers = self.model.model.layers
         return [[(f"model.layers.{i}", layers[str(i)]) for i in chunk.layers] for chunk in mine]
 
