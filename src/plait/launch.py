@@ -34,19 +34,14 @@ def launch_local_workers(nproc: int, max_restarts: int, argv: Sequence[str]) -> 
     except SignalException as stopped:  # the agent passed the signal on; the workers saved and said so
         return 128 + int(stopped.sigval)
     except ChildFailedError as error:
-        # The cause: a worker killed by a signal if any (its peers then fail on the lost connection,
-        # sometimes before the agent records the kill), else the earliest failure. The agent stops
-        # the survivors with SIGTERM, so another signal names the cause first.
         from plait.train.watchdog import HANG_EXIT_CODE
         if any(f.exitcode == HANG_EXIT_CODE for f in error.failures.values()):
             return HANG_EXIT_CODE  # a worker printed where the job hung
         preempted = {f.exitcode for f in error.failures.values()} & {128 + signal.SIGTERM, 128 + signal.SIGINT}
         if preempted and all(f.exitcode in preempted for f in error.failures.values()):
             return preempted.pop()  # the workers were signalled directly, saved and said so
-        killed = sorted((f.exitcode == -signal.SIGTERM, rank, f) for rank, f in error.failures.items()
-                        if f.exitcode < 0)
-        _, rank, failure = killed[0] if killed else (None, *error.get_first_failure())
-        code = failure.exitcode
+        rank = cause_of({rank: (f.exitcode, f.timestamp) for rank, f in error.failures.items()})
+        code = error.failures[rank].exitcode
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         print(f"plait: error: worker rank {rank} {how} (exit code {code}; its message, if any, is above)",
               file=sys.stderr)
@@ -54,3 +49,12 @@ def launch_local_workers(nproc: int, max_restarts: int, argv: Sequence[str]) -> 
     return 0
 
 
+def cause_of(failures: dict[int, tuple[int, float]]) -> int:
+    """The rank whose failure ended a job, from each failed rank's (exit code, time): a worker
+    killed by a signal if any (its peers then fail on the lost connection, sometimes before the
+    agent records the kill), else the earliest failure. SIGTERM is how the agent stops the
+    survivors, so a worker ended by it is the cause only when no other failed (a survivor stopped
+    before it noticed its peer's exit did not end the job)."""
+    causes = {rank: f for rank, f in failures.items() if f[0] != -signal.SIGTERM} or failures
+    signalled = sorted(rank for rank, (code, _) in causes.items() if code < 0)
+    return signalled[0] if signalled else min(causes, key=lambda rank: (causes[rank][1], rank))
