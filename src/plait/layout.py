@@ -181,7 +181,14 @@ def layout_problem(model: ModelFacts, layout: Layout) -> str | None:
     return None
 
 
-CP_MODES = ("ring", "alltoall")
+class ContextParallelMode(str, enum.Enum):
+    """How attention sees the whole of a cp-sharded sequence."""
+
+    RING = "ring"          # keys and values passed around the cp ranks, overlapped with compute
+    ALLTOALL = "alltoall"  # sequence shard traded for a head shard around attention (Ulysses)
+
+
+CP_MODES = tuple(mode.value for mode in ContextParallelMode)  # the --cp-mode choices
 
 
 def _context_parallel_problem(model: ModelFacts, layout: Layout) -> str | None:
@@ -196,7 +203,7 @@ def _context_parallel_problem(model: ModelFacts, layout: Layout) -> str | None:
     if model.seq_len % (2 * cp):
         return (f"--cp {cp} needs --seq-len {model.seq_len} divisible by 2 x cp = {2 * cp} "
                 "(each rank holds two load-balanced chunks)")
-    if layout.cp_mode == "alltoall":
+    if layout.cp_mode == ContextParallelMode.ALLTOALL:
         heads, kv_heads = model.heads // t, model.kv_heads // t
         if heads % cp:
             return (f"--cp-mode alltoall needs the {heads} attention heads per tp rank divisible by cp={cp}; "

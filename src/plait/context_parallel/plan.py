@@ -9,7 +9,6 @@ untouched; the trainer feeds each rank its slice of token ids and targets (``con
 """
 from __future__ import annotations
 
-import enum
 import functools
 
 import torch
@@ -19,11 +18,7 @@ from plait.comm import Collectives
 from plait.context_parallel.alltoall import alltoall_attention
 from plait.context_parallel.ring import ring_attention
 from plait.context_parallel.sequence import context_positions
-
-
-class ContextParallelMode(str, enum.Enum):
-    RING = "ring"          # keys and values passed around the cp ranks, overlapped with compute
-    ALLTOALL = "alltoall"  # sequence shard traded for a head shard around attention (Ulysses)
+from plait.layout import ContextParallelMode
 
 
 ATTENTION = {ContextParallelMode.RING: ring_attention, ContextParallelMode.ALLTOALL: alltoall_attention}

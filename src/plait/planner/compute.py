@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from plait.layout import ContextParallelMode
 from plait.planner.hardware import HardwareProfile
 from plait.planner.workload import Layout, ModelShape
 
@@ -126,7 +127,7 @@ def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
         timer.gemm(tokens, h / t, h)                    # q
         timer.gemm(tokens, kv / t, h, count=2)          # k, v
         timer.memory(9 * tokens * (h + kv) / t * e, kernels=8)       # rotary on q and k
-        kernels = layout.cp if layout.cp_mode == "ring" else 1
+        kernels = layout.cp if layout.cp_mode == ContextParallelMode.RING else 1
         for _ in range(kernels):  # causal flash: half the score blocks
             timer.attention(0.5 * 4 * b * s * shape.seq_len * h / t / kernels)
         timer.memory(2 * tokens * h / t * e)            # transpose(1, 2).reshape copy

@@ -49,6 +49,7 @@ keeps bf16 copies of the weights its matmuls used (2P).
 """
 from __future__ import annotations
 
+from plait.layout import ContextParallelMode, Recompute
 from plait.planner.compute import DTYPE_BYTES, local_seq, residual_bytes
 from plait.planner.workload import Layout, ModelShape
 
@@ -94,7 +95,7 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout) -> float:
     # block, transiently); all-to-all keeps SDPA's on the head shard and o_proj's input apart
     attention = 4 * h * e / t + 4 * heads_local
     if layout.cp > 1:
-        attention = ((2 * h + 2 * shape.kv_hidden) * e / t if layout.cp_mode == "ring" else 5 * h * e / t) \
+        attention = ((2 * h + 2 * shape.kv_hidden) * e / t if layout.cp_mode == ContextParallelMode.RING else 5 * h * e / t) \
             + 4 * heads_local
     mlp = 4 * shape.ffn_hidden * e / t
     return s * b * (norms + attention + mlp)
@@ -114,9 +115,9 @@ def selective_bytes(shape: ModelShape, layout: Layout) -> float:
 
 def kept_per_layer(shape: ModelShape, layout: Layout) -> float:
     """Activation bytes one layer keeps for backward, per micro-batch, under ``layout.recompute``."""
-    if layout.recompute == "full":
+    if layout.recompute == Recompute.FULL:
         return checkpoint_bytes(shape, layout)
-    if layout.recompute == "selective":
+    if layout.recompute == Recompute.SELECTIVE:
         return selective_bytes(shape, layout)
     return layer_activation_bytes(shape, layout)
 
@@ -171,7 +172,7 @@ def rank_memory(shape: ModelShape, layout: Layout, layers: int, first: bool, las
     t = layout.tp
     params = stage_parameters(shape, layout, layers, first, last)
     states = model_state_bytes(params, layout)
-    recompute = layout.recompute != "none"
+    recompute = layout.recompute != Recompute.NONE
     activations = in_flight * layers * kept_per_layer(shape, layout)
     transient = []
     if recompute:  # one block's activations exist while it is recomputed

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from plait.errors import PlaitError
+from plait.layout import ContextParallelMode, Recompute
 from plait.pipeline.schedules import Schedule, build_schedule, in_flight_per_rank, simulate
 from plait.pipeline.stage import balanced_split
 from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
@@ -136,9 +137,9 @@ class StepModel:
                 reduce = self.collective("tp", "all_reduce", activation)
                 forward.comm(2 * reduce)
                 backward.comm(2 * reduce)
-        if layout.recompute == "full":
+        if layout.recompute == Recompute.FULL:
             backward.cost.add(forward.cost)
-        elif layout.recompute == "selective":  # all but the matmuls again (their collectives too)
+        elif layout.recompute == Recompute.SELECTIVE:  # all but the matmuls again (their collectives too)
             backward.cost.add(Cost(attention=forward.cost.attention, memory=forward.cost.memory,
                                    comm=forward.cost.comm))
         return forward.cost, backward.cost
@@ -150,7 +151,7 @@ class StepModel:
         shape, layout = self.shape, self.layout
         c, t, tokens = layout.cp, layout.tp, layout.micro_batch * local_seq(shape, layout)
         kv_hidden = shape.kv_hidden / t
-        if layout.cp_mode == "ring":
+        if layout.cp_mode == ContextParallelMode.RING:
             block = self.collective("cp", "send", 2 * tokens * kv_hidden * self.e)
             grads = self.collective("cp", "send", 2 * tokens * kv_hidden * 4)
             sends_f, sends_b = (c - 1) * block, (c - 1) * block + c * grads
@@ -359,11 +360,11 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
     model_flops = shape.model_flops_per_token() * tokens
     attention_forward = 4 * shape.layers * shape.seq_len * shape.hidden * tokens  # QK^T and PV, not halved
     if shape.arch == "gpt":
-        executed = shape.megatron_flops(layout.global_batch, recompute=layout.recompute == "full")
+        executed = shape.megatron_flops(layout.global_batch, recompute=layout.recompute == Recompute.FULL)
     else:
         layer_forward_flops = (model_flops - 6 * shape.vocab * shape.hidden * tokens) / 3
-        executed = model_flops + (layer_forward_flops if layout.recompute == "full" else 0.0)
-    if layout.recompute == "selective":  # the attention core runs again in backward
+        executed = model_flops + (layer_forward_flops if layout.recompute == Recompute.FULL else 0.0)
+    if layout.recompute == Recompute.SELECTIVE:  # the attention core runs again in backward
         executed += attention_forward
     compute = sum(c.seconds - c.comm for c in forwards + backwards)
     breakdown = {"pipeline_makespan": makespan, "dp_and_optimizer_tail": tail, "dp_traffic": dp_total,

@@ -116,7 +116,7 @@ class ColumnParallelLinear(nn.Module):
                  gather_output: bool = False) -> None:
         super().__init__()
         self.comm = comm
-        self.input_mode = input_mode
+        self.input_mode = InputMode(input_mode)
         self.gather_output = gather_output
         self.in_features = linear.in_features
         self.out_features = linear.out_features // comm.size  # local
@@ -141,7 +141,7 @@ class RowParallelLinear(nn.Module):
                  output_mode: OutputMode = OutputMode.ALL_REDUCE) -> None:
         super().__init__()
         self.comm = comm
-        self.output_mode = output_mode
+        self.output_mode = OutputMode(output_mode)
         self.in_features = linear.in_features // comm.size  # local
         self.out_features = linear.out_features
         self.weight = _sharded_parameter(linear.weight, 1, comm)
@@ -150,7 +150,7 @@ class RowParallelLinear(nn.Module):
             self.bias = nn.Parameter(linear.bias.detach().clone())
             # under SP the bias is added on each rank's sequence shard: its gradient is partial
             set_shard(self.bias, TensorShard.replicated(comm.rank, comm.size,
-                                                        partial_grad=output_mode is OutputMode.REDUCE_SCATTER_SEQUENCE))
+                                                        partial_grad=self.output_mode is OutputMode.REDUCE_SCATTER_SEQUENCE))
         self.weight_gradients: DeferredWeightGradients | None = None  # set by split-backward schedules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +167,7 @@ class VocabParallelEmbedding(nn.Module):
                  output_mode: OutputMode = OutputMode.ALL_REDUCE) -> None:
         super().__init__()
         self.comm = comm
-        self.output_mode = output_mode
+        self.output_mode = OutputMode(output_mode)
         # this rank's rows: a vocabulary tp does not divide leaves the first ranks one row more
         self.vocab_start, stop = split_bounds(embedding.num_embeddings, comm.size, comm.rank)
         self.num_embeddings = stop - self.vocab_start  # local
