@@ -95,6 +95,18 @@ def test_block_kernels_stay_fp32_inside_the_trainers_autocast():
         assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
+def test_the_cuda_flash_kernels_call_torch_with_its_signature():
+    """No GPU here: on meta tensors (PyTorch's shape functions of the CUDA kernels) the calls
+    match the installed torch's signatures and give ring attention's shapes: lse [b, h, s_q] fp32,
+    gradients shaped as q, k, v (their values are checked on CUDA by the self-check)."""
+    q = torch.empty(2, 4, 64, 64, device="meta", dtype=torch.bfloat16)
+    kv = torch.empty(2, 4, 32, 64, device="meta", dtype=torch.bfloat16)
+    out, lse = CUDA_FLASH.forward(q, kv, kv, False)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (2, 4, 64) and lse.dtype == torch.float32
+    grads = CUDA_FLASH.backward(q, q, kv, kv, out.float(), lse, False)  # ring attention's merged O is fp32
+    assert [g.shape for g in grads] == [q.shape, kv.shape, kv.shape]
+
+
 def test_the_device_flash_kernel_passes_its_self_check_and_a_wrong_one_falls_back(caplog):
     """bf16 on TEST_DEVICE (make gpu-check runs it on CUDA, where the CUDA flash kernel must be the
     one chosen, not the plain fallback): the chosen kernel agrees with the plain one; a kernel that

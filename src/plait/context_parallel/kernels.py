@@ -49,6 +49,8 @@ def _outside_autocast(kernel):
     run the plain kernel's "fp32" matmuls in bf16, and the forward's lse would no longer match the
     scores the backward (outside autocast) recomputes; the flash kernels take their dtype as given."""
     def run(q: torch.Tensor, *args):
+        if not torch.amp.is_autocast_available(q.device.type):  # meta tensors: shapes only
+            return kernel(q, *args)
         with torch.autocast(q.device.type, enabled=False):
             return kernel(q, *args)
     run.__doc__, run.__name__ = kernel.__doc__, kernel.__name__
