@@ -338,3 +338,21 @@ def test_activation_checkpointing_in_toml(tmp_path):
         assert TrainConfig(**load_toml(tmp_path / "c.toml")).activation_checkpointing == mode
     with pytest.raises(TrainConfigError, match="must be one of none, selective, full"):
         TrainConfig(activation_checkpointing="partial")
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(seed=-1), "--seed must be >= 0, got -1"),
+    (dict(weight_decay=-0.1), "--weight-decay and eps must be >= 0"),
+    (dict(beta2=1.0), "beta1 and beta2 must be in [0, 1), got 0.9 and 1.0"),
+    (dict(timeout_s=0), "--timeout must be > 0, got 0"),
+    (dict(bucket_mb=-5.0), "--bucket-mb must be > 0"),
+    (dict(peak_tflops=0.0), "--peak-tflops must be > 0"),
+])
+def test_numeric_settings_out_of_range_are_one_line(setting, message):
+    """Before: --seed -1 reached the data sampler and ended in a traceback; a TOML beta2 = 1 in
+    AdamW's constructor."""
+    from plait.train.config import TrainConfigError
+
+    with pytest.raises(TrainConfigError) as caught:
+        TrainConfig(**setting)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)

@@ -188,6 +188,16 @@ class TrainConfig:
             raise TrainConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TrainConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.seed < 0:  # the data order's generator takes no negative seed
+            raise TrainConfigError(f"--seed must be >= 0, got {self.seed}")
+        if self.weight_decay < 0 or self.eps < 0:
+            raise TrainConfigError(f"--weight-decay and eps must be >= 0, got {self.weight_decay} and {self.eps}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise TrainConfigError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        for flag, value in (("--timeout", self.timeout_s), ("--bucket-mb", self.bucket_mb),
+                            ("--peak-tflops", self.peak_tflops)):
+            if value is not None and value <= 0:
+                raise TrainConfigError(f"{flag} must be > 0, got {value}")
 
     @property
     def watchdog_timeout_s(self) -> float:
