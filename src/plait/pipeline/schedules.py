@@ -242,7 +242,7 @@ def check_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: in
         raise ScheduleError(f"--virtual-stages > 1 needs --schedule interleaved (or gpipe), not {schedule.value}")
 
 
-def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1,
+def build_schedule(schedule: Schedule | str, pp: int, microbatches: int, virtual_stages: int = 1,
                    placement: Placement | None = None) -> list[list[Action]]:
     """Per pipeline rank, the ordered actions of one step (compute plus sends / receives).
 
@@ -250,8 +250,9 @@ def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: in
     training schedule's placement. Neighbouring chunks on the same rank exchange nothing: the
     executor hands the tensor over locally."""
     check_schedule(schedule, pp, microbatches, virtual_stages)
+    schedule = Schedule(schedule)
     if placement is None:
-        placement = Schedule(schedule).placement
+        placement = schedule.placement
     last_chunk = pp * virtual_stages - 1
 
     def peer(rank: int, chunk: int) -> int | None:
@@ -262,7 +263,7 @@ def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: in
     plans = []
     for rank in range(pp):
         actions: list[Action] = []
-        for kind, mb, chunk in _compute_order(Schedule(schedule), pp, microbatches, virtual_stages, rank, placement):
+        for kind, mb, chunk in _compute_order(schedule, pp, microbatches, virtual_stages, rank, placement):
             if kind == "F":
                 if chunk > 0 and (source := peer(rank, chunk - 1)) is not None:
                     actions.append(Action(Op.RECV_F, mb, chunk, source))
