@@ -16,6 +16,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import tempfile
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -29,7 +30,22 @@ class DistributedRunError(RuntimeError):
     pass
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """End this worker when its parent dies (a killed test run, an interrupted benchmark). A
+    daemon worker is only stopped at its parent's normal exit; otherwise it would run its job to
+    the end, on cores the next run is timing, and find out only when it reports."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:  # a dead parent's children are adopted by another process
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="plait-parent-watch", daemon=True).start()
+
+
 def _worker_main(rank: int, connection) -> None:
+    _exit_with_parent()
     import torch
     import torch.distributed as dist
 
