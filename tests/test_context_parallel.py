@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from plait.context_parallel import context_positions, context_slice
+from plait.context_parallel import context_positions, context_slice, kernels
 from plait.context_parallel.alltoall import alltoall_attention, kv_repeats
 from plait.context_parallel.kernels import (CPU_FLASH, CUDA_FLASH, MATH, BlockKernel, block_attention,
                                             block_attention_backward, kernel_for, math_block_attention,
@@ -60,25 +60,33 @@ def test_ring_blocks_cover_the_causal_triangle_once():
         assert torch.equal(seen, (q_pos[:, None] >= torch.arange(seq)[None, :]).long())
 
 
+@pytest.mark.parametrize("kernel", ["chosen", "math"])
+@pytest.mark.parametrize("kv_heads", [3, 1])
 @pytest.mark.parametrize("causal, keys", [(True, 12), (False, 7)])
-def test_block_kernels_agree_with_sdpa_and_each_other(causal, keys):
-    """On TEST_DEVICE (make gpu-check runs it on CUDA), fp32."""
+def test_block_kernels_agree_with_sdpa(causal, keys, kv_heads, kernel, monkeypatch):
+    """On TEST_DEVICE (make gpu-check runs it on CUDA), fp32: the device's kernel and the plain one,
+    with k and v of 3 heads, or of 1 head shared by the 3 query heads (grouped-query attention:
+    the CPU flash kernel reads it shared, the plain one gets it repeated and sums its gradients)."""
+    if kernel == "math":
+        monkeypatch.setattr(kernels, "kernel_for", lambda q: MATH)
     generator = torch.Generator().manual_seed(0)
     queries = 12 if causal else 5
-    q, k, v = (torch.randn(2, 3, n, 8, generator=generator).to(TEST_DEVICE) for n in (queries, keys, keys))
+    q = torch.randn(2, 3, queries, 8, generator=generator).to(TEST_DEVICE)
+    k, v = (torch.randn(2, kv_heads, keys, 8, generator=generator).to(TEST_DEVICE) for _ in range(2))
     grad = torch.randn(2, 3, queries, 8, generator=generator).to(TEST_DEVICE)
     out, lse = block_attention(q, k, v, causal)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    want = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+    want = F.scaled_dot_product_attention(*leaves, is_causal=causal, enable_gqa=True)
     want.backward(grad)
+    scores = q @ k.repeat_interleave(3 // kv_heads, dim=1).transpose(-1, -2) / 8 ** 0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones(queries, keys, dtype=torch.bool, device=q.device).triu(1), -torch.inf)
     close = 1e-6 if TEST_DEVICE.type == "cpu" else 1e-5  # CUDA's SDPA sums in another order
-    assert relative_error(out, want) <= close
-    math_out, math_lse = math_block_attention(q, k, v, causal)
-    assert relative_error(math_out, out) <= close and relative_error(math_lse, lse) <= close
-    for got in (block_attention_backward(grad, q, k, v, out, lse, causal),
-                math_block_attention_backward(grad, q, k, v, out, lse, causal)):
-        for g, leaf in zip(got, leaves):
-            assert relative_error(g, leaf.grad) <= 1e-5
+    assert relative_error(out, want) <= close and relative_error(lse, scores.logsumexp(-1)) <= close
+    got = block_attention_backward(grad, q, k, v, out, lse, causal)
+    assert [g.shape for g in got] == [leaf.shape for leaf in leaves]
+    for g, leaf in zip(got, leaves):
+        assert relative_error(g, leaf.grad) <= 1e-5
 
 
 def test_block_kernels_stay_fp32_inside_the_trainers_autocast():

@@ -78,8 +78,5 @@ def alltoall_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: 
     if repeats > 1:
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
     q, k, v = (_SequenceToHeads.apply(t.contiguous(), comm) for t in (q, k, v))
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] > k.shape[1])
     return _HeadsToSequence.apply(out, comm)

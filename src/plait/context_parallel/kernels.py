@@ -17,7 +17,8 @@ the flash-attention backward called with the global O and lse computes exactly t
 s_q x s_k score matrix in memory), once a self-check on the device has shown it equal to the
 plain-matmul kernel; otherwise that plain fp32 kernel (materialises the block's scores; correct
 everywhere). A failed self-check is logged once and falls back: never a silent wrong result.
-Shapes: q [b, h, s_q, d], k and v [b, h, s_k, d] (heads already matched), lse [b, h, s_q] fp32.
+Shapes: q [b, h, s_q, d], k and v [b, kv, s_k, d] (kv divides h: grouped-query attention),
+lse [b, h, s_q] fp32; a ``BlockKernel`` itself sees matched heads unless it is ``grouped_query``.
 """
 from __future__ import annotations
 
@@ -33,15 +34,25 @@ log = logging.getLogger(__name__)
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O, lse) of q against one key/value block (causal: the block is q's own positions)."""
-    return kernel_for(q).forward(q, k, v, causal)
+    """(O, lse) of q against one key/value block (causal: the block is q's own positions); k and v
+    may have fewer (kv) heads than q, each serving heads / kv heads query heads."""
+    kernel, groups = kernel_for(q), q.shape[1] // k.shape[1]
+    if groups > 1 and not kernel.grouped_query:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return kernel.forward(q, k.contiguous(), v.contiguous(), causal)
 
 
 def block_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              out: torch.Tensor, lse: torch.Tensor,
                              causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dQ, dK, dV) of one block, from the merged output ``out`` and ``lse`` of q's rows."""
-    return kernel_for(q).backward(grad_out, q, k, v, out, lse, causal)
+    """(dQ, dK, dV) of one block, from the merged output ``out`` and ``lse`` of q's rows; dK and dV
+    have k's and v's heads (a kv head's gradient is the sum over the query heads it serves)."""
+    kernel, groups = kernel_for(q), q.shape[1] // k.shape[1]
+    if groups == 1 or kernel.grouped_query:
+        return kernel.backward(grad_out, q, k.contiguous(), v.contiguous(), out, lse, causal)
+    grad_q, grad_k, grad_v = kernel.backward(grad_out, q, k.repeat_interleave(groups, dim=1),
+                                             v.repeat_interleave(groups, dim=1), out, lse, causal)
+    return grad_q, grad_k.unflatten(1, (-1, groups)).sum(2), grad_v.unflatten(1, (-1, groups)).sum(2)
 
 
 def _outside_autocast(kernel):
@@ -137,14 +148,20 @@ def cuda_flash_block_attention_backward(grad_out: torch.Tensor, q: torch.Tensor,
 
 @dataclass(frozen=True)
 class BlockKernel:
-    """One implementation of a block's attention: forward (O, lse) and backward (dQ, dK, dV)."""
+    """One implementation of a block's attention: forward (O, lse) and backward (dQ, dK, dV).
+    ``grouped_query``: it reads k and v with fewer heads than q itself (and returns dK, dV so);
+    the others get them repeated to q's heads."""
     name: str
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    grouped_query: bool = False
 
 
 MATH = BlockKernel("math (fp32 matmuls)", math_block_attention, math_block_attention_backward)
-CPU_FLASH = BlockKernel("flash (cpu)", cpu_flash_block_attention, cpu_flash_block_attention_backward)
+# The CPU flash kernel shares kv heads forward and backward (as SDPA's enable_gqa uses it). The
+# CUDA one could too, but its self-check has only run with matched heads: it gets them repeated.
+CPU_FLASH = BlockKernel("flash (cpu)", cpu_flash_block_attention, cpu_flash_block_attention_backward,
+                        grouped_query=True)
 CUDA_FLASH = BlockKernel("flash (cuda)", cuda_flash_block_attention, cuda_flash_block_attention_backward)
 
 # (device, dtype, head dim) -> the kernel that passed its self-check there (MATH where none did)

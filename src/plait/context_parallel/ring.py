@@ -16,8 +16,9 @@ Forward, c steps: at step j rank i computes against the block of rank (i - j) mo
 sends that block to rank i + 1 and receives the next from rank i - 1 (double-buffered, so the
 exchange overlaps the computation); the partial outputs are merged with the online softmax
 (``plait.context_parallel.kernels``). Keys and values travel with the model's kv heads, one
-message per step ([2, b, kv heads, S / c, d]); they are repeated to the query heads only for the
-local computation (grouped-query attention).
+message per step ([2, b, kv heads, S / c, d]), and the block kernels take them so (grouped-query
+attention: the CPU flash kernel shares each kv head between its query heads, the others repeat
+them for the local computation only).
 
 Backward, c steps: the blocks travel the ring again (recomputed from nothing: the forward kept
 only this rank's own q, k, v, O and lse), and with each block an fp32 accumulator of its dK/dV:
@@ -49,18 +50,9 @@ def block_of(rank: int, source: int, local: int) -> tuple[slice, slice, bool]:
     return slice(half, None), slice(None), False
 
 
-def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return (x if groups == 1 else x.repeat_interleave(groups, dim=1)).contiguous()
-
-
-def _sum_heads(grad: torch.Tensor, groups: int) -> torch.Tensor:
-    return grad if groups == 1 else grad.unflatten(1, (-1, groups)).sum(2)
-
-
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  comm: Collectives) -> tuple[torch.Tensor, torch.Tensor]:
     c, rank = comm.size, comm.rank
-    groups = q.shape[1] // k.shape[1]
     kv, incoming = torch.stack((k, v)), torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
     # laid out [b, s, heads, d], as SDPA's output: the o_proj input (transpose + reshape) is then a view
     # of it, not a copy kept beside it for backward
@@ -70,8 +62,7 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for step in range(c):
         pending = comm.ring_exchange(kv, incoming, KV_TAG, "cp_kv") if step < c - 1 else None
         rows, cols, causal = block_of(rank, (rank - step) % c, q.shape[2])
-        block_out, block_lse = block_attention(q[:, :, rows].contiguous(), _repeat_heads(kv[0][:, :, cols], groups),
-                                               _repeat_heads(kv[1][:, :, cols], groups), causal)
+        block_out, block_lse = block_attention(q[:, :, rows].contiguous(), kv[0][:, :, cols], kv[1][:, :, cols], causal)
         merge_block(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
         if pending is not None:
             pending.wait()
@@ -82,7 +73,6 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def ring_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, comm: Collectives) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     c, rank = comm.size, comm.rank
-    groups = q.shape[1] // k.shape[1]
     kv, incoming = torch.stack((k, v)), torch.empty((2, *k.shape), dtype=k.dtype, device=k.device)
     grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     arriving, grad_pending = None, None
@@ -90,13 +80,12 @@ def ring_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
         pending = comm.ring_exchange(kv, incoming, KV_TAG, "cp_kv") if step < c - 1 else None
         rows, cols, causal = block_of(rank, (rank - step) % c, q.shape[2])
         block_q, block_out = q[:, :, rows].contiguous(), out[:, :, rows]
-        dq, dk, dv = block_attention_backward(grad_out[:, :, rows], block_q, _repeat_heads(kv[0][:, :, cols], groups),
-                                              _repeat_heads(kv[1][:, :, cols], groups), block_out,
-                                              lse[:, :, rows], causal)
+        dq, dk, dv = block_attention_backward(grad_out[:, :, rows], block_q, kv[0][:, :, cols], kv[1][:, :, cols],
+                                              block_out, lse[:, :, rows], causal)
         grad_q[:, :, rows] += dq
         grad_kv = torch.zeros(kv.shape, dtype=torch.float32, device=k.device)
-        grad_kv[0][:, :, cols] = _sum_heads(dk, groups)
-        grad_kv[1][:, :, cols] = _sum_heads(dv, groups)
+        grad_kv[0][:, :, cols] = dk
+        grad_kv[1][:, :, cols] = dv
         if grad_pending is not None:  # the accumulator of this block, from the ranks before us
             grad_pending.wait()
             grad_kv += arriving

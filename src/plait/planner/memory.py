@@ -26,8 +26,8 @@ on the rank, S / cp under context parallelism, b = micro-batch, e = bytes of the
   ``saved_tensors_hooks``): per token, each RMSNorm keeps its fp32 input and normalised value
   (8h bytes) and the matmuls behind it their input (e h, or under autocast with an fp32
   residual one bf16 cast per consumer: 3 for q, k, v and 2 for gate, up); attention keeps q,
-  k and v after rotary (k and v expanded to every head), the output (4 h e / t) and the fp32
-  log-sum-exp (4 a / t); the MLP keeps gate, SiLU(gate), up and their product (4 f e / t).
+  k and v after rotary (k and v with the kv heads, which SDPA's grouped-query kernels share) and
+  the output ((2 h + 2 kv) e / t) and the fp32 log-sum-exp (4 a / t); the MLP keeps gate, SiLU(gate), up and their product (4 f e / t).
   Norm terms are divided by t under SP.
 - full recomputation keeps only each block's input (s b h, /t under SP), plus one block's
   full activations while it is recomputed.
@@ -90,13 +90,14 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout) -> float:
     # (q, k, v behind the first norm; gate, up behind the second)
     inputs = 2 * e if residual == e else 5 * e
     norms = (2 * 8 + inputs) * h / sp
-    # q, k and v after rotary (k, v expanded to all heads for SDPA), the output (also o_proj's
-    # input), fp32 log-sum-exp; ring attention keeps k and v with the kv heads (it expands them per
-    # block, transiently); all-to-all keeps SDPA's on the head shard and o_proj's input apart
-    attention = 4 * h * e / t + 4 * heads_local
-    if layout.cp > 1:
-        attention = ((2 * h + 2 * shape.kv_hidden) * e / t if layout.cp_mode == ContextParallelMode.RING else 5 * h * e / t) \
-            + 4 * heads_local
+    # q, k and v after rotary (k, v with the kv heads: SDPA's grouped-query attention and the ring
+    # read them shared), the output (also o_proj's input), fp32 log-sum-exp; all-to-all keeps
+    # SDPA's q, k, v and output on the head shard (k, v as exchanged) and o_proj's input apart
+    kv = shape.kv_hidden
+    if layout.cp > 1 and layout.cp_mode == ContextParallelMode.ALLTOALL:
+        attention = (3 * h + 2 * kv * shape.alltoall_kv_repeats(t, layout.cp)) * e / t + 4 * heads_local
+    else:
+        attention = (2 * h + 2 * kv) * e / t + 4 * heads_local
     mlp = 4 * shape.ffn_hidden * e / t
     return s * b * (norms + attention + mlp)
 

@@ -161,7 +161,7 @@ class StepModel:
             forward.comm(sends_f)
             backward.comm(sends_b)
             return
-        repeats = 1 if (shape.kv_heads // t) % c == 0 else c // (shape.kv_heads // t)
+        repeats = shape.alltoall_kv_repeats(t, c)
         queries = self.collective("cp", "all_to_all", tokens * shape.hidden / t * self.e)
         keys = self.collective("cp", "all_to_all", tokens * kv_hidden * repeats * self.e)
         forward.comm(2 * queries + 2 * keys)
