@@ -356,3 +356,14 @@ def test_numeric_settings_out_of_range_are_one_line(setting, message):
     with pytest.raises(TrainConfigError) as caught:
         TrainConfig(**setting)
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """`plait plan ... | head -1`: the reader goes away before the table is written; the command
+    ends with the shell's code for a broken pipe and no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "plait", "plan", "--model", "tiny", "--seq-len", "256",
+                                "--global-batch", "8", "--gpus", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    process.stdout.close()  # before the first line: every write fails
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGPIPE and errors == ""

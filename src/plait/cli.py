@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -122,7 +123,17 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return dispatch(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:
+        # Whoever read our output has stopped (`plait plan ... | head`): end quietly, as cat does,
+        # with the shell's code for it. Python would otherwise fail again flushing stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def dispatch(argv: list[str]) -> int:
+    """Run the subcommand ``argv`` names; its exit code."""
     if argv[:1] == ["compare"]:  # its own parser: every other flag is a plait train flag
         from plait.compare import compare_main
         return compare_main(argv[1:])
