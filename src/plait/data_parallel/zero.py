@@ -412,10 +412,10 @@ class Sharded(DataParallelStrategy):
 
     # ------------------------------------------------------------------ optimizer
     def clip_grad_norm(self, max_norm: float) -> float:
+        counted = [unit.grad_shard[a:b] for unit in self.units for a, b in unit.norm_ranges]
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
-        for unit in self.units:
-            for a, b in unit.norm_ranges:
-                squares += torch.linalg.vector_norm(unit.grad_shard[a:b], dtype=torch.float64).square()
+        if counted:  # one foreach call: on CUDA one kernel for every range, not one launch each
+            squares = torch.stack(torch._foreach_norm(counted, 2, dtype=torch.float64)).square().sum()
         norm = reduce_squares(squares, self.dp, self.tp, self.pp).sqrt()
         # applied in fp32 as each unit steps (a bf16 shard scaled in place would round)
         self._grad_scale = float(clip_scale(norm, max_norm)) if max_norm > 0 else 1.0
