@@ -367,3 +367,14 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     process.stdout.close()  # before the first line: every write fails
     _, errors = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGPIPE and errors == ""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["generate", "--help"],
+                                  ["plan", "--model", "tiny", "--seq-len", "256", "--global-batch", "8", "--gpus", "2"],
+                                  ["train", "--nproc", "0"]])
+def test_help_plans_and_flag_errors_answer_without_importing_torch(args):
+    """Importing torch takes ~1.5 s here: the parser, the planner and argument errors do without it."""
+    probe = ("import sys\nfrom plait.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print('torch imported' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+    assert result.stderr.splitlines()[-1] == "no torch", result.stderr

@@ -16,10 +16,12 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from plait.errors import PlaitError
+
+if TYPE_CHECKING:  # torch loads when a device is first asked for: `plait --help` does without it
+    import torch
 
 
 class DeviceError(PlaitError):
@@ -47,6 +49,7 @@ class DevicePlan:
     backend: str  # "nccl" or "gloo"
 
     def device(self, local_rank: int = 0) -> torch.device:
+        import torch
         return torch.device("cuda", local_rank) if self.kind == "cuda" else torch.device("cpu")
 
 
@@ -73,6 +76,7 @@ def device_plan(requested: DeviceRequest | str, visible_gpus: int, local_ranks: 
 
 def visible_gpus() -> int:
     """CUDA devices this process may use (0 on a CPU-only build)."""
+    import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

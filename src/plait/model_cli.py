@@ -10,7 +10,6 @@ from typing import Callable, Sequence
 
 from plait.device import DeviceRequest
 from plait.errors import PlaitError
-from plait.mesh import ParallelDims
 from plait.train.config import DTYPES
 
 MODEL_HELP = "a run directory (its newest checkpoint), a checkpoint, or a Hugging Face Llama directory"
@@ -102,6 +101,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from plait.launch import launch_local_workers, under_launcher
     from plait.device import host_device_plan
     from plait.generate import GenerateError, Sampling, locate_model
+    from plait.mesh import ParallelDims
 
     worker: Callable
     try:

@@ -24,7 +24,6 @@ from plait.device import DeviceRequest
 from plait.errors import PlaitError
 from plait.launch import launch_local_workers, under_launcher
 from plait.layout import CP_MODES, Recompute
-from plait.mesh import ParallelDims
 from plait.models import PRESETS, get_preset
 from plait.pipeline.schedules import SCHEDULES
 from plait.run_dir import agreed_run_dir, default_run_dir, make_run_dir
@@ -191,6 +190,7 @@ def validate_before_launch(cfg: TrainConfig, world_size: int) -> None:
     from plait.data.mixture import check_sources_exist
     from plait.device import host_device_plan
     from plait.layout import check_run
+    from plait.mesh import ParallelDims
     from plait.planner.fit import check_host_memory
 
     dims = ParallelDims.from_world_size(world_size, dp=cfg.dp, pp=cfg.pp, tp=cfg.tp, cp=cfg.cp, dp_shard=cfg.dp_shard)

@@ -37,7 +37,7 @@ from functools import lru_cache
 from plait.errors import PlaitError
 from plait.layout import ContextParallelMode, Recompute
 from plait.pipeline.schedules import Schedule, build_schedule, in_flight_per_rank, simulate
-from plait.pipeline.stage import balanced_split
+from plait.pipeline.split import balanced_split
 from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
                                    head_backward, head_forward, layer_backward, layer_forward, local_seq)
 from plait.planner.hardware import HardwareProfile
