@@ -180,6 +180,19 @@ def test_plan_reports_rejections_with_reasons():
     assert not big.best and "out of memory" in big.rejections
 
 
+def test_the_plan_does_not_depend_on_the_number_of_workers():
+    """Layout families priced in two spawned processes give the one-process answer: the same best
+    layouts and times, rejection counts, first examples and number considered."""
+    shape = ModelShape("llama", 768, 12, 12, 4, 2048, 32000, 1024)
+    one = plan(shape, load_profile("a100-40gb"), gpus=16, global_batch=32)
+    two = plan(shape, load_profile("a100-40gb"), gpus=16, global_batch=32, workers=2)
+    assert [(p.layout, p.step_time_s) for p in two.best] == [(p.layout, p.step_time_s) for p in one.best]
+    for got, want in ((two.rejections, one.rejections), (two.examples, one.examples)):
+        assert list(got.items()) == list(want.items())  # in the order the report prints ties
+    assert two.considered == one.considered
+    assert len(one.best) == 5 and len(one.rejections) > 1
+
+
 def test_cli_simulate_json_keys_and_one_line_errors(capsys):
     result = simulate_json(["--model", "llama3-8b", "--seq-len", "8192", "--global-batch", "32", "--tp", "8",
                             "--dp", "1", "--sequence-parallel", "--gpu", "h100"], capsys)

@@ -90,6 +90,9 @@ def add_commands(commands) -> None:
     _add_model_flags(plan, shape_flags=True)
     plan.add_argument("--gpus", type=int, required=True, help="devices in the job")
     plan.add_argument("--top", type=int, default=5, help="layouts to show (default: 5)")
+    plan.add_argument("--workers", type=int, default=None,
+                      help="processes that price the layouts (the answer does not depend on it; default: this "
+                           "machine's usable cores, at most 16)")
 
     simulate = commands.add_parser(
         "simulate", help="predict one layout's memory, step time, throughput and MFU",
@@ -187,12 +190,14 @@ def _simulate(args, shape: ModelShape, hw) -> int:
 
 
 def _plan(args, shape: ModelShape, hw) -> int:
-    from plait.planner.search import plan
+    from plait.planner.search import default_workers, plan
 
     if args.gpus < 1:
         raise PlannerInputError("--gpus must be >= 1")
+    if args.workers is not None and args.workers < 1:
+        raise PlannerInputError(f"--workers must be >= 1, got {args.workers}")
     result = plan(shape, hw, args.gpus, args.global_batch, hw.devices_per_node, args.dtype, args.top,
-                  progress=not args.json and sys.stderr.isatty())
+                  progress=not args.json and sys.stderr.isatty(), workers=args.workers or default_workers())
     if args.json:
         print(json.dumps({"model": shape.__dict__, "hardware": hw.name, "gpus": args.gpus,
                           "considered": result.considered,

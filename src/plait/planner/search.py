@@ -13,8 +13,12 @@ then re-predicted exactly by simulating their schedules' action lists.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import multiprocessing
+import os
 import re
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from plait.planner.hardware import HardwareProfile
@@ -22,6 +26,7 @@ from plait.planner.simulator import LayoutRejected, Prediction, predict
 from plait.planner.workload import Layout, ModelShape
 
 EXACT_CANDIDATES = 24
+MAX_MICRO_BATCH = 16
 
 
 @dataclass
@@ -60,14 +65,16 @@ def _shard_groups(dp: int, ranks_per_replica_rank: int, gpus_per_node: int) -> l
     return [None] + [n for n in (per_node, 2 * per_node, 4 * per_node) if n < dp and dp % n == 0]
 
 
+def layout_families(shape: ModelShape, gpus: int, gpus_per_node: int) -> list[tuple[int, int, str]]:
+    """(tp, cp, cp mode) of every family of candidates, in search order."""
+    return [(tp, cp, mode) for tp in _powers_of_two(min(gpus, gpus_per_node)) if gpus % tp == 0
+            for cp, mode in _context_parallel(shape, gpus // tp)]
+
+
 def candidate_layouts(shape: ModelShape, gpus: int, gpus_per_node: int, global_batch: int, dtype: str,
-                      max_micro_batch: int = 16):
-    for tp in _powers_of_two(min(gpus, gpus_per_node)):
-        if gpus % tp:
-            continue
-        for cp, cp_mode in _context_parallel(shape, gpus // tp):
-            yield from _layouts_with(shape, gpus, gpus_per_node, tp, cp, cp_mode, global_batch, dtype,
-                                     max_micro_batch)
+                      max_micro_batch: int = MAX_MICRO_BATCH):
+    for tp, cp, cp_mode in layout_families(shape, gpus, gpus_per_node):
+        yield from _layouts_with(shape, gpus, gpus_per_node, tp, cp, cp_mode, global_batch, dtype, max_micro_batch)
 
 
 def _layouts_with(shape: ModelShape, gpus: int, gpus_per_node: int, tp: int, cp: int, cp_mode: str,
@@ -93,38 +100,79 @@ def _layouts_with(shape: ModelShape, gpus: int, gpus_per_node: int, tp: int, cp:
                                              dp_shard=dp_shard)
 
 
-def plan(shape: ModelShape, hw: HardwareProfile, gpus: int, global_batch: int, gpus_per_node: int | None = None,
-         dtype: str = "bfloat16", top: int = 5, progress: bool = False) -> PlanResult:
-    per_node = gpus_per_node or hw.devices_per_node
-    result = PlanResult(best=[])
+@dataclass
+class FamilyResult:
+    """One family's first pass: its fastest fitting estimates (closed-form pipelines) and why the
+    others were rejected."""
+    fastest: list[Prediction]
+    rejections: Counter
+    examples: dict[str, str]
+    considered: int
+
+
+def search_family(shape: ModelShape, hw: HardwareProfile, gpus: int, global_batch: int, dtype: str,
+                  family: tuple[int, int, str], keep: int = EXACT_CANDIDATES) -> FamilyResult:
+    """Predict every layout of one (tp, cp, cp mode) family; keep its ``keep`` fastest that fit."""
+    tp, cp, cp_mode = family
+    result = FamilyResult([], Counter(), {}, 0)
     fitting: list[Prediction] = []
-
-    def reject(reason: str, layout: Layout) -> None:
-        key = re.sub(r"\d+", "N", reason)  # one line per kind of reason, with its first instance
-        result.rejections[key] += 1
-        result.examples.setdefault(key, f"{reason}: {layout.describe()}")
-
-    hw = dataclasses.replace(hw, devices_per_node=per_node)
-    from tqdm import tqdm
-
-    candidates = candidate_layouts(shape, gpus, per_node, global_batch, dtype)
-    for layout in tqdm(candidates, desc="layouts", unit="", disable=not progress, leave=False):
+    for layout in _layouts_with(shape, gpus, hw.devices_per_node, tp, cp, cp_mode, global_batch, dtype,
+                                MAX_MICRO_BATCH):
         result.considered += 1
         try:
             estimate = predict(shape, layout, hw, exact_pipeline=False)
         except LayoutRejected as error:
-            reject(str(error), layout)
-            continue
-        if not estimate.fits:
-            reject("out of memory", layout)
-            continue
-        fitting.append(estimate)
-    fitting.sort(key=lambda p: p.step_time_s)
+            reason = str(error)
+        else:
+            if estimate.fits:
+                fitting.append(estimate)
+                continue
+            reason = "out of memory"
+        key = re.sub(r"\d+", "N", reason)  # one line per kind of reason, with its first instance
+        result.rejections[key] += 1
+        result.examples.setdefault(key, f"{reason}: {layout.describe()}")
+    fitting.sort(key=lambda p: p.step_time_s)  # stable: equal times keep the search order
+    result.fastest = fitting[:keep]
+    return result
+
+
+def plan(shape: ModelShape, hw: HardwareProfile, gpus: int, global_batch: int, gpus_per_node: int | None = None,
+         dtype: str = "bfloat16", top: int = 5, progress: bool = False, workers: int = 1) -> PlanResult:
+    """The ``top`` fastest layouts that fit. Each (tp, cp, cp mode) family is priced on its own,
+    over ``workers`` processes (the families' results are merged in search order, so the answer
+    does not depend on ``workers``); the fastest EXACT_CANDIDATES of all are then re-predicted
+    with their schedules simulated."""
+    from tqdm import tqdm
+
+    hw = dataclasses.replace(hw, devices_per_node=gpus_per_node or hw.devices_per_node)
+    families = layout_families(shape, gpus, hw.devices_per_node)
+    search = functools.partial(search_family, shape, hw, gpus, global_batch, dtype)
+    bar = dict(desc="layout families", unit="", disable=not progress, leave=False, total=len(families))
+    if workers > 1 and len(families) > 1:
+        with ProcessPoolExecutor(min(workers, len(families)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(tqdm(pool.map(search, families), **bar))
+    else:
+        parts = [search(family) for family in tqdm(families, **bar)]
+    result = PlanResult(best=[])
+    fastest: list[Prediction] = []
+    for part in parts:
+        result.considered += part.considered
+        result.rejections.update(part.rejections)
+        for key, example in part.examples.items():
+            result.examples.setdefault(key, example)
+        fastest.extend(part.fastest)
+    fastest.sort(key=lambda p: p.step_time_s)
     exact = []
-    for estimate in fitting[:EXACT_CANDIDATES]:
+    for estimate in fastest[:EXACT_CANDIDATES]:
         prediction = predict(shape, estimate.layout, hw) if estimate.layout.pp > 1 else estimate
         if prediction.fits:
             exact.append(prediction)
     exact.sort(key=lambda p: p.step_time_s)
     result.best = exact[:top]
     return result
+
+
+def default_workers() -> int:
+    """Processes for the search: this machine's usable cores, at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cores))
