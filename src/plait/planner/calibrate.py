@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from plait.files import atomic_write_text
-from plait.planner.hardware import HardwareProfile, LinkFit, default_profile_path
+from plait.planner.hardware import HardwareProfile, LinkFit, default_profile_path, usable_cores
 from plait.planner.network import FACTORS
 
 SIZES = [1 << 14, 1 << 16, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 24, 1 << 26]  # bytes per collective
@@ -224,7 +224,7 @@ def measure(ranks: int, seconds: float, repeats: int = 5) -> tuple[dict, dict[st
 
 
 def calibrate(seconds: float = 1.0) -> HardwareProfile:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     compute, collectives = measure(max(2, min(cores, 8)), seconds)
     shared = collectives["all_reduce"]
     reference = compute.pop("reference_block_s")

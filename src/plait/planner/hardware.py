@@ -175,3 +175,8 @@ def load_profile(name: str) -> HardwareProfile:
         return HardwareProfile.from_json(path.read_text())
     except (ValueError, TypeError, KeyError) as error:
         raise HardwareError(f"{path} is not a plait hardware profile: {error}") from None
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -15,13 +15,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import multiprocessing
-import os
 import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-from plait.planner.hardware import HardwareProfile
+from plait.planner.hardware import HardwareProfile, usable_cores
 from plait.planner.simulator import LayoutRejected, Prediction, predict
 from plait.planner.workload import Layout, ModelShape
 
@@ -174,5 +173,4 @@ def plan(shape: ModelShape, hw: HardwareProfile, gpus: int, global_batch: int, g
 
 def default_workers() -> int:
     """Processes for the search: this machine's usable cores, at most 16."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cores))
+    return max(1, min(16, usable_cores()))
