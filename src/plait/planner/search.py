@@ -3,12 +3,13 @@
 Candidates: every tp (powers of two up to a node) x cp (powers of two whose 2 cp chunks split
 the sequence, ring or all-to-all) x pp (divisors of what is left) with dp the rest, each ZeRO level
 (ZeRO-2/3 also hybrid-sharded within 1, 2 or 4 nodes), sequence parallelism on or off (tp > 1;
-loss parallelism always on then), micro-batch sizes (powers of two dividing the per-replica batch), the pipeline
-schedules (1F1B, interleaved with 2 or 4 chunks per rank, GPipe) and full recomputation on or
-off. A candidate is rejected with its reason (a size tp does not divide, a batch that does not
-split, a combination plait does not support, out of memory); the rest are ranked by tokens/s
-per device. A first pass prices pipelines with the closed-form bubble; the best candidates are
-then re-predicted exactly by simulating their schedules' action lists.
+loss parallelism always on then), micro-batch sizes (powers of two up to 16 dividing the per-replica batch), the pipeline
+schedules (1F1B, interleaved with 2 or 4 chunks per rank, GPipe, ZB-H1, ZB-V) and recomputation
+(none, selective, full). A candidate is rejected with its reason (a size tp does not divide, a
+batch that does not split, a combination plait does not support, out of memory); the rest are
+ranked by tokens/s per device. A first pass prices pipelines with the closed-form bubble, one
+(tp, cp, cp mode) family at a time (in parallel processes where asked); the best candidates of
+all are then re-predicted exactly by simulating their schedules' action lists.
 """
 from __future__ import annotations
 
@@ -70,18 +71,13 @@ def layout_families(shape: ModelShape, gpus: int, gpus_per_node: int) -> list[tu
             for cp, mode in _context_parallel(shape, gpus // tp)]
 
 
-def candidate_layouts(shape: ModelShape, gpus: int, gpus_per_node: int, global_batch: int, dtype: str,
-                      max_micro_batch: int = MAX_MICRO_BATCH):
-    for tp, cp, cp_mode in layout_families(shape, gpus, gpus_per_node):
-        yield from _layouts_with(shape, gpus, gpus_per_node, tp, cp, cp_mode, global_batch, dtype, max_micro_batch)
-
-
 def _layouts_with(shape: ModelShape, gpus: int, gpus_per_node: int, tp: int, cp: int, cp_mode: str,
-                  global_batch: int, dtype: str, max_micro_batch: int):
+                  global_batch: int, dtype: str):
+    """Every candidate of the family (tp, cp, cp mode), in search order."""
     for pp in _divisors(gpus // (tp * cp)):
         dp = gpus // (tp * pp * cp)
         per_replica = global_batch // dp if global_batch % dp == 0 else 1
-        for micro_batch in _powers_of_two(min(max_micro_batch, per_replica)):
+        for micro_batch in _powers_of_two(min(MAX_MICRO_BATCH, per_replica)):
             schedules = [("1f1b", 1)]
             if pp > 1:
                 schedules += [("interleaved", 2), ("interleaved", 4), ("gpipe", 1), ("zb1p", 1), ("zbv", 2)]
@@ -115,8 +111,7 @@ def search_family(shape: ModelShape, hw: HardwareProfile, gpus: int, global_batc
     tp, cp, cp_mode = family
     result = FamilyResult([], Counter(), {}, 0)
     fitting: list[Prediction] = []
-    for layout in _layouts_with(shape, gpus, hw.devices_per_node, tp, cp, cp_mode, global_batch, dtype,
-                                MAX_MICRO_BATCH):
+    for layout in _layouts_with(shape, gpus, hw.devices_per_node, tp, cp, cp_mode, global_batch, dtype):
         result.considered += 1
         try:
             estimate = predict(shape, layout, hw, exact_pipeline=False)
