@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from plait.context_parallel import context_positions, context_slice, kernels
-from plait.context_parallel.alltoall import alltoall_attention, kv_repeats
+from plait.context_parallel.alltoall import alltoall_attention
 from plait.context_parallel.kernels import (CPU_FLASH, CUDA_FLASH, MATH, BlockKernel, block_attention,
                                             block_attention_backward, kernel_for, math_block_attention,
                                             math_block_attention_backward, self_check, verified)
 from plait.context_parallel.ring import block_of, ring_attention
 from plait.context_parallel.sequence import from_natural_order, to_natural_order
-from plait.layout import Layout, ModelFacts, layout_problem
+from plait.layout import Layout, ModelFacts, alltoall_kv_repeats, layout_problem
 from plait.mesh import ParallelContext, ParallelDims
 from helpers import TEST_DEVICE, assert_runs_match, relative_error, tiny_config, tiny_model_config, train_and_collect
 
@@ -152,7 +152,7 @@ def test_layout_rules_of_context_parallel():
     assert "positions" in layout_problem(ModelFacts(8, 4, 384, 256, 4, 36), Layout(tp=4, cp=2,
                                                                                    sequence_parallel=True))
     assert "--cp-mode" in layout_problem(tiny, Layout(cp=2, cp_mode="zigzag"))
-    assert kv_repeats(4, 2) == 1 and kv_repeats(2, 4) == 2 and kv_repeats(1, 4) == 4
+    assert alltoall_kv_repeats(4, 2) == 1 and alltoall_kv_repeats(2, 4) == 2 and alltoall_kv_repeats(1, 4) == 4
 
 
 def attention_under_cp(ctx: ParallelContext, mode: str, q, k, v, grad):
@@ -196,7 +196,7 @@ def test_attention_of_a_block_equals_the_full_sequence(pool, mode, cp, kv_heads)
             assert backward == {("cp", "send", "cp_kv"): (cp - 1, (cp - 1) * 2 * local_kv),
                                 ("cp", "send", "cp_grad_kv"): (cp, cp * 2 * local_kv)}
         else:  # q, k, v there and the output back; the backward the same four; kv repeated to cp heads
-            kv_bytes = local_kv * kv_repeats(kv_heads, cp)
+            kv_bytes = local_kv * alltoall_kv_repeats(kv_heads, cp)
             wire = (2 * local_kv * heads // kv_heads + 2 * kv_bytes) * (cp - 1) // cp  # q, out; k, v
             assert forward == backward == {("cp", "all_to_all", "cp_a2a"): (4, wire)}
 

@@ -214,6 +214,12 @@ def _context_parallel_problem(model: ModelFacts, layout: Layout) -> str | None:
     return None
 
 
+def alltoall_kv_repeats(kv_heads: int, cp: int) -> int:
+    """How often all-to-all context parallelism repeats each of a rank's ``kv_heads`` before the
+    exchange, so that every cp rank receives whole heads (1 when cp divides them)."""
+    return 1 if kv_heads % cp == 0 else cp // kv_heads
+
+
 def check_layout(model: ModelFacts, layout: Layout) -> None:
     """``layout_problem`` as a LayoutError."""
     problem = layout_problem(model, layout)

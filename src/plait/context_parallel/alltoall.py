@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from plait.comm import Collectives, eager
 from plait.context_parallel.sequence import from_natural_order, to_natural_order
+from plait.layout import alltoall_kv_repeats
 
 
 def _sequence_to_heads(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
@@ -65,16 +66,11 @@ class _HeadsToSequence(torch.autograd.Function):
         return _sequence_to_heads(grad.contiguous(), ctx.comm), None
 
 
-def kv_repeats(kv_heads: int, cp: int) -> int:
-    """How often each kv head is repeated before the exchange (1 when cp divides them)."""
-    return 1 if kv_heads % cp == 0 else cp // kv_heads
-
-
 @eager
 def alltoall_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Collectives) -> torch.Tensor:
     """Causal attention of the whole (cp-sharded) sequence on 1/c of the heads:
     q [b, heads, S / c, d], k and v [b, kv heads, S / c, d] -> [b, heads, S / c, d]."""
-    repeats = kv_repeats(k.shape[1], comm.size)
+    repeats = alltoall_kv_repeats(k.shape[1], comm.size)
     if repeats > 1:
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
     q, k, v = (_SequenceToHeads.apply(t.contiguous(), comm) for t in (q, k, v))

@@ -27,7 +27,8 @@ on the rank, S / cp under context parallelism, b = micro-batch, e = bytes of the
   (8h bytes) and the matmuls behind it their input (e h, or under autocast with an fp32
   residual one bf16 cast per consumer: 3 for q, k, v and 2 for gate, up); attention keeps q,
   k and v after rotary (k and v with the kv heads, which SDPA's grouped-query kernels share) and
-  the output ((2 h + 2 kv) e / t) and the fp32 log-sum-exp (4 a / t); the MLP keeps gate, SiLU(gate), up and their product (4 f e / t).
+  the output ((2 h + 2 kv) e / t) and the fp32 log-sum-exp (4 a / t); the MLP keeps gate,
+  SiLU(gate), up and their product (4 f e / t).
   Norm terms are divided by t under SP.
 - full recomputation keeps only each block's input (s b h, /t under SP), plus one block's
   full activations while it is recomputed.
@@ -49,7 +50,7 @@ keeps bf16 copies of the weights its matmuls used (2P).
 """
 from __future__ import annotations
 
-from plait.layout import ContextParallelMode, Recompute
+from plait.layout import ContextParallelMode, Recompute, alltoall_kv_repeats
 from plait.planner.compute import DTYPE_BYTES, local_seq, residual_bytes
 from plait.planner.workload import Layout, ModelShape
 
@@ -95,7 +96,8 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout) -> float:
     # SDPA's q, k, v and output on the head shard (k, v as exchanged) and o_proj's input apart
     kv = shape.kv_hidden
     if layout.cp > 1 and layout.cp_mode == ContextParallelMode.ALLTOALL:
-        attention = (3 * h + 2 * kv * shape.alltoall_kv_repeats(t, layout.cp)) * e / t + 4 * heads_local
+        repeats = alltoall_kv_repeats(shape.kv_heads // t, layout.cp)
+        attention = (3 * h + 2 * kv * repeats) * e / t + 4 * heads_local
     else:
         attention = (2 * h + 2 * kv) * e / t + 4 * heads_local
     mlp = 4 * shape.ffn_hidden * e / t

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 from plait.errors import PlaitError
-from plait.layout import ContextParallelMode, Recompute
+from plait.layout import ContextParallelMode, Recompute, alltoall_kv_repeats
 from plait.pipeline.schedules import Schedule, build_schedule, in_flight_per_rank, simulate
 from plait.pipeline.split import balanced_split
 from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
@@ -161,7 +161,7 @@ class StepModel:
             forward.comm(sends_f)
             backward.comm(sends_b)
             return
-        repeats = shape.alltoall_kv_repeats(t, c)
+        repeats = alltoall_kv_repeats(shape.kv_heads // t, c)
         queries = self.collective("cp", "all_to_all", tokens * shape.hidden / t * self.e)
         keys = self.collective("cp", "all_to_all", tokens * kv_hidden * repeats * self.e)
         forward.comm(2 * queries + 2 * keys)

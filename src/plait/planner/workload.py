@@ -46,12 +46,6 @@ class ModelShape:
     def kv_hidden(self) -> int:
         return self.kv_heads * self.head_dim
 
-    def alltoall_kv_repeats(self, tp: int, cp: int) -> int:
-        """How often all-to-all context parallelism repeats each of a tp rank's kv heads before the
-        exchange, so that every cp rank gets whole heads (``context_parallel.alltoall.kv_repeats``)."""
-        local = self.kv_heads // tp
-        return 1 if local % cp == 0 else cp // local
-
     def layer_parameters(self) -> int:
         h = self.hidden
         attention = h * (h + 2 * self.kv_hidden) + h * h
