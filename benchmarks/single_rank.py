@@ -76,20 +76,55 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def contestants(config, device: torch.device, compiled: bool) -> dict:
-    """name -> (loss function, model): plait and transformers with the same weights, and with
-    ``compiled`` each again with every decoder layer compiled."""
-    plait_model = build_model(config, seed=0).to(device)
-    state = plait_model.state_dict()
-    runs = {"plait": (plait_loss, plait_model), "transformers": (transformers_loss, hf_model(config, state).to(device))}
-    if compiled:
-        plait_compiled = build_model(config, seed=0).to(device)
-        compile_blocks(plait_compiled.model.layers)
-        hf_compiled = hf_model(config, state).to(device)
-        compile_blocks(hf_compiled.model.layers)
-        runs.update({"plait compiled": (plait_loss, plait_compiled),
-                     "transformers compiled": (transformers_loss, hf_compiled)})
+CONTESTANTS = ("plait", "transformers", "plait compiled", "transformers compiled")
+
+
+def contestants(config, device: torch.device, names: tuple[str, ...]) -> dict:
+    """name -> (loss function, model) for each of ``names`` (of ``CONTESTANTS``): plait and
+    transformers with the same weights, "compiled" ones with every decoder layer compiled."""
+    runs, state = {}, None
+    for name in names:
+        if name.startswith("plait"):
+            model, loss_fn = build_model(config, seed=0), plait_loss
+            state = model.state_dict() if state is None else state  # taken on the CPU, before .to()
+        else:
+            state = build_model(config, seed=0).state_dict() if state is None else state
+            model, loss_fn = hf_model(config, state), transformers_loss
+        model = model.to(device)
+        if name.endswith("compiled"):
+            compile_blocks(model.model.layers)
+        runs[name] = (loss_fn, model)
     return runs
+
+
+def alternation_groups(names: tuple[str, ...], config, batch: int, seq_len: int,
+                       free_bytes: float | None) -> list[tuple[str, ...]]:
+    """The contestants that alternate together: all of them when their resident states (fp32
+    weights and AdamW moments, 12 bytes a parameter each) and one step's fp32 gradients, bf16
+    weight copies and activations fit in ``free_bytes`` (None: no limit, the CPU); else eager
+    and compiled apart, in two alternations (by this count ``llama-1b``'s four need 68 GB at
+    batch 4 x 2048: they fit an H200 and, barely, an H100; a bigger model would not).
+
+    Activations: the planner's count for plait (bf16 autocast) plus transformers' fp32 copies
+    of the logits (the logits in fp32, their log-softmax and its gradient), with a quarter more
+    for what neither counts (allocator rounding, cuBLAS workspaces)."""
+    if free_bytes is None:
+        return [names]
+    from plait.planner.memory import layer_activation_bytes
+    from plait.planner.workload import Layout, ModelShape
+
+    params = config.num_parameters()
+    shape = ModelShape.from_llama_config(config, seq_len)
+    activations = (config.num_hidden_layers * layer_activation_bytes(shape, Layout(micro_batch=batch, dtype="bfloat16"))
+                   + 3 * 4 * batch * seq_len * config.vocab_size)
+
+    def fits(group: tuple[str, ...]) -> bool:
+        return len(group) * 12 * params + (4 + 2) * params + 1.25 * activations <= free_bytes
+
+    if fits(names):
+        return [names]
+    groups = [tuple(n for n in names if not n.endswith("compiled")), tuple(n for n in names if n.endswith("compiled"))]
+    return [group for group in groups if group]
 
 
 def time_interleaved(runs: dict, inputs, targets, dtype, steps, device: torch.device = torch.device("cpu")
@@ -126,21 +161,33 @@ RATIOS = [("plait", "transformers"), ("plait compiled", "plait"), ("plait compil
 
 def compare(config, device: torch.device, dtype: torch.dtype, batch: int, seq_len: int, steps: int,
             compiled: bool, peak: float) -> list[dict]:
-    """One row per contestant (step time, tokens/s, MFU over ``peak``) and one per ratio."""
+    """One row per contestant (step time, tokens/s, MFU over ``peak``) and one per ratio. A ratio
+    of two contestants that could not alternate together (``alternation_groups``) says so."""
     tokens = batch * seq_len
     flops = config.flops_per_token(seq_len) * tokens
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=generator).to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    runs = contestants(config, device, compiled)
-    results = time_interleaved(runs, inputs, targets, dtype, steps, device)
-    del runs
+    names = CONTESTANTS if compiled else CONTESTANTS[:2]
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    groups = alternation_groups(names, config, batch, seq_len, free)
+    results: dict[str, tuple[float, float]] = {}
+    for group in groups:
+        runs = contestants(config, device, group)
+        results.update(time_interleaved(runs, inputs, targets, dtype, steps, device))
+        del runs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    group_of = {name: index for index, group in enumerate(groups) for name in group}
     rows = [{"implementation": name, "step_s": seconds, "tokens_per_s": tokens / seconds,
              "mfu": flops / seconds / peak, "loss": loss} for name, (seconds, loss) in results.items()]
     for numerator, denominator in RATIOS:
         if numerator in results and denominator in results:
-            rows.append({"implementation": f"ratio {numerator} / {denominator}",
-                         "ratio": results[numerator][0] / results[denominator][0]})
+            row = {"implementation": f"ratio {numerator} / {denominator}",
+                   "ratio": results[numerator][0] / results[denominator][0]}
+            if group_of[numerator] != group_of[denominator]:
+                row["alternated"] = False  # timed in separate alternations (memory): drift not evened out
+            rows.append(row)
     return rows
 
 

@@ -40,3 +40,30 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     assert sections["memory"]["measured_gb"] > 0 and sections["memory"]["predicted_gb"] > 0
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "| section | status | seconds | result |" in markdown and "| tiny | 2 x 64 | plait compiled |" in markdown
+
+
+def test_results_are_on_disk_after_every_section(tmp_path):
+    """The lent machine's time may run out mid-run: what the finished sections measured stays."""
+    import torch
+    from gpu_check import Check
+
+    check = Check(torch.device("cpu"), CPU_SHAPES, budget_s=60.0, out=tmp_path)
+    check.run("first", lambda _: {"value": 1}, 0)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["sections"]["first"]["value"] == 1
+    assert "| first | ok |" in (tmp_path / "results.md").read_text()
+    check.run("second", lambda _: 1 / 0, 0)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["sections"]["second"]["status"] == "failed" and "ZeroDivisionError" in written["sections"]["second"]["error"]
+
+
+def test_contestants_alternate_together_unless_memory_splits_eager_from_compiled():
+    from plait.models import get_preset
+    from single_rank import CONTESTANTS, alternation_groups
+
+    config = get_preset("llama-1b")
+    assert alternation_groups(CONTESTANTS, config, 4, 2048, None) == [CONTESTANTS]  # the CPU
+    assert alternation_groups(CONTESTANTS, config, 4, 2048, 140e9) == [CONTESTANTS]  # an H200
+    assert alternation_groups(CONTESTANTS, config, 4, 2048, 50e9) == [("plait", "transformers"),
+                                                                      ("plait compiled", "transformers compiled")]
+    assert alternation_groups(CONTESTANTS[:2], config, 4, 2048, 50e9) == [("plait", "transformers")]
