@@ -98,3 +98,33 @@ def test_gradients_flow_to_every_parameter():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     reference = relative_error(model(input_ids), model(input_ids))
     assert reference == 0.0  # deterministic forward
+
+
+def test_rms_norm_equals_torchs_own_on_the_cpu_and_on_the_test_device():
+    """RMSNorm's eager ops against torch's ``F.rms_norm`` (values, input and weight gradients,
+    fp32); under PLAIT_TEST_DEVICE=cuda (make gpu-check) also the module on the GPU, where it
+    runs torch's fused kernel, against the same module's eager ops on the CPU."""
+    from plait.models.llama import RMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 45, 64, generator=generator) * 3
+    weight = torch.rand(64, generator=generator) + 0.5
+    grad = torch.randn(3, 45, 64, generator=generator)
+
+    def run(device, torch_own: bool):
+        leaf = x.to(device).requires_grad_()
+        if torch_own:
+            w = weight.to(device).requires_grad_()
+            out = torch.nn.functional.rms_norm(leaf, (64,), w, 1e-5)
+        else:
+            norm = RMSNorm(64, eps=1e-5, device=device)
+            with torch.no_grad():
+                norm.weight.copy_(weight)
+            w, out = norm.weight, norm(leaf)
+        out.backward(grad.to(device))
+        return [t.detach().cpu() for t in (out, leaf.grad, w.grad)]
+
+    ours = run("cpu", torch_own=False)
+    for theirs in (run("cpu", torch_own=True), run(TEST_DEVICE, torch_own=False)):
+        for a, b in zip(ours, theirs):
+            assert relative_error(a, b) < 1e-6

@@ -23,7 +23,15 @@ from plait.models.rope import inverse_frequencies
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF does)."""
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF does).
+
+    On CUDA, with x and w in fp32 (the residual stream under autocast, and fp32 training), this
+    is torch's fused kernel (``F.rms_norm``, torch >= 2.9): the same arithmetic in one pass that
+    keeps x and 1/rms for backward, where the seven eager ops read and write [tokens, h] fp32
+    about seven times and keep x and the normalised value (``planner.memory`` counts both).
+    Elsewhere the eager ops: on the CPU ``F.rms_norm`` is these same ops, and in bf16 HF rounds
+    the normalised value before the weight's product, which the fused kernel would not.
+    """
 
     def __init__(self, dim: int, eps: float, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -32,6 +40,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
+        if x.is_cuda and input_dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(input_dtype)

@@ -20,7 +20,7 @@ forward's FLOPs (it recomputes the scores).
 Bytes moved by the elementwise work of a layer, per token (T_n: tokens a rank's norms see, s/t
 of them with sequence parallelism), are counted from the kernels each model runs:
 - llama (plait, eager PyTorch): RMSNorm in fp32 (x^2, mean, scale, cast, weight: ~7 passes of
-  h), rotary embedding on q and k (~9 passes), the attention output's transpose copy, two
+  h; on a GPU torch's fused kernel, 2 passes, see ``fused_norms``), rotary embedding on q and k (~9 passes), the attention output's transpose copy, two
   residual adds, SiLU and the gate product (5 passes of f/t), and, with bf16 autocast, the
   casts of matmul inputs and of the layer's fp32 weights to bf16 (each micro-batch).
 - gpt (Megatron-LM with fused kernels): LayerNorm (read + write h), fused bias-GELU (4h/t),
@@ -46,6 +46,7 @@ class DeviceRates:
     memory: float         # bytes/s streaming
     launch_s: float       # fixed cost per kernel / eager op
     peak: float           # FLOP/s, the MFU denominator
+    cuda: bool = False    # a GPU: plait's fp32 RMSNorm is one fused kernel there (fused_norms)
 
 
 def device_rates(hw: HardwareProfile, dtype: str, ranks_per_node: int) -> DeviceRates:
@@ -55,7 +56,7 @@ def device_rates(hw: HardwareProfile, dtype: str, ranks_per_node: int) -> Device
     mix = hw.kernel_mix_efficiency.get(dtype, 1.0)  # cpu: isolated kernels vs. a real block, measured
     return DeviceRates(matmul=hw.matmul_rate(dtype) * share * mix, attention=hw.attention_rate(dtype) * share * mix,
                        memory=hw.memory_bandwidth * hw.memory_efficiency * share * mix,
-                       launch_s=hw.kernel_latency_s / mix, peak=hw.peak(dtype) * share)
+                       launch_s=hw.kernel_latency_s / mix, peak=hw.peak(dtype) * share, cuda=hw.kind == "gpu")
 
 
 @dataclass
@@ -108,6 +109,21 @@ def residual_bytes(shape: ModelShape, layout: Layout) -> int:
     return 2 if layout.dtype != "float32" and layout.zero >= 1 else 4
 
 
+def fused_norms(cuda: bool, shape: ModelShape, layout: Layout) -> bool:
+    """Whether plait's RMSNorm runs as torch's fused kernel (``models.llama.RMSNorm``): on CUDA,
+    over an fp32 residual stream (bf16 parameters under ZeRO keep the eager ops, HF's rounding)."""
+    return cuda and shape.arch == "llama" and residual_bytes(shape, layout) == 4
+
+
+def norm_traffic(timer: "Timer", shape: ModelShape, layout: Layout, tokens: float, count: int) -> None:
+    """``count`` RMSNorms over ``tokens`` rows of h in fp32: the fused kernel reads x and writes
+    y; the eager ops (x^2, mean, rsqrt, scale, cast, weight) move about 7 passes in 5 kernels."""
+    if fused_norms(timer.rates.cuda, shape, layout):
+        timer.memory(count * 2 * tokens * shape.hidden * 4, kernels=count)
+    else:
+        timer.memory(count * 7 * tokens * shape.hidden * 4, kernels=5 * count)
+
+
 def local_seq(shape: ModelShape, layout: Layout) -> int:
     """Positions of each sequence one rank processes: the whole sequence, or its 1/cp share."""
     return shape.seq_len // layout.cp
@@ -135,7 +151,7 @@ def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
         timer.gemm(tokens, f / t, h, count=2)           # gate, up
         timer.memory(5 * tokens * f / t * e, kernels=2)  # silu(gate) * up
         timer.gemm(tokens, h, f / t)                    # down
-        timer.memory(2 * 7 * norm_tokens * h * 4, kernels=10)          # two RMSNorms in fp32
+        norm_traffic(timer, shape, layout, norm_tokens, count=2)
         timer.memory(2 * 3 * norm_tokens * h * e_res, kernels=2)       # two residual adds
         if layout.dtype != "float32":  # autocast: matmul inputs and fp32 weights cast to bf16
             timer.memory(2 * tokens * h * (4 + e), kernels=2)
@@ -171,7 +187,7 @@ def head_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
     t, tokens = layout.tp, layout.micro_batch * local_seq(shape, layout)
     h, v = shape.hidden, shape.vocab
     norm_tokens = tokens / t if layout.sequence_parallel else tokens
-    timer.memory(7 * norm_tokens * h * 4, kernels=5)
+    norm_traffic(timer, shape, layout, norm_tokens, count=1)  # gpt: charged as plait's eager norm
     timer.gemm(tokens, v / t, h)
     timer.memory(4 * tokens * v / t * 4, kernels=4)  # logits to fp32, max, exp-sum, target pick
 

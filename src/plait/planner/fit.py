@@ -43,13 +43,17 @@ def batch_bytes(cfg, dp: int) -> float:
 def rank_bytes(cfg, dims, model_config) -> dict[str, float]:
     """The planner's peak of the rank that needs most (``training`` or ``construction``, no
     framework overhead) and its parts, plus ``batch``, for a run that ``check_run`` accepted."""
+    import dataclasses
+
     from plait.layout import layout_of
     from plait.planner.hardware import PROFILES
     from plait.planner.simulator import predict
     from plait.planner.workload import ModelShape
 
-    # memory does not depend on the profile's speeds; its framework overhead is taken off again
-    profile = PROFILES["h100-80gb"]
+    # memory does not depend on the profile's speeds, only on the kind of device (a CPU's norms
+    # keep more than CUDA's fused kernel): a GPU profile made a one-core CPU; its framework
+    # overhead is taken off again
+    profile = dataclasses.replace(PROFILES["h100-80gb"], cores=1)
     prediction = predict(ModelShape.from_llama_config(model_config, cfg.seq_len), layout_of(cfg, dims), profile,
                          exact_pipeline=False)
     parts = {key: value for key, value in prediction.memory_breakdown.items() if key not in ("total", "framework")}

@@ -24,7 +24,7 @@ on the rank, S / cp under context parallelism, b = micro-batch, e = bytes of the
   t; TP without SP s b h (10 + 24/t + 5 a s / (h t)).
 - llama (plait, counted from the tensors its kernels save, checked by a test with
   ``saved_tensors_hooks``): per token, each RMSNorm keeps its fp32 input and normalised value
-  (8h bytes) and the matmuls behind it their input (e h, or under autocast with an fp32
+  (8h bytes; on a GPU, where an fp32 norm is torch's fused kernel, its input and 1/rms: 4h + 4) and the matmuls behind it their input (e h, or under autocast with an fp32
   residual one bf16 cast per consumer: 3 for q, k, v and 2 for gate, up); attention keeps q,
   k and v after rotary (k and v with the kv heads, which SDPA's grouped-query kernels share) and
   the output ((2 h + 2 kv) e / t) and the fp32 log-sum-exp (4 a / t); the MLP keeps gate,
@@ -51,7 +51,7 @@ keeps bf16 copies of the weights its matmuls used (2P).
 from __future__ import annotations
 
 from plait.layout import ContextParallelMode, Recompute, alltoall_kv_repeats
-from plait.planner.compute import DTYPE_BYTES, local_seq, residual_bytes
+from plait.planner.compute import DTYPE_BYTES, fused_norms, local_seq, residual_bytes
 from plait.planner.workload import Layout, ModelShape
 
 
@@ -75,8 +75,9 @@ def model_state_bytes(params: float, layout: Layout) -> dict[str, float]:
     return {"params": 0.0, "grads": sharded["grad_shard"], "optimizer": sharded["optimizer"]}
 
 
-def layer_activation_bytes(shape: ModelShape, layout: Layout) -> float:
-    """Bytes one layer keeps for backward for one micro-batch on one rank (no recomputation)."""
+def layer_activation_bytes(shape: ModelShape, layout: Layout, cuda: bool = False) -> float:
+    """Bytes one layer keeps for backward for one micro-batch on one rank (no recomputation);
+    ``cuda``: on a GPU, where an fp32 RMSNorm is torch's fused kernel (``compute.fused_norms``)."""
     t, b, s, h = layout.tp, layout.micro_batch, local_seq(shape, layout), shape.hidden
     sp = t if layout.sequence_parallel else 1
     e = DTYPE_BYTES[layout.dtype]
@@ -86,11 +87,13 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout) -> float:
         return s * b * h * per * e / 2
     heads_local = shape.heads / t
     residual = residual_bytes(shape, layout)
-    # each RMSNorm keeps its fp32 input and normalised value; the matmuls behind it keep their
-    # input: once when it already has the matmul dtype, else autocast casts it per consumer
-    # (q, k, v behind the first norm; gate, up behind the second)
+    # each RMSNorm keeps its fp32 input and normalised value (the fused kernel: its input and
+    # 1/rms, 4 bytes a token); the matmuls behind it keep their input: once when it already has
+    # the matmul dtype, else autocast casts it per consumer (q, k, v behind the first norm; gate,
+    # up behind the second)
     inputs = 2 * e if residual == e else 5 * e
-    norms = (2 * 8 + inputs) * h / sp
+    kept_by_norm = 4 * h + 4 if fused_norms(cuda, shape, layout) else 8 * h
+    norms = (2 * kept_by_norm + inputs * h) / sp
     # q, k and v after rotary (k, v with the kv heads: SDPA's grouped-query attention and the ring
     # read them shared), the output (also o_proj's input), fp32 log-sum-exp; all-to-all keeps
     # SDPA's q, k, v and output on the head shard (k, v as exchanged) and o_proj's input apart
@@ -116,13 +119,13 @@ def selective_bytes(shape: ModelShape, layout: Layout) -> float:
     return local_seq(shape, layout) * layout.micro_batch * outputs + checkpoint_bytes(shape, layout)
 
 
-def kept_per_layer(shape: ModelShape, layout: Layout) -> float:
+def kept_per_layer(shape: ModelShape, layout: Layout, cuda: bool = False) -> float:
     """Activation bytes one layer keeps for backward, per micro-batch, under ``layout.recompute``."""
     if layout.recompute == Recompute.FULL:
         return checkpoint_bytes(shape, layout)
     if layout.recompute == Recompute.SELECTIVE:
         return selective_bytes(shape, layout)
-    return layer_activation_bytes(shape, layout)
+    return layer_activation_bytes(shape, layout, cuda)
 
 
 def construction_bytes(params: float, largest: float, layout: Layout) -> float:
@@ -169,17 +172,17 @@ def stage_parameters(shape: ModelShape, layout: Layout, layers: int, first: bool
 
 
 def rank_memory(shape: ModelShape, layout: Layout, layers: int, first: bool, last: bool, in_flight: int,
-                framework_bytes: float) -> dict[str, float]:
+                framework_bytes: float, cuda: bool = False) -> dict[str, float]:
     """Peak bytes of one rank holding ``layers`` blocks (the embedding if ``first``, the head if
-    ``last``), with ``in_flight`` micro-batches' activations kept at the peak."""
+    ``last``), with ``in_flight`` micro-batches' activations kept at the peak; ``cuda``: on a GPU."""
     t = layout.tp
     params = stage_parameters(shape, layout, layers, first, last)
     states = model_state_bytes(params, layout)
     recompute = layout.recompute != Recompute.NONE
-    activations = in_flight * layers * kept_per_layer(shape, layout)
+    activations = in_flight * layers * kept_per_layer(shape, layout, cuda)
     transient = []
     if recompute:  # one block's activations exist while it is recomputed
-        transient.append(layer_activation_bytes(shape, layout))
+        transient.append(layer_activation_bytes(shape, layout, cuda))
     if last:
         transient.append(head_bytes(shape, layout))
     # ZeRO's per-unit buffers: a unit is a block, or the root (embedding, final norm, head)

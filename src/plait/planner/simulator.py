@@ -346,7 +346,8 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
         construction = max(construction, construction_bytes(params, largest, layout) + hw.framework_memory_bytes)
         # interleaved ranks hold chunks of different micro-batches; charge the largest chunk
         per_chunk_layers = max(counts[c] for c in chunks)
-        usage = rank_memory(shape, layout, per_chunk_layers, first, last, in_flight[rank], hw.framework_memory_bytes)
+        usage = rank_memory(shape, layout, per_chunk_layers, first, last, in_flight[rank], hw.framework_memory_bytes,
+                            cuda=hw.kind == "gpu")
         if v > 1:  # model states of all v chunks, activations of the in-flight chunks
             states = rank_memory(shape, layout, layers, first, last, 0, 0.0)
             for key in ("params", "grads", "optimizer"):
