@@ -15,7 +15,8 @@ about 8 minutes on one H200 and records what it measured:
    plait and ``transformers.LlamaForCausalLM`` (SDPA), eager and each decoder layer compiled,
    same batch, alternating steps (``benchmarks/single_rank.py``); MFU against the datasheet
    dense bf16 peak (the GPU's planner profile: ``h200``, ``h100-80gb``, ...) and against the
-   measured matmul rate;
+   measured matmul rate; plait's eager step against the planner's prediction for that profile
+   (the first check of its compute model of plait's kernels on a GPU);
 4. ``memory``: plait's trainer's peak memory (``torch.cuda.max_memory_allocated``) of the
    biggest model against the planner's prediction for that profile;
 5. ``device_policy``: more local ranks than GPUs is refused in one line before any worker starts;
@@ -225,16 +226,30 @@ def cpu_match(check: Check) -> dict:
             "status": "ok" if loss_error <= LOSS_TOLERANCE else "failed"}
 
 
+def planner_step_s(config, batch: int, seq_len: int, hardware) -> float:
+    """The planner's bf16 step time of one rank training ``config`` on ``batch`` x ``seq_len``
+    (plait's eager kernels, fused AdamW included): what the measured plait row is held against."""
+    from plait.planner.simulator import predict
+    from plait.planner.workload import Layout, ModelShape
+
+    layout = Layout(micro_batch=batch, global_batch=batch, dtype="bfloat16")
+    return predict(ModelShape.from_llama_config(config, seq_len), layout, hardware).step_time_s
+
+
 def throughput(check: Check) -> dict:
     from plait.models import get_preset
-    from plait.planner.hardware import load_profile
+    from plait.planner.hardware import HardwareError, load_profile
     from plait.train.metrics import measure_matmul_peak
     from single_rank import compare
 
     dtype = torch.bfloat16
     measured = measure_matmul_peak(dtype, check.device, seconds=1.0, size=8192 if check.device.type == "cuda" else 512)
-    profile = planner_profile(check.device)
-    datasheet = load_profile(profile).peak("bfloat16") if check.device.type == "cuda" else None
+    profile = planner_profile(check.device) if check.device.type == "cuda" else "cpu"
+    try:  # the CPU's profile exists once `plait calibrate` ran
+        hardware = load_profile(profile)
+    except HardwareError:
+        hardware = None
+    datasheet = hardware.peak("bfloat16") if check.device.type == "cuda" else None
     rows = []
     for preset, batch, seq_len in check.shapes.models:
         config = get_preset(preset)
@@ -243,10 +258,12 @@ def throughput(check: Check) -> dict:
             row.update(model=preset, batch=batch, seq_len=seq_len)
             if datasheet and "mfu" in row:
                 row["mfu_datasheet"] = row["mfu"] * measured / datasheet
+            if row["implementation"] == "plait" and hardware is not None:
+                row["planner_step_s"] = planner_step_s(config, batch, seq_len, hardware)
             rows.append(row)
         if check.device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"dtype": "bfloat16", "profile": profile, "matmul_peak_tflops": measured / 1e12,
+    return {"dtype": "bfloat16", "profile": profile if hardware else None, "matmul_peak_tflops": measured / 1e12,
             "datasheet_peak_tflops": datasheet / 1e12 if datasheet else None, "rows": rows}
 
 
@@ -529,18 +546,20 @@ def markdown(check: Check) -> str:
                   + (f", datasheet {peak['datasheet_peak_tflops']:.0f} TFLOP/s ({peak['profile']})"
                      if peak.get("datasheet_peak_tflops")
                      else ""), "",
-                  "| model | batch x seq | implementation | step (s) | tokens/s | MFU (measured peak) | MFU (datasheet) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | batch x seq | implementation | step (s) | tokens/s | MFU (measured peak) | MFU (datasheet) "
+                  "| planner's step (s) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in rows:
             shape = f"{row['batch']} x {row['seq_len']}"
             if "ratio" in row:
                 apart = "" if row.get("alternated", True) else " (timed in separate alternations)"
                 lines.append(f"| {row['model']} | {shape} | **{row['implementation']}**{apart} | **{row['ratio']:.3f}** "
-                             "| | | |")
+                             "| | | | |")
             else:
                 datasheet = f"{100 * row['mfu_datasheet']:.1f}%" if "mfu_datasheet" in row else ""
+                planner = f"{row['planner_step_s']:.3f} ({peak['profile']})" if "planner_step_s" in row else ""
                 lines.append(f"| {row['model']} | {shape} | {row['implementation']} | {row['step_s']:.3f} | "
-                             f"{row['tokens_per_s']:.0f} | {100 * row['mfu']:.1f}% | {datasheet} |")
+                             f"{row['tokens_per_s']:.0f} | {100 * row['mfu']:.1f}% | {datasheet} | {planner} |")
     return "\n".join(lines) + "\n"
 
 

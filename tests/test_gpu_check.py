@@ -67,3 +67,16 @@ def test_contestants_alternate_together_unless_memory_splits_eager_from_compiled
     assert alternation_groups(CONTESTANTS, config, 4, 2048, 50e9) == [("plait", "transformers"),
                                                                       ("plait compiled", "transformers compiled")]
     assert alternation_groups(CONTESTANTS[:2], config, 4, 2048, 50e9) == [("plait", "transformers")]
+
+
+def test_the_planners_step_for_the_gpu_rows_is_a_physical_one():
+    """The figure plait's measured GPU step is held against: no faster than the datasheet peak
+    allows for the model's FLOPs, and not absurdly slow (the planner predicts ~45% MFU eager)."""
+    from gpu_check import planner_step_s
+    from plait.models import get_preset
+    from plait.planner.hardware import load_profile
+
+    config, hardware = get_preset("llama-1b"), load_profile("h200")
+    step = planner_step_s(config, 4, 2048, hardware)
+    mfu = config.flops_per_token(2048) * 4 * 2048 / step / hardware.peak("bfloat16")
+    assert 0.2 < mfu < 1.0, mfu
