@@ -285,3 +285,25 @@ def test_megatron_flops_without_recomputation_equal_the_model_flops():
     logits = 6 * 8 * 2048 * 2304 * 51200
     layers_forward = (shape.megatron_flops(8, recompute=False) - logits) / 3
     assert shape.megatron_flops(8, recompute=True) == pytest.approx(4 * layers_forward + logits, rel=1e-12)
+
+
+@pytest.mark.timeout(180)
+def test_calibrate_measures_this_machine_and_prices_every_collective(tmp_path, monkeypatch, capsys):
+    """`plait calibrate` end to end (short measurements, small messages), then a layout whose
+    collectives include one it does not time (all-to-all, priced as a reduce-scatter)."""
+    import json
+
+    import plait.planner.calibrate
+    from plait.cli import main
+
+    monkeypatch.setattr(plait.planner.calibrate, "SIZES", [1 << 14, 1 << 16, 1 << 18])
+    profile = tmp_path / "cpu.json"
+    assert main(["calibrate", "--seconds", "0.05", "--output", str(profile)]) == 0
+    written = json.loads(profile.read_text())
+    assert set(written["collectives"]) == {"all_reduce", "all_gather", "reduce_scatter", "send"}
+    assert all(rate > 0 for rate in written["measured_flops"].values())
+    capsys.readouterr()
+    assert main(["simulate", "--model", "small", "--gpu", str(profile), "--dp", "2", "--cp", "2", "--cp-mode",
+                 "alltoall", "--zero", "2", "--seq-len", "256", "--global-batch", "8", "--json"]) == 0
+    prediction = json.loads(capsys.readouterr().out)
+    assert prediction["step_time_s"] > 0 and prediction["memory_gb_per_gpu"] > 0

@@ -26,6 +26,9 @@ from plait.files import atomic_write_text
 from plait.planner.hardware import HardwareProfile, LinkFit, default_profile_path, usable_cores
 from plait.planner.network import FACTORS
 
+# the collectives timed; the network model prices any other (all-to-all) as one of these with
+# the same traffic (network.CALIBRATED_AS)
+MEASURED = ("all_reduce", "all_gather", "reduce_scatter", "send")
 SIZES = [1 << 14, 1 << 16, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 24, 1 << 26]  # bytes per collective
 
 
@@ -99,7 +102,7 @@ def _time_collectives(ctx, sizes: list[int], repeats: int) -> dict[str, list[tup
     nothing = lambda: None  # noqa: E731
     loop(nothing)
     baseline = min(loop(nothing) for _ in range(repeats))
-    results: dict[str, list[tuple[int, float]]] = {op: [] for op in FACTORS}
+    results: dict[str, list[tuple[int, float]]] = {op: [] for op in MEASURED}
     for nbytes in sizes:
         elements = nbytes // 4
         full = torch.ones(elements)
@@ -111,7 +114,8 @@ def _time_collectives(ctx, sizes: list[int], repeats: int) -> dict[str, list[tup
             "reduce_scatter": lambda: comm.reduce_scatter(out_shard, full),
             "send": lambda: comm.send(full, 1, tag=7) if comm.rank == 0 else comm.recv(out_full, 0, tag=7),
         }
-        for op, run in operations.items():
+        for op in MEASURED:
+            run = operations[op]
             loop(run)  # warm-up
             seconds = min(loop(run) for _ in range(repeats)) - baseline
             results[op].append((nbytes, max(seconds, 1e-6)))
@@ -217,7 +221,7 @@ def measure(ranks: int, seconds: float, repeats: int = 5) -> tuple[dict, dict[st
                      if isinstance(computes[0][key], dict) else statistics.fmean(c[key] for c in computes))
                for key in computes[0]}
     fits = {}
-    for op in FACTORS:  # the slowest rank's cost at each size
+    for op in MEASURED:  # the slowest rank's cost at each size
         points = [(size, max(r["collectives"][op][i][1] for r in results)) for i, size in enumerate(SIZES)]
         fits[op] = fit(points, FACTORS[op](ranks))
     return compute, fits
