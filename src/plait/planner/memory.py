@@ -6,7 +6,8 @@ and gradients fp32 without ZeRO, in the parameter dtype -- bf16 under ``--dtype 
 with it):
 
     zero 0   4P params + 4P grads + 8P moments          = 16P
-    zero 1   pP params + pP grads + (12 + g)P/N         (p = 2 for bf16, 4 for fp32)
+    zero 1   pP params + pP grads + (12 + g)P/N         (p = 2 for bf16, 4 for fp32; the
+             shard gP/N exists after the last backward only: at the peak it meets no activations)
     zero 2   pP params + (12 + g)P/N  (a unit's gradients live only until reduce-scattered)
     zero 3   (12 + g)P/N              (+ gathered units, see ``rank_memory``)
 
@@ -197,11 +198,16 @@ def rank_memory(shape: ModelShape, layout: Layout, layers: int, first: bool, las
         transient.append(root_unit + 2 * block_unit + 3 * largest)
     elif layout.zero == 2:
         transient.append(3 * largest)  # gradients, flat copy, receive buffer of one unit
-    elif layout.zero == 1:
-        transient.append(largest)  # the reduce-scatter's receive buffer of one unit
     if shape.arch == "llama" and layout.dtype != "float32" and layout.zero == 0 and not recompute:
         activations += in_flight * 2 * params  # autocast's bf16 weight copies, kept for backward
     result = dict(states)
-    result.update(activations=activations, transient=max(transient, default=0.0), framework=framework_bytes)
+    if layout.zero == 1:
+        # ZeRO-1 reduces once, after the step's last backward: its gradient shard and each unit's
+        # receive buffer never meet the activations. The peak is the larger of the backward's
+        # (activations) and the step's (shard + one buffer), over the states both share.
+        shard = states["grads"] - parameter_bytes(layout) * params
+        result["grads"] -= shard
+        transient.append(shard + largest - activations)
+    result.update(activations=activations, transient=max([0.0, *transient]), framework=framework_bytes)
     result["total"] = sum(result.values())
     return result
