@@ -23,7 +23,8 @@ train: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# big models (medium, 528M parameters, on 8 ranks) and long multi-process runs: not part of `make test`
+# big models (medium, 528M parameters, on 8 ranks), long multi-process runs and every benchmark at its
+# smallest: not part of `make test`
 test-large: $(STAMP)
 	$(BIN)/python -m pytest -m large $(PYTEST_ARGS)
 
