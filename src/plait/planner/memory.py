@@ -25,7 +25,8 @@ on the rank, S / cp under context parallelism, b = micro-batch, e = bytes of the
   t; TP without SP s b h (10 + 24/t + 5 a s / (h t)).
 - llama (plait, counted from the tensors its kernels save, checked by a test with
   ``saved_tensors_hooks``): per token, each RMSNorm keeps its fp32 input and normalised value
-  (8h bytes; on a GPU, where an fp32 norm is torch's fused kernel, its input and 1/rms: 4h + 4) and the matmuls behind it their input (e h, or under autocast with an fp32
+  (8h bytes; 6h over a bf16 residual stream, whose normalised value is bf16; on a GPU, where an
+  fp32 norm is torch's fused kernel, its input and 1/rms: 4h + 4) and the matmuls behind it their input (e h, or under autocast with an fp32
   residual one bf16 cast per consumer: 3 for q, k, v and 2 for gate, up); attention keeps q,
   k and v after rotary (k and v with the kv heads, which SDPA's grouped-query kernels share) and
   the output ((2 h + 2 kv) e / t) and the fp32 log-sum-exp (4 a / t); the MLP keeps gate,
@@ -88,12 +89,16 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, cuda: bool = False
         return s * b * h * per * e / 2
     heads_local = shape.heads / t
     residual = residual_bytes(shape, layout)
-    # each RMSNorm keeps its fp32 input and normalised value (the fused kernel: its input and
-    # 1/rms, 4 bytes a token); the matmuls behind it keep their input: once when it already has
-    # the matmul dtype, else autocast casts it per consumer (q, k, v behind the first norm; gate,
-    # up behind the second)
+    # each RMSNorm keeps its fp32 input and normalised value (a bf16 residual: its fp32 upcast
+    # and the normalised value cast back; the fused kernel: its input and 1/rms, 4 bytes a
+    # token); the matmuls behind it keep their input: once when it already has the matmul
+    # dtype, else autocast casts it per consumer (q, k, v behind the first norm; gate, up
+    # behind the second)
     inputs = 2 * e if residual == e else 5 * e
-    kept_by_norm = 4 * h + 4 if fused_norms(cuda, shape, layout) else 8 * h
+    if fused_norms(cuda, shape, layout):
+        kept_by_norm = 4 * h + 4
+    else:
+        kept_by_norm = 4 * h + residual * h
     norms = (2 * kept_by_norm + inputs * h) / sp
     # q, k and v after rotary (k, v with the kv heads: SDPA's grouped-query attention and the ring
     # read them shared), the output (also o_proj's input), fp32 log-sum-exp; all-to-all keeps
