@@ -26,9 +26,10 @@ class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back (as HF does).
 
     On CUDA, with x and w in fp32 (the residual stream under autocast, and fp32 training), this
-    is torch's fused kernel (``F.rms_norm``, torch >= 2.9): the same arithmetic in one pass that
-    keeps x and 1/rms for backward, where the seven eager ops read and write [tokens, h] fp32
-    about seven times and keep x and the normalised value (``planner.memory`` counts both).
+    is torch's fused kernel (``F.rms_norm`` dispatches to ``_fused_rms_norm``; in the GPU
+    machine's torch 2.11 build, with fake CUDA tensors, it keeps x, w and 1/rms): the same
+    arithmetic in one pass, where the seven eager ops read and write [tokens, h] fp32 about
+    seven times and keep x and the normalised value (``planner.memory`` counts both).
     Elsewhere the eager ops: on the CPU ``F.rms_norm`` is these same ops, and in bf16 HF rounds
     the normalised value before the weight's product, which the fused kernel would not.
     """
