@@ -53,8 +53,8 @@ def test_results_are_on_disk_after_every_section(tmp_path):
     assert written["sections"]["first"]["value"] == 1
     assert "| first | ok |" in (tmp_path / "results.md").read_text()
     check.run("second", lambda _: 1 / 0, 0)
-    written = json.loads((tmp_path / "results.json").read_text())
-    assert written["sections"]["second"]["status"] == "failed" and "ZeroDivisionError" in written["sections"]["second"]["error"]
+    second = json.loads((tmp_path / "results.json").read_text())["sections"]["second"]
+    assert second["status"] == "failed" and "ZeroDivisionError" in second["error"]
 
 
 def test_contestants_alternate_together_unless_memory_splits_eager_from_compiled():

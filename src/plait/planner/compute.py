@@ -20,10 +20,11 @@ forward's FLOPs (it recomputes the scores).
 Bytes moved by the elementwise work of a layer, per token (T_n: tokens a rank's norms see, s/t
 of them with sequence parallelism), are counted from the kernels each model runs:
 - llama (plait, eager PyTorch): RMSNorm in fp32 (x^2, mean, scale, cast, weight: ~7 passes of
-  h; on a GPU torch's fused kernel, 2 passes, see ``fused_norms``), rotary embedding on q and k (~9 passes), the attention output's transpose copy, two
-  residual adds, SiLU and the gate product (5 passes of f/t), and, with bf16 autocast over fp32
-  parameters, the casts of matmul inputs (one per consumer of the fp32 normalised input: q, k,
-  v, gate, up) and of the layer's fp32 weights to bf16 (each micro-batch).
+  h; on a GPU torch's fused kernel, 2 passes, see ``fused_norms``), rotary embedding on q and k
+  (~9 passes), the attention output's transpose copy, two residual adds, SiLU and the gate
+  product (5 passes of f/t), and, with bf16 autocast over fp32 parameters, the casts of matmul
+  inputs (one per consumer of the fp32 normalised input: q, k, v, gate, up) and of the layer's
+  fp32 weights to bf16 (each micro-batch).
 - gpt (Megatron-LM with fused kernels): LayerNorm (read + write h), fused bias-GELU (4h/t),
   two fused bias-dropout-adds (3h + a 1-byte mask), fused scale-mask-softmax and dropout on
   the b a s^2 scores (the 5as/h of Korthikanti et al.).

@@ -26,8 +26,9 @@ on the rank, S / cp under context parallelism, b = micro-batch, e = bytes of the
 - llama (plait, counted from the tensors its kernels save, checked by a test with
   ``saved_tensors_hooks``): per token, each RMSNorm keeps its fp32 input and normalised value
   (8h bytes; 6h over a bf16 residual stream, whose normalised value is bf16; on a GPU, where an
-  fp32 norm is torch's fused kernel, its input and 1/rms: 4h + 4) and the matmuls behind it their input (e h, or under autocast with an fp32
-  residual one bf16 cast per consumer: 3 for q, k, v and 2 for gate, up); attention keeps q,
+  fp32 norm is torch's fused kernel, its input and 1/rms: 4h + 4) and the matmuls behind it
+  their input (e h, or under autocast with an fp32 residual one bf16 cast per consumer: 3 for
+  q, k, v and 2 for gate, up); attention keeps q,
   k and v after rotary (k and v with the kv heads, which SDPA's grouped-query kernels share) and
   the output ((2 h + 2 kv) e / t) and the fp32 log-sum-exp (4 a / t); the MLP keeps gate,
   SiLU(gate), up and their product (4 f e / t).
