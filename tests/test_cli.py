@@ -117,7 +117,7 @@ def test_a_vocabulary_tp_does_not_divide_passes_the_checks_before_launch(tmp_pat
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "llama2-7b"], "this run needs about 136.4 GB per rank (model states 107.8 GB"),
+    (["--model", "llama2-7b"], "this run needs about 134.8 GB per rank (model states 107.8 GB"),
     (["--model", "tiny", "--global-batch", "100000000"],
      "--global-batch 100000000 x --seq-len 128 needs 311.2 GB of token ids per rank x 1 local rank"),
     (["--model", "small", "--nproc", "4", "--global-batch", "4096", "--micro-batch", "1024"], "x 4 local ranks"),

@@ -130,3 +130,52 @@ def test_rms_norm_equals_torchs_own_on_the_cpu_and_on_the_test_device():
     for theirs in (run("cpu", torch_own=True), run(TEST_DEVICE, torch_own=False)):
         for a, b in zip(ours, theirs):
             assert relative_error(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("uses", [2, 3])
+def test_one_shared_autocast_cast_equals_a_cast_per_matmul(uses):
+    """Under bf16 autocast over an fp32 input, q/k/v (and gate/up) share one cast of it
+    (``models.mixed_precision``): the outputs and weight gradients are the same bits as autocast's
+    cast per matmul, the input's gradient the same fp32 sum of the consumers' bf16 gradients up to
+    its order; and the layer keeps one bf16 copy of the input instead of ``uses``."""
+    from plait.models.mixed_precision import shared_input
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 45, 64, generator=generator).to(TEST_DEVICE)
+    weights = [(torch.randn(48, 64, generator=generator) / 8).to(TEST_DEVICE) for _ in range(uses)]
+    grads = [torch.randn(2, 45, 48, generator=generator).to(TEST_DEVICE) for _ in range(uses)]
+
+    def run(shared: bool):
+        leaf = x.clone().requires_grad_()
+        ws = [w.clone().requires_grad_() for w in weights]
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            with torch.autocast(TEST_DEVICE.type, dtype=torch.bfloat16):
+                normalised = leaf * 1.5  # not a leaf: autocast caches casts of leaves only
+                inputs = shared_input(normalised, uses) if shared else (normalised,) * uses
+                outs = [torch.nn.functional.linear(a, w) for a, w in zip(inputs, ws)]
+        torch.autograd.backward(outs, [g.bfloat16() for g in grads])
+        copies = {t.untyped_storage().data_ptr() for t in kept if t.dtype == torch.bfloat16 and t.numel() == x.numel()}
+        return outs, leaf.grad, [w.grad for w in ws], len(copies)
+
+    outs, grad_x, grad_w, copies = run(shared=True)
+    ref_outs, ref_grad_x, ref_grad_w, ref_copies = run(shared=False)
+    assert all(a.dtype == torch.bfloat16 and torch.equal(a, b) for a, b in zip(outs, ref_outs))
+    assert all(torch.equal(a, b) for a, b in zip(grad_w, ref_grad_w))
+    assert grad_x.dtype == torch.float32 and relative_error(grad_x, ref_grad_x) < 1e-6
+    assert (copies, ref_copies) == (1, uses)
+
+
+def test_shared_input_without_autocast_or_gradients():
+    """Without autocast, or when x already has the autocast dtype, every matmul gets x itself;
+    without gradients (decoding) one plain cast serves them all."""
+    from plait.models.mixed_precision import shared_input
+
+    x = torch.randn(4, 8, requires_grad=True) * 2
+    assert all(a is x for a in shared_input(x, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = x.bfloat16()
+        assert all(a is half for a in shared_input(half, 2))
+        with torch.no_grad():
+            cast = shared_input(x, 2)
+    assert cast[0] is cast[1] and cast[0].dtype == torch.bfloat16 and torch.equal(cast[0], x.detach().bfloat16())

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.models.config import LlamaConfig, RopeScaling
+from plait.models.mixed_precision import shared_input
 from plait.models.rope import inverse_frequencies
 
 
@@ -128,10 +129,11 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
+        x_q, x_k, x_v = shared_input(x, 3)  # autocast: one bf16 cast of x, not three
         # -1 heads: under tensor parallelism the projections hold a slice of the heads.
-        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x_q).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_k).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_v).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         out = self.attend(q, k, v) if cache is None else self._attend_cached(q, k, v, cache)
@@ -169,7 +171,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=False, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        x_gate, x_up = shared_input(x, 2)  # autocast: one bf16 cast of x, not two
+        return self.down_proj(F.silu(self.gate_proj(x_gate)) * self.up_proj(x_up))
 
 
 class LlamaDecoderLayer(nn.Module):

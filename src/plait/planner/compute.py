@@ -23,8 +23,8 @@ of them with sequence parallelism), are counted from the kernels each model runs
   h; on a GPU torch's fused kernel, 2 passes, see ``fused_norms``), rotary embedding on q and k
   (~9 passes), the attention output's transpose copy, two residual adds, SiLU and the gate
   product (5 passes of f/t), and, with bf16 autocast over fp32 parameters, the casts of matmul
-  inputs (one per consumer of the fp32 normalised input: q, k, v, gate, up) and of the layer's
-  fp32 weights to bf16 (each micro-batch).
+  inputs (one per fp32 normalised input, shared by q, k, v and by gate, up:
+  ``models.mixed_precision``) and of the layer's fp32 weights to bf16 (each micro-batch).
 - gpt (Megatron-LM with fused kernels): LayerNorm (read + write h), fused bias-GELU (4h/t),
   two fused bias-dropout-adds (3h + a 1-byte mask), fused scale-mask-softmax and dropout on
   the b a s^2 scores (the 5as/h of Korthikanti et al.).
@@ -156,10 +156,10 @@ def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
         norm_traffic(timer, shape, layout, norm_tokens, count=2)
         timer.memory(2 * 3 * norm_tokens * h * e_res, kernels=2)       # two residual adds
         if layout.dtype != "float32" and e_res == 4:
-            # autocast over fp32 parameters: q, k, v, gate and up each cast their fp32 input to
-            # bf16 (five casts, one per consumer), and the layer's weights are cast once (bf16
-            # parameters under ZeRO, and their bf16 residual stream, need neither)
-            timer.memory(5 * tokens * h * (4 + e), kernels=5)
+            # autocast over fp32 parameters: each norm's fp32 output is cast to bf16 once for the
+            # matmuls that share it (q, k, v; gate, up), and the layer's weights are cast once
+            # (bf16 parameters under ZeRO, and their bf16 residual stream, need neither)
+            timer.memory(2 * tokens * h * (4 + e), kernels=2)
             timer.memory(shape.layer_parameters() / t * (4 + e), kernels=7)
     else:
         d = shape.head_dim

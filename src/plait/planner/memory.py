@@ -27,8 +27,8 @@ on the rank, S / cp under context parallelism, b = micro-batch, e = bytes of the
   ``saved_tensors_hooks``): per token, each RMSNorm keeps its fp32 input and normalised value
   (8h bytes; 6h over a bf16 residual stream, whose normalised value is bf16; on a GPU, where an
   fp32 norm is torch's fused kernel, its input and 1/rms: 4h + 4) and the matmuls behind it
-  their input (e h, or under autocast with an fp32 residual one bf16 cast per consumer: 3 for
-  q, k, v and 2 for gate, up); attention keeps q,
+  their input (e h: under autocast with an fp32 residual the one bf16 cast that q, k and v,
+  and gate and up, share, ``models.mixed_precision``); attention keeps q,
   k and v after rotary (k and v with the kv heads, which SDPA's grouped-query kernels share) and
   the output ((2 h + 2 kv) e / t) and the fp32 log-sum-exp (4 a / t); the MLP keeps gate,
   SiLU(gate), up and their product (4 f e / t).
@@ -92,10 +92,9 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, cuda: bool = False
     residual = residual_bytes(shape, layout)
     # each RMSNorm keeps its fp32 input and normalised value (a bf16 residual: its fp32 upcast
     # and the normalised value cast back; the fused kernel: its input and 1/rms, 4 bytes a
-    # token); the matmuls behind it keep their input: once when it already has the matmul
-    # dtype, else autocast casts it per consumer (q, k, v behind the first norm; gate, up
-    # behind the second)
-    inputs = 2 * e if residual == e else 5 * e
+    # token); the matmuls behind it keep their input once: q, k, v (and gate, up) share it, in
+    # the matmul dtype (under autocast one cast for all, ``models.mixed_precision``)
+    inputs = 2 * e
     if fused_norms(cuda, shape, layout):
         kept_by_norm = 4 * h + 4
     else:
