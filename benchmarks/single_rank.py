@@ -105,9 +105,11 @@ def alternation_groups(names: tuple[str, ...], config, batch: int, seq_len: int,
     and compiled apart, in two alternations (by this count ``llama-1b``'s four need 68 GB at
     batch 4 x 2048: they fit an H200 and, barely, an H100; a bigger model would not).
 
-    Activations: the planner's count for plait (bf16 autocast) plus transformers' fp32 copies
-    of the logits (the logits in fp32, their log-softmax and its gradient), with a quarter more
-    for what neither counts (allocator rounding, cuBLAS workspaces)."""
+    Activations: the planner's count for plait (bf16 autocast) plus what transformers keeps
+    beyond it: a bf16 cast of each norm's output per matmul (q, k, v; gate, up: 3 more a layer
+    than plait's shared ones) and fp32 copies of the logits (the logits in fp32, their
+    log-softmax and its gradient); a quarter more for what neither counts (allocator rounding,
+    cuBLAS workspaces)."""
     if free_bytes is None:
         return [names]
     from plait.planner.memory import layer_activation_bytes
@@ -115,8 +117,10 @@ def alternation_groups(names: tuple[str, ...], config, batch: int, seq_len: int,
 
     params = config.num_parameters()
     shape = ModelShape.from_llama_config(config, seq_len)
+    tokens = batch * seq_len
     activations = (config.num_hidden_layers * layer_activation_bytes(shape, Layout(micro_batch=batch, dtype="bfloat16"))
-                   + 3 * 4 * batch * seq_len * config.vocab_size)
+                   + config.num_hidden_layers * 3 * 2 * tokens * config.hidden_size
+                   + 3 * 4 * tokens * config.vocab_size)
 
     def fits(group: tuple[str, ...]) -> bool:
         return len(group) * 12 * params + (4 + 2) * params + 1.25 * activations <= free_bytes
