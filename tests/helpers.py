@@ -88,3 +88,24 @@ def assert_runs_match(results, reference, tolerance: float = 1e-5) -> None:
             assert relative_error(got, ref_params[name]) <= tolerance, f"rank {rank} {name}"
             seen.add(name)
     assert seen == set(ref_params)  # every parameter lives on some rank, names unchanged
+
+
+def block_weight_casts(trainer, run) -> dict[str, int]:
+    """How often ``run()`` casts each of the trainer's (local) block matrices to bf16, by name."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    weights = {p.data_ptr(): name for name, p in trainer.model.named_parameters() if p.dim() == 2 and ".layers." in name}
+    casts: dict[str, int] = {}
+
+    class CountWeightCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+                name = weights.get(args[0].data_ptr())
+                if name is not None:
+                    casts[name] = casts.get(name, 0) + 1
+            return func(*args, **kwargs)
+
+    with CountWeightCasts():
+        run()
+    return casts

@@ -8,7 +8,7 @@ import torch
 
 from plait.mesh import ParallelContext, ParallelDims
 from plait.train import Trainer
-from helpers import relative_error, tiny_config, tiny_model_config
+from helpers import block_weight_casts, relative_error, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 
@@ -108,3 +108,19 @@ def test_bfloat16_data_parallel_tracks_one_process(pool, data):
     assert ref_losses[-1] < ref_losses[0] - 0.3
     for got, want in zip(losses, ref_losses):
         assert abs(got - want) <= 2e-2 * want
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_bf16_weights_are_cast_once_a_step_not_once_a_micro_batch(data, recompute):
+    """Under bf16 autocast each matmul weight is cast once per step, however many micro-batches
+    (autocast's cache, kept alive by the trainer's step-wide region), and once per evaluation;
+    under recomputation, which frees the casts with the rest of a block, once per forward and
+    once more per backward."""
+    cfg = tiny_config(dtype="bfloat16", micro_batch=2, activation_checkpointing=recompute)  # 4 micro-batches
+    trainer = Trainer(cfg, ParallelContext.single(), data, tiny_model_config())
+    trainer.set_validation(data.val, max_windows=8)
+    recast = recompute != "none"
+    for run, casts in ((lambda: trainer.compute_gradients(0), 8 if recast else 1), (trainer.evaluate, 4 if recast else 1)):
+        blocks = block_weight_casts(trainer, run)
+        assert trainer.n_micro == 4
+        assert len(blocks) == 7 * trainer.model_config.num_hidden_layers and set(blocks.values()) == {casts}, blocks

@@ -11,7 +11,7 @@ from plait.pipeline import (ScheduleError, analytic_bubble, balanced_split, bubb
 from plait.pipeline.ordering import check_rendezvous, issue_order, receive_posts
 from plait.pipeline.schedules import Action, Op, Placement, Schedule, in_flight_per_rank
 from plait.train import Trainer
-from helpers import assert_runs_match, train_and_collect, tiny_config, tiny_model_config
+from helpers import assert_runs_match, block_weight_casts, train_and_collect, tiny_config, tiny_model_config
 
 TOLERANCE = 1e-5
 CASES = [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("interleaved", 4, 8, 2), ("1f1b", 2, 3, 1),
@@ -210,6 +210,21 @@ def boundary_traffic(ctx: ParallelContext, cfg, data, model_config):
     ctx.counter.reset()
     trainer.compute_gradients(0)
     return {key: (r.calls, r.payload) for key, r in ctx.counter.records.items() if key[0] == "pp"}
+
+
+def weight_casts_of_a_step(ctx: ParallelContext, cfg, data, model_config):
+    trainer = Trainer(cfg, ctx, data, model_config)
+    return block_weight_casts(trainer, lambda: trainer.compute_gradients(0))
+
+
+@pytest.mark.parametrize("schedule, casts", [("1f1b", 1), ("zb1p", 4)])
+def test_bf16_pipeline_casts_weights_once_a_step(pool, data, model_config, schedule, casts):
+    """Under bf16 autocast the micro-batches of a step share one bf16 cast of each block weight
+    (split-backward schedules cast their blocks' weights themselves, once per micro-batch)."""
+    cfg = tiny_config(dtype="bfloat16", micro_batch=None, microbatches=4, schedule=schedule)
+    results = pool.run(weight_casts_of_a_step, ParallelDims(pp=2), cfg, data, model_config)
+    for rank_casts in results:
+        assert len(rank_casts) == 7 * model_config.num_hidden_layers // 2 and set(rank_casts.values()) == {casts}
 
 
 def test_boundary_traffic_is_exact(pool, data, model_config):

@@ -27,7 +27,7 @@ from plait.context_parallel import apply_context_parallel, context_slice
 from plait.data import BatchSampler, TokenData, ValidationWindows, validation_windows
 from plait.data_parallel import DataParallelStrategy, Replicated, Sharded, TiedWeights
 from plait.device import to_device
-from plait.layout import LayoutError, check_run, layout_of
+from plait.layout import LayoutError, Recompute, check_run, layout_of
 from plait.mesh import ParallelContext
 from plait.models import LlamaConfig, build_meta_model, get_preset, model_parameters
 from plait.runtime import gemm_context
@@ -243,6 +243,21 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, dtype=self.compute_dtype)
 
+    def _weights_cast_once(self):
+        """A region around all of a step's micro-batches in which each weight is cast to bf16
+        once, not once per micro-batch forward. Autocast caches its casts of parameters until its
+        outermost region ends; this one is that region, with autocast off (each forward turns it
+        on), so backward runs outside autocast as before. The micro-batches in flight (a
+        pipeline's) share one bf16 copy of the weights instead of each keeping its own.
+
+        Not under recomputation: there a block's casts are dropped after its forward and made
+        again in its backward, and a cache held for the step would keep a bf16 copy of every
+        weight that recomputation exists to free. (Split-backward schedules cast their blocks'
+        weights themselves, ``pipeline.weight_grad``: once per micro-batch either way.)"""
+        if self.compute_dtype == torch.float32 or self.layout.recompute is not Recompute.NONE:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, enabled=False)
+
     def _keep_shards(self):
         """Under SP, save sequence shards (not gathered activations) for backward."""
         if not self.cfg.sequence_parallel:
@@ -267,21 +282,22 @@ class Trainer:
         n_targets = self.global_target_count(step)
         n_micro = self.n_micro
         local_loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        if self.pipeline is not None:
-            self.strategy.communicate_in_backward(False)  # all buckets go out in finish(), after the schedule
-            micro_inputs = list(to_device(inputs, ctx.device).split(self.micro_batch))
-            micro_targets = list(to_device(targets, ctx.device).split(self.micro_batch))
-            local_loss_sum += self.pipeline.run(micro_inputs, micro_targets, n_targets)
-            n_micro = 0  # the schedule did every micro-batch
-        for index in range(n_micro):
-            self.strategy.communicate_in_backward(index == n_micro - 1)  # replicated: once, on the last
-            rows = slice(index * self.micro_batch, (index + 1) * self.micro_batch)
-            x = to_device(inputs[rows], ctx.device)
-            y = to_device(targets[rows], ctx.device)
-            with self._autocast(), self._keep_shards():
-                loss_sum = token_loss_sum(self.model, x, y, cfg.label_smoothing)
-            (loss_sum / n_targets).backward()
-            local_loss_sum += loss_sum.detach()
+        with self._weights_cast_once():
+            if self.pipeline is not None:
+                self.strategy.communicate_in_backward(False)  # all buckets go out in finish(), after the schedule
+                micro_inputs = list(to_device(inputs, ctx.device).split(self.micro_batch))
+                micro_targets = list(to_device(targets, ctx.device).split(self.micro_batch))
+                local_loss_sum += self.pipeline.run(micro_inputs, micro_targets, n_targets)
+                n_micro = 0  # the schedule did every micro-batch
+            for index in range(n_micro):
+                self.strategy.communicate_in_backward(index == n_micro - 1)  # replicated: once, on the last
+                rows = slice(index * self.micro_batch, (index + 1) * self.micro_batch)
+                x = to_device(inputs[rows], ctx.device)
+                y = to_device(targets[rows], ctx.device)
+                with self._autocast(), self._keep_shards():
+                    loss_sum = token_loss_sum(self.model, x, y, cfg.label_smoothing)
+                (loss_sum / n_targets).backward()
+                local_loss_sum += loss_sum.detach()
         self.strategy.finish()  # dp-reduced, SP partial and tied gradients summed
         (loss_sum_all,) = ctx.comm("pp").all_reduce_scalars([float(local_loss_sum)], tag="metrics")
         (loss_sum_all,) = ctx.comm("dp_cp").all_reduce_scalars([loss_sum_all], tag="metrics")
@@ -347,7 +363,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss over the fixed validation windows, shared out over dp ranks."""
-        with gemm_context(self.ctx.device, self.compute_dtype):
+        with gemm_context(self.ctx.device, self.compute_dtype), self._weights_cast_once():
             return self._evaluate()
 
     def _evaluate(self) -> float:
