@@ -24,7 +24,10 @@ of them with sequence parallelism), are counted from the kernels each model runs
   (~9 passes), the attention output's transpose copy, two residual adds, SiLU and the gate
   product (5 passes of f/t), and, with bf16 autocast over fp32 parameters, the casts of matmul
   inputs (one per fp32 normalised input, shared by q, k, v and by gate, up:
-  ``models.mixed_precision``) and of the layer's fp32 weights to bf16 (each micro-batch).
+  ``models.mixed_precision``). The casts of the layer's fp32 weights to bf16 are
+  ``weight_casts``: once a step where autocast's cache serves every micro-batch, once a
+  micro-batch forward (and again in a recomputed backward) where it does not
+  (``weights_cast_per_microbatch``); the weight gradients' casts back, in every backward.
 - gpt (Megatron-LM with fused kernels): LayerNorm (read + write h), fused bias-GELU (4h/t),
   two fused bias-dropout-adds (3h + a 1-byte mask), fused scale-mask-softmax and dropout on
   the b a s^2 scores (the 5as/h of Korthikanti et al.).
@@ -33,7 +36,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plait.layout import ContextParallelMode
+from plait.layout import ContextParallelMode, Recompute
+from plait.pipeline.schedules import Schedule
 from plait.planner.hardware import HardwareProfile
 from plait.planner.workload import Layout, ModelShape
 
@@ -155,12 +159,10 @@ def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
         timer.gemm(tokens, h, f / t)                    # down
         norm_traffic(timer, shape, layout, norm_tokens, count=2)
         timer.memory(2 * 3 * norm_tokens * h * e_res, kernels=2)       # two residual adds
-        if layout.dtype != "float32" and e_res == 4:
-            # autocast over fp32 parameters: each norm's fp32 output is cast to bf16 once for the
-            # matmuls that share it (q, k, v; gate, up), and the layer's weights are cast once
-            # (bf16 parameters under ZeRO, and their bf16 residual stream, need neither)
+        if autocast_casts(shape, layout):
+            # each norm's fp32 output is cast to bf16 once for the matmuls that share it (q, k, v;
+            # gate, up)
             timer.memory(2 * tokens * h * (4 + e), kernels=2)
-            timer.memory(shape.layer_parameters() / t * (4 + e), kernels=7)
     else:
         d = shape.head_dim
         timer.gemm(tokens, 3 * h / t, h)                # fused qkv
@@ -178,13 +180,37 @@ def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
 
 def layer_backward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
     """Backward of one layer: every GEMM twice (input and weight gradients, transposed shapes,
-    same FLOPs), flash attention 2.5x its forward, elementwise traffic twice the forward's."""
+    same FLOPs), flash attention 2.5x its forward, elementwise traffic twice the forward's; under
+    autocast over fp32 parameters the weight gradients' casts to fp32 and their accumulation
+    (charged as twice the weights' cast)."""
     probe = Timer(timer.rates, timer.e)
     layer_forward(probe, shape, layout)
     forward = probe.cost
     timer.cost.gemm += 2 * forward.gemm
     timer.cost.attention += 2.5 * forward.attention
     timer.cost.memory += 2 * forward.memory
+    for _ in range(2):
+        weight_casts(timer, shape, layout)
+
+
+def autocast_casts(shape: ModelShape, layout: Layout) -> bool:
+    """Whether plait's Llama casts under autocast: bf16 over fp32 parameters (bf16 parameters
+    under ZeRO, and their bf16 residual stream, need no casts)."""
+    return shape.arch == "llama" and layout.dtype != "float32" and residual_bytes(shape, layout) == 4
+
+
+def weights_cast_per_microbatch(layout: Layout) -> bool:
+    """Whether a layer's weights are cast in every micro-batch's forward: under recomputation
+    (the trainer keeps no cast for the step: ``Trainer._weights_cast_once``) and under
+    split-backward schedules (whose linear layers cast their own weights); else once a step."""
+    split = layout.pp > 1 and Schedule(layout.schedule).splits_backward
+    return layout.recompute != Recompute.NONE or split
+
+
+def weight_casts(timer: Timer, shape: ModelShape, layout: Layout) -> None:
+    """One layer's fp32 weights cast to bf16 (read 4, write 2 bytes each), under autocast."""
+    if autocast_casts(shape, layout):
+        timer.memory(shape.layer_parameters() / layout.tp * (4 + timer.e), kernels=7)
 
 
 def head_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:

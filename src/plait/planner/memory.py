@@ -48,13 +48,15 @@ plus the largest full parameter in fp32, the one being generated or read.
 Pipelines multiply by the micro-batches in flight on the rank, read from the schedule's
 action lists (1F1B: at most pp; GPipe: all m). The head keeps its logits (b s V / t in the
 compute dtype; without loss parallelism at tp > 1 the gathered fp32 logits, their log-softmax
-and gradient too). Under bf16 autocast with fp32 parameters, each micro-batch in flight also
-keeps bf16 copies of the weights its matmuls used (2P).
+and gradient too). Under bf16 autocast with fp32 parameters, the step keeps bf16 copies of the
+weights its matmuls used (2P): one set, which autocast's cache gives every micro-batch, or one
+per micro-batch in flight under split-backward schedules, whose layers cast their own.
 """
 from __future__ import annotations
 
 from plait.layout import ContextParallelMode, Recompute, alltoall_kv_repeats
-from plait.planner.compute import DTYPE_BYTES, fused_norms, local_seq, residual_bytes
+from plait.planner.compute import (DTYPE_BYTES, autocast_casts, fused_norms, local_seq, residual_bytes,
+                                   weights_cast_per_microbatch)
 from plait.planner.workload import Layout, ModelShape
 
 
@@ -203,8 +205,11 @@ def rank_memory(shape: ModelShape, layout: Layout, layers: int, first: bool, las
         transient.append(root_unit + 2 * block_unit + 3 * largest)
     elif layout.zero == 2:
         transient.append(3 * largest)  # gradients, flat copy, receive buffer of one unit
-    if shape.arch == "llama" and layout.dtype != "float32" and layout.zero == 0 and not recompute:
-        activations += in_flight * 2 * params  # autocast's bf16 weight copies, kept for backward
+    if autocast_casts(shape, layout) and not recompute:
+        # autocast's bf16 weight copies, kept for backward: one set shared by the step's
+        # micro-batches (autocast's cache), or one per micro-batch in flight where each casts its own
+        copies = in_flight if weights_cast_per_microbatch(layout) else min(in_flight, 1)
+        activations += copies * 2 * params
     result = dict(states)
     if layout.zero == 1:
         # ZeRO-1 reduces once, after the step's last backward: its gradient shard and each unit's

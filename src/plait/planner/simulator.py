@@ -21,6 +21,9 @@ The step is assembled from the pieces of the other modules, the way plait runs i
    adds.
 4. The optimizer: AdamW reads parameter, gradient and moments and writes three of them, a
    memory-bound 28 bytes per local fp32 element, plus the gradient norm (4 bytes).
+5. Under bf16 autocast over fp32 parameters, the weights' casts to bf16: once a step where
+   autocast's cache serves every micro-batch, else in every micro-batch's forward
+   (``compute.weights_cast_per_microbatch``).
 
 Throughput: tokens/s per device = global batch x sequence / step time / devices.
 ``mfu`` = model FLOPs (6 per matmul parameter per token plus attention, no recomputation) /
@@ -39,7 +42,8 @@ from plait.layout import ContextParallelMode, Recompute, alltoall_kv_repeats
 from plait.pipeline.schedules import Schedule, build_schedule, in_flight_per_rank, simulate
 from plait.pipeline.split import balanced_split
 from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embedding_backward, embedding_forward,
-                                   head_backward, head_forward, layer_backward, layer_forward, local_seq)
+                                   head_backward, head_forward, layer_backward, layer_forward, local_seq, weight_casts,
+                                   weights_cast_per_microbatch)
 from plait.planner.hardware import HardwareProfile
 from plait.planner.memory import construction_bytes, parameter_bytes, rank_memory, stage_parameters
 from plait.planner.network import collective_time, members_per_node
@@ -109,6 +113,10 @@ class StepModel:
                         for g in ("tp", "pp", "cp", "dp_cp", "dp_shard", "dp_replicate")}
         self.layer_f, self.layer_b = self._layer_costs()
         self.embed_f, self.embed_b, self.head_f, self.head_b = self._edge_costs()
+        casts = self._timer()
+        if not weights_cast_per_microbatch(layout):  # autocast's cache: once a step (else in layer_f)
+            weight_casts(casts, shape, layout)
+        self.layer_casts_per_step = casts.cost.seconds
 
     def collective(self, group: str, op: str, nbytes: float) -> float:
         layout = self.layout
@@ -125,6 +133,8 @@ class StepModel:
         forward, backward = self._timer(), self._timer()
         layer_forward(forward, shape, layout)
         layer_backward(backward, shape, layout)
+        if weights_cast_per_microbatch(layout):  # recomputation repeats them below, with the forward
+            weight_casts(forward, shape, layout)
         if layout.cp > 1:
             self._context_parallel_comm(forward, backward)
         if layout.tp > 1:
@@ -342,7 +352,9 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
         if shape.tied and pp > 1 and first != last:  # the table's gradient, summed between the stages
             exposed += model.tied_exchange_time()
         dp_total = max(dp_total, total)
-        tail = max(tail, exposed + model.optimizer_time(params))
+        # the weights' bf16 casts of a step, where autocast's cache makes them once a step: charged
+        # beside the tail (on a pipeline they delay the rank's first forward instead)
+        tail = max(tail, layers * model.layer_casts_per_step + exposed + model.optimizer_time(params))
         construction = max(construction, construction_bytes(params, largest, layout) + hw.framework_memory_bytes)
         # interleaved ranks hold chunks of different micro-batches; charge the largest chunk
         per_chunk_layers = max(counts[c] for c in chunks)
