@@ -253,7 +253,8 @@ class Trainer:
         Not under recomputation: there a block's casts are dropped after its forward and made
         again in its backward, and a cache held for the step would keep a bf16 copy of every
         weight that recomputation exists to free. (Split-backward schedules cast their blocks'
-        weights themselves, ``pipeline.weight_grad``: once per micro-batch either way.)"""
+        weights themselves, ``pipeline.weight_grad``, and the fused loss the head's: once per
+        micro-batch either way.)"""
         if self.compute_dtype == torch.float32 or self.layout.recompute is not Recompute.NONE:
             return contextlib.nullcontext()
         return torch.autocast(self.ctx.device.type, enabled=False)
