@@ -11,7 +11,9 @@ exactly as for an undeferred backward. Outside ``deferring`` (evaluation, other 
 the layers compute both products at once.
 
 What W keeps alive between B and W is X and dY of every deferred product: the price of moving
-W into the bubbles. Norm weights, the embedding and the head keep their gradients in B (the
+W into the bubbles. The layers cast their weights to the compute dtype themselves (autocast's
+cache does not see these casts); within ``casting_once`` (the trainer's step) each weight is
+cast once and the copy shared by every micro-batch, as autocast's cache does for ``nn.Linear``. Norm weights, the embedding and the head keep their gradients in B (the
 head's is fused with the loss), so W is the blocks' matmul weights: about half of a block's
 backward FLOPs.
 """
@@ -38,6 +40,26 @@ class DeferredWeightGradients:
     def __init__(self) -> None:
         self._collecting: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] | None = None
         self._pending: dict[Hashable, list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]] = {}
+        self._casts: dict[tuple[int, torch.dtype], torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def casting_once(self) -> Iterator[None]:
+        """Within: each weight is cast to a dtype once and the copy shared (``cast``); the
+        weights must not change meanwhile (one step's forwards and backwards)."""
+        self._casts = {}
+        try:
+            yield
+        finally:
+            self._casts = None
+
+    def cast(self, weight: nn.Parameter, dtype: torch.dtype) -> torch.Tensor:
+        """``weight`` in ``dtype``: within ``casting_once`` the step's one copy, else a fresh one."""
+        if self._casts is None or weight.dtype == dtype:
+            return weight.to(dtype)
+        key = (id(weight), dtype)
+        if key not in self._casts:
+            self._casts[key] = weight.to(dtype)
+        return self._casts[key]
 
     @contextlib.contextmanager
     def deferring(self, key: Hashable) -> Iterator[None]:
@@ -73,7 +95,8 @@ def save_linear(ctx, x: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor |
     """Y = X W^T (+ b) in the compute dtype, keeping on ``ctx`` what ``linear_grads`` needs."""
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        x_c, w_c = x.to(dtype), weight.to(dtype)
+        x_c = x.to(dtype)
+        w_c = store.cast(weight, dtype) if store is not None else weight.to(dtype)
         y = F.linear(x_c, w_c, bias.to(dtype) if bias is not None else None)
     ctx.save_for_backward(x_c, w_c)
     ctx.weight, ctx.weight_gradients, ctx.has_bias = weight, store, bias is not None

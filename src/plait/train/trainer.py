@@ -138,6 +138,7 @@ class Trainer:
             parallelize(self.model, ctx.comm("tp"), llama_plan(cfg.sequence_parallel, cfg.loss_parallel))
         apply_context_parallel(self.model, ctx.comm("cp"), cfg.cp_mode)  # nothing at cp = 1
         self.pipeline = None
+        self.weight_gradients: DeferredWeightGradients | None = None  # split-backward schedules' W store
         chunk_blocks = [[(f"model.layers.{i}", block) for i, block in named_blocks(self.model)]]
         if dims.pp > 1:
             chunk_blocks = self._setup_pipeline()
@@ -222,7 +223,7 @@ class Trainer:
 
         weight_gradients = None
         if Schedule(cfg.schedule).splits_backward:  # zero bubble: the blocks' weight products wait for W
-            weight_gradients = DeferredWeightGradients()
+            weight_gradients = self.weight_gradients = DeferredWeightGradients()
             layers = self.model.model.layers
             defer_weight_gradients((layers[str(i)] for chunk in mine for i in chunk.layers), weight_gradients)
 
@@ -252,12 +253,16 @@ class Trainer:
 
         Not under recomputation: there a block's casts are dropped after its forward and made
         again in its backward, and a cache held for the step would keep a bf16 copy of every
-        weight that recomputation exists to free. (Split-backward schedules cast their blocks'
-        weights themselves, ``pipeline.weight_grad``, and the fused loss the head's: once per
-        micro-batch either way.)"""
+        weight that recomputation exists to free. Split-backward schedules' layers cast their
+        blocks' weights themselves (``pipeline.weight_grad``), once a step too within the store's
+        ``casting_once``; the fused loss casts the head's once a micro-batch."""
+        stack = contextlib.ExitStack()
         if self.compute_dtype == torch.float32 or self.layout.recompute is not Recompute.NONE:
-            return contextlib.nullcontext()
-        return torch.autocast(self.ctx.device.type, enabled=False)
+            return stack
+        stack.enter_context(torch.autocast(self.ctx.device.type, enabled=False))
+        if self.weight_gradients is not None:
+            stack.enter_context(self.weight_gradients.casting_once())
+        return stack
 
     def _keep_shards(self):
         """Under SP, save sequence shards (not gathered activations) for backward."""
