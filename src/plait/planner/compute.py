@@ -25,9 +25,9 @@ of them with sequence parallelism), are counted from the kernels each model runs
   product (5 passes of f/t), and, with bf16 autocast over fp32 parameters, the casts of matmul
   inputs (one per fp32 normalised input, shared by q, k, v and by gate, up:
   ``models.mixed_precision``). The casts of the layer's fp32 weights to bf16 are
-  ``weight_casts``: once a step where autocast's cache serves every micro-batch, once a
-  micro-batch forward (and again in a recomputed backward) where it does not
-  (``weights_cast_per_microbatch``); the weight gradients' casts back, in every backward.
+  ``weight_casts``: once a step, the trainer keeping the casts for the step, or once a
+  micro-batch forward (and again in a recomputed backward) under recomputation, where it does
+  not (``weights_cast_per_microbatch``); the weight gradients' casts back, in every backward.
 - gpt (Megatron-LM with fused kernels): LayerNorm (read + write h), fused bias-GELU (4h/t),
   two fused bias-dropout-adds (3h + a 1-byte mask), fused scale-mask-softmax and dropout on
   the b a s^2 scores (the 5as/h of Korthikanti et al.).
@@ -37,7 +37,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from plait.layout import ContextParallelMode, Recompute
-from plait.pipeline.schedules import Schedule
 from plait.planner.hardware import HardwareProfile
 from plait.planner.workload import Layout, ModelShape
 
@@ -201,10 +200,9 @@ def autocast_casts(shape: ModelShape, layout: Layout) -> bool:
 
 def weights_cast_per_microbatch(layout: Layout) -> bool:
     """Whether a layer's weights are cast in every micro-batch's forward: under recomputation
-    (the trainer keeps no cast for the step: ``Trainer._weights_cast_once``) and under
-    split-backward schedules (whose linear layers cast their own weights); else once a step."""
-    split = layout.pp > 1 and Schedule(layout.schedule).splits_backward
-    return layout.recompute != Recompute.NONE or split
+    (the trainer keeps no cast for the step: ``Trainer._weights_cast_once``); else once a step
+    (autocast's cache, or the split-backward store's for the layers of zero-bubble schedules)."""
+    return layout.recompute != Recompute.NONE
 
 
 def weight_casts(timer: Timer, shape: ModelShape, layout: Layout) -> None:

@@ -48,15 +48,14 @@ plus the largest full parameter in fp32, the one being generated or read.
 Pipelines multiply by the micro-batches in flight on the rank, read from the schedule's
 action lists (1F1B: at most pp; GPipe: all m). The head keeps its logits (b s V / t in the
 compute dtype; without loss parallelism at tp > 1 the gathered fp32 logits, their log-softmax
-and gradient too). Under bf16 autocast with fp32 parameters, the step keeps bf16 copies of the
-weights its matmuls used (2P): one set, which autocast's cache gives every micro-batch, or one
-per micro-batch in flight under split-backward schedules, whose layers cast their own.
+and gradient too). Under bf16 autocast with fp32 parameters, the step keeps one set of bf16
+copies of the weights its matmuls used (2P), which every micro-batch shares (autocast's cache
+kept for the step, ``Trainer._weights_cast_once``; without recomputation, which frees them).
 """
 from __future__ import annotations
 
 from plait.layout import ContextParallelMode, Recompute, alltoall_kv_repeats
-from plait.planner.compute import (DTYPE_BYTES, autocast_casts, fused_norms, local_seq, residual_bytes,
-                                   weights_cast_per_microbatch)
+from plait.planner.compute import DTYPE_BYTES, autocast_casts, fused_norms, local_seq, residual_bytes
 from plait.planner.workload import Layout, ModelShape
 
 
@@ -179,6 +178,12 @@ def stage_parameters(shape: ModelShape, layout: Layout, layers: int, first: bool
     return params
 
 
+def weight_copy_bytes(shape: ModelShape, layout: Layout, params: float) -> float:
+    """The bf16 copies of ``params`` weight elements that a step under bf16 autocast over fp32
+    parameters keeps, shared by its micro-batches (none under recomputation, which frees them)."""
+    return 2 * params if autocast_casts(shape, layout) and layout.recompute == Recompute.NONE else 0.0
+
+
 def rank_memory(shape: ModelShape, layout: Layout, layers: int, first: bool, last: bool, in_flight: int,
                 framework_bytes: float, cuda: bool = False) -> dict[str, float]:
     """Peak bytes of one rank holding ``layers`` blocks (the embedding if ``first``, the head if
@@ -205,11 +210,8 @@ def rank_memory(shape: ModelShape, layout: Layout, layers: int, first: bool, las
         transient.append(root_unit + 2 * block_unit + 3 * largest)
     elif layout.zero == 2:
         transient.append(3 * largest)  # gradients, flat copy, receive buffer of one unit
-    if autocast_casts(shape, layout) and not recompute:
-        # autocast's bf16 weight copies, kept for backward: one set shared by the step's
-        # micro-batches (autocast's cache), or one per micro-batch in flight where each casts its own
-        copies = in_flight if weights_cast_per_microbatch(layout) else min(in_flight, 1)
-        activations += copies * 2 * params
+    if in_flight:
+        activations += weight_copy_bytes(shape, layout, params)
     result = dict(states)
     if layout.zero == 1:
         # ZeRO-1 reduces once, after the step's last backward: its gradient shard and each unit's

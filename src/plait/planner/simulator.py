@@ -21,9 +21,8 @@ The step is assembled from the pieces of the other modules, the way plait runs i
    adds.
 4. The optimizer: AdamW reads parameter, gradient and moments and writes three of them, a
    memory-bound 28 bytes per local fp32 element, plus the gradient norm (4 bytes).
-5. Under bf16 autocast over fp32 parameters, the weights' casts to bf16: once a step where
-   autocast's cache serves every micro-batch, else in every micro-batch's forward
-   (``compute.weights_cast_per_microbatch``).
+5. Under bf16 autocast over fp32 parameters, the weights' casts to bf16: once a step, or in
+   every micro-batch's forward under recomputation (``compute.weights_cast_per_microbatch``).
 
 Throughput: tokens/s per device = global batch x sequence / step time / devices.
 ``mfu`` = model FLOPs (6 per matmul parameter per token plus attention, no recomputation) /
@@ -45,7 +44,8 @@ from plait.planner.compute import (DTYPE_BYTES, Cost, Timer, device_rates, embed
                                    head_backward, head_forward, layer_backward, layer_forward, local_seq, weight_casts,
                                    weights_cast_per_microbatch)
 from plait.planner.hardware import HardwareProfile
-from plait.planner.memory import construction_bytes, parameter_bytes, rank_memory, stage_parameters
+from plait.planner.memory import (construction_bytes, parameter_bytes, rank_memory, stage_parameters,
+                                  weight_copy_bytes)
 from plait.planner.network import collective_time, members_per_node
 from plait.planner.workload import Layout, ModelShape, check_layout
 
@@ -364,6 +364,9 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
             states = rank_memory(shape, layout, layers, first, last, 0, 0.0)
             for key in ("params", "grads", "optimizer"):
                 usage[key] = states[key]
+            # the bf16 weight copies of the step are of all v chunks too
+            usage["activations"] += weight_copy_bytes(shape, layout, (layers - per_chunk_layers) *
+                                                      shape.layer_parameters() / layout.tp)
             usage["total"] = sum(value for key, value in usage.items() if key != "total")
         if memory is None or usage["total"] > memory["total"]:
             memory = usage
