@@ -11,11 +11,13 @@ exactly as for an undeferred backward. Outside ``deferring`` (evaluation, other 
 the layers compute both products at once.
 
 What W keeps alive between B and W is X and dY of every deferred product: the price of moving
-W into the bubbles. The layers cast their weights to the compute dtype themselves (autocast's
-cache does not see these casts); within ``casting_once`` (the trainer's step) each weight is
-cast once and the copy shared by every micro-batch, as autocast's cache does for ``nn.Linear``. Norm weights, the embedding and the head keep their gradients in B (the
+W into the bubbles. Norm weights, the embedding and the head keep their gradients in B (the
 head's is fused with the loss), so W is the blocks' matmul weights: about half of a block's
 backward FLOPs.
+
+The layers cast their weights to the compute dtype themselves (autocast's cache does not see
+these casts); within ``casting_once`` (the trainer's step) each weight is cast once and the
+copy shared by every micro-batch, as autocast's cache does for ``nn.Linear``.
 """
 from __future__ import annotations
 
