@@ -221,13 +221,12 @@ class Trainer:
             stack.enter_context(self._keep_shards())
             return stack
 
-        weight_gradients = None
         if Schedule(cfg.schedule).splits_backward:  # zero bubble: the blocks' weight products wait for W
-            weight_gradients = self.weight_gradients = DeferredWeightGradients()
+            self.weight_gradients = DeferredWeightGradients()
             layers = self.model.model.layers
-            defer_weight_gradients((layers[str(i)] for chunk in mine for i in chunk.layers), weight_gradients)
+            defer_weight_gradients((layers[str(i)] for chunk in mine for i in chunk.layers), self.weight_gradients)
 
-        def executor(all_plans, microbatches, split=weight_gradients):
+        def executor(all_plans, microbatches, split=self.weight_gradients):
             # every rank's list is needed to agree each pair's message order (NCCL's rule)
             return PipelineExecutor(self.model, mine, all_plans[ctx.pp_rank], ctx.comm("pp"), microbatches,
                                     positions, shape, activation_dtype, loss_fn, forward_context, split,
