@@ -185,6 +185,7 @@ def device_tests(check: Check) -> dict:
     selection = ["tests/test_model.py::test_logits_match_transformers",
                  "tests/test_model.py::test_rms_norm_equals_torchs_own_on_the_cpu_and_on_the_test_device",
                  "tests/test_model.py::test_one_shared_autocast_cast_equals_a_cast_per_matmul",
+                 "tests/test_model.py::test_rotary_equals_transformers_bit_for_bit",
                  "tests/test_loss.py",
                  "tests/test_device.py", "tests/test_context_parallel.py::test_block_kernels_agree_with_sdpa",
                  "tests/test_context_parallel.py::test_block_kernels_stay_fp32_inside_the_trainers_autocast",

@@ -179,3 +179,39 @@ def test_shared_input_without_autocast_or_gradients():
         with torch.no_grad():
             cast = shared_input(x, 2)
     assert cast[0] is cast[1] and cast[0].dtype == torch.bfloat16 and torch.equal(cast[0], x.detach().bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_equals_transformers_bit_for_bit(dtype):
+    """``apply_rotary`` (per-half in-place updates, its own backward) against transformers'
+    ``apply_rotary_pos_emb`` on q and k laid out as the model lays them ([b, s, heads, d] in
+    memory, seen as [b, heads, s, d]): the same bits forward and in the input's gradient, in fp32
+    and bf16, with tables of the llama3-scaled and plain kinds; the output keeps the layout."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from plait.models.config import RopeScaling, RopeType
+    from plait.models.llama import RotaryEmbedding, apply_rotary
+
+    generator = torch.Generator().manual_seed(0)
+    batch, seq, heads, kv_heads, head_dim = 2, 37, 4, 2, 16
+    scaling = RopeScaling(RopeType.LLAMA3, 8.0, 1.0, 4.0, 16)
+    for rope in (RotaryEmbedding(head_dim, 10000.0), RotaryEmbedding(head_dim, 500000.0, scaling)):
+        cos, sin = rope(seq, TEST_DEVICE, dtype)
+        q = torch.randn(batch, seq, heads, head_dim, generator=generator).to(TEST_DEVICE, dtype).transpose(1, 2)
+        k = torch.randn(batch, seq, kv_heads, head_dim, generator=generator).to(TEST_DEVICE, dtype).transpose(1, 2)
+        grads = [torch.randn(t.shape, generator=generator).to(TEST_DEVICE, dtype) for t in (q, k)]
+
+        def run(ours: bool):
+            leaves = [t.detach().requires_grad_() for t in (q, k)]
+            if ours:
+                outs = [apply_rotary(t, cos, sin) for t in leaves]
+            else:
+                outs = list(apply_rotary_pos_emb(*leaves, cos[None], sin[None]))
+            torch.autograd.backward(outs, grads)
+            return outs, [t.grad for t in leaves]
+
+        (outs, grads_in), (ref_outs, ref_grads_in) = run(ours=True), run(ours=False)
+        for a, b in zip(outs + grads_in, ref_outs + ref_grads_in):
+            assert a.dtype == dtype and torch.equal(a, b)
+        assert outs[0].transpose(1, 2).is_contiguous()
+        assert not torch.equal(outs[0], q)  # the rotation did something

@@ -78,8 +78,51 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class _Rotate(torch.autograd.Function):
+    """y = x * cos + rotate_half(x) * sin, written per half (x = [x1, x2], c = [c1, c2], s likewise):
+
+        y1 = x1 * c1 - x2 * s1          dL/dx1 = g1 * c1 + g2 * s2
+        y2 = x2 * c2 + x1 * s2          dL/dx2 = g2 * c2 - g1 * s1
+
+    Each product is rounded, then the sum, as transformers' ops round them (negation is exact), so
+    forward and gradient are the same bits. Written as x * cos and an in-place update of each half,
+    a pass moves about 7 x's worth of bytes in 5 kernels; transformers' negation, concatenation,
+    two products and sum move about 10 forward, and autograd's backward of them (zero-padded slice
+    gradients summed) more. Measured here, [2, 12, 1024, 64] forward and backward: 1.4x faster in
+    bf16, 1.9x in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, sign=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, sign=-1), None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:
+    """sign 1: the rotation by +angle (forward); -1: by -angle, its transpose (backward)."""
+    half = x.shape[-1] // 2
+    out = x * cos  # the layout of x: a transposed q stays [b, s, heads, d] in memory for SDPA
+    low, high = out[..., :half], out[..., half:]
+    if sign > 0:
+        low.sub_(x[..., half:] * sin[..., :half])
+        high.add_(x[..., :half] * sin[..., half:])
+    else:
+        low.add_(x[..., half:] * sin[..., half:])
+        high.sub_(x[..., :half] * sin[..., :half])
+    return out
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim]."""
+    """x: [batch, heads, seq, head_dim]; cos/sin: [seq, head_dim]. One dtype throughout (the
+    tables are built in the dtype the projections return) takes ``_Rotate``; mixed dtypes or
+    tables that need gradients take transformers' ops."""
+    if x.dtype == cos.dtype == sin.dtype and not (cos.requires_grad or sin.requires_grad):
+        return _Rotate.apply(x, cos, sin)
     return x * cos + _rotate_half(x) * sin
 
 
