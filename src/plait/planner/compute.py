@@ -21,10 +21,12 @@ Bytes moved by the elementwise work of a layer, per token (T_n: tokens a rank's 
 of them with sequence parallelism), are counted from the kernels each model runs:
 - llama (plait, eager PyTorch): RMSNorm in fp32 (x^2, mean, scale, cast, weight: ~7 passes of
   h; on a GPU torch's fused kernel, 2 passes, see ``fused_norms``), rotary embedding on q and k
-  (~9 passes), the attention output's transpose copy, two residual adds, SiLU and the gate
-  product (5 passes of f/t), and, with bf16 autocast over fp32 parameters, the casts of matmul
+  (~7 passes each way, ``rotary_traffic``), two residual adds, SiLU and the gate product (5
+  passes of f/t), and, with bf16 autocast over fp32 parameters, the casts of matmul
   inputs (one per fp32 normalised input, shared by q, k, v and by gate, up:
-  ``models.mixed_precision``). The casts of the layer's fp32 weights to bf16 are
+  ``models.mixed_precision``). The attention output costs no copy: SDPA and the
+  context-parallel kernels lay it out [b, s, heads, d], so o_proj reads it through a view.
+  The casts of the layer's fp32 weights to bf16 are
   ``weight_casts``: once a step, the trainer keeping the casts for the step, or once a
   micro-batch forward (and again in a recomputed backward) under recomputation, where it does
   not (``weights_cast_per_microbatch``); the weight gradients' casts back, in every backward.
@@ -147,11 +149,10 @@ def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
     if shape.arch == "llama":
         timer.gemm(tokens, h / t, h)                    # q
         timer.gemm(tokens, kv / t, h, count=2)          # k, v
-        timer.memory(9 * tokens * (h + kv) / t * e, kernels=8)       # rotary on q and k
+        rotary_traffic(timer, shape, layout, tokens)
         kernels = layout.cp if layout.cp_mode == ContextParallelMode.RING else 1
         for _ in range(kernels):  # causal flash: half the score blocks
             timer.attention(0.5 * 4 * b * s * shape.seq_len * h / t / kernels)
-        timer.memory(2 * tokens * h / t * e)            # transpose(1, 2).reshape copy
         timer.gemm(tokens, h, h / t)                    # o_proj
         timer.gemm(tokens, f / t, h, count=2)           # gate, up
         timer.memory(5 * tokens * f / t * e, kernels=2)  # silu(gate) * up
@@ -177,17 +178,26 @@ def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
         timer.memory(2 * norm_tokens * h * (3 * e + 1), kernels=2)    # two bias-dropout-adds
 
 
+def rotary_traffic(timer: Timer, shape: ModelShape, layout: Layout, tokens: float) -> None:
+    """RoPE on q and k (``models.llama._Rotate``): x * cos, then each half updated in place by
+    the other half's product with sin: about 7 passes of x in 5 kernels each. Its backward is the
+    same rotation by the opposite angle."""
+    timer.memory(7 * tokens * (shape.hidden + shape.kv_hidden) / layout.tp * timer.e, kernels=10)
+
+
 def layer_backward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
     """Backward of one layer: every GEMM twice (input and weight gradients, transposed shapes,
-    same FLOPs), flash attention 2.5x its forward, elementwise traffic twice the forward's; under
-    autocast over fp32 parameters the weight gradients' casts to fp32 and their accumulation
-    (charged as twice the weights' cast)."""
-    probe = Timer(timer.rates, timer.e)
+    same FLOPs), flash attention 2.5x its forward, elementwise traffic twice the forward's but
+    RoPE's once (``rotary_traffic``); under autocast over fp32 parameters the weight gradients'
+    casts to fp32 and their accumulation (charged as twice the weights' cast)."""
+    probe, rotary = Timer(timer.rates, timer.e), Timer(timer.rates, timer.e)
     layer_forward(probe, shape, layout)
     forward = probe.cost
+    if shape.arch == "llama":
+        rotary_traffic(rotary, shape, layout, layout.micro_batch * local_seq(shape, layout))
     timer.cost.gemm += 2 * forward.gemm
     timer.cost.attention += 2.5 * forward.attention
-    timer.cost.memory += 2 * forward.memory
+    timer.cost.memory += 2 * forward.memory - rotary.cost.memory
     for _ in range(2):
         weight_casts(timer, shape, layout)
 
