@@ -102,8 +102,8 @@ def alternation_groups(names: tuple[str, ...], config, batch: int, seq_len: int,
     """The contestants that alternate together: all of them when their resident states (fp32
     weights and AdamW moments, 12 bytes a parameter each) and one step's fp32 gradients, bf16
     weight copies and activations fit in ``free_bytes`` (None: no limit, the CPU); else eager
-    and compiled apart, in two alternations (by this count ``llama-1b``'s four need 68 GB at
-    batch 4 x 2048: they fit an H200 and, barely, an H100; a bigger model would not).
+    and compiled apart, in two alternations (by this count ``llama-1b``'s four need 90 GB at
+    batch 8 x 2048, the GPU check's: they fit an H200, not an H100, where two need 69 GB).
 
     Activations: the planner's count for plait (bf16 autocast) plus what transformers keeps
     beyond it: a bf16 cast of each norm's output per matmul (q, k, v; gate, up: 3 more a layer
