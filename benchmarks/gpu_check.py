@@ -190,6 +190,8 @@ def device_tests(check: Check) -> dict:
                  "tests/test_model.py::test_rms_norm_equals_torchs_own_on_the_cpu_and_on_the_test_device",
                  "tests/test_model.py::test_one_shared_autocast_cast_equals_a_cast_per_matmul",
                  "tests/test_model.py::test_rotary_equals_transformers_bit_for_bit",
+                 "tests/test_model.py::test_expanded_kv_heads_give_sdpas_grouped_attention",
+                 "tests/test_model.py::test_attention_runs_without_sdpas_math_kernel",
                  "tests/test_loss.py",
                  "tests/test_device.py", "tests/test_context_parallel.py::test_block_kernels_agree_with_sdpa",
                  "tests/test_context_parallel.py::test_block_kernels_stay_fp32_inside_the_trainers_autocast",

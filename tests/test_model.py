@@ -215,3 +215,47 @@ def test_rotary_equals_transformers_bit_for_bit(dtype):
             assert a.dtype == dtype and torch.equal(a, b)
         assert outs[0].transpose(1, 2).is_contiguous()
         assert not torch.equal(outs[0], q)  # the rotation did something
+
+
+def test_expanded_kv_heads_give_sdpas_grouped_attention(monkeypatch):
+    """Where the kv heads are copied per query head (fp32 on CUDA: ``expands_shared_heads``),
+    attention's output and the q, k, v gradients equal SDPA's own grouping of the shared heads
+    (forced here on the test device, fp32)."""
+    import plait.models.llama as llama
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 33, 16, generator=generator).to(TEST_DEVICE) for heads in (8, 2, 2))
+    grad = torch.randn(2, 8, 33, 16, generator=generator).to(TEST_DEVICE)
+    attention = llama.LlamaAttention(tiny_model_config(), device=TEST_DEVICE)
+
+    def run(expand: bool):
+        monkeypatch.setattr(llama, "expands_shared_heads", lambda _q: expand)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention.attend(*leaves)
+        out.backward(grad)
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    expanded, grouped = run(True), run(False)
+    for a, b in zip(expanded, grouped):
+        assert a.shape == b.shape and relative_error(a, b) < 1e-6
+    assert llama.repeat_heads(k, 8)[:, 3].equal(k[:, 0]) and llama.repeat_heads(k, 8)[:, 4].equal(k[:, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_runs_without_sdpas_math_kernel(dtype):
+    """Grouped-query attention, forward and backward, with SDPA's math kernel (which keeps the
+    [b, heads, s, s] scores) ruled out: on the CPU the flash kernel reads shared heads in both
+    dtypes; on CUDA (make gpu-check) bf16 takes flash and fp32 the memory-efficient kernel over
+    copied heads. SDPA raises where only the math kernel would do."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from plait.models.llama import LlamaAttention
+
+    attention = LlamaAttention(tiny_model_config(), device=TEST_DEVICE)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, 64, 16, generator=generator).to(TEST_DEVICE, dtype).requires_grad_()
+               for heads in (8, 2, 2))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        out = attention.attend(q, k, v)
+        out.float().square().sum().backward()
+    assert out.shape == q.shape and all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))

@@ -100,6 +100,39 @@ def test_activation_formula_matches_what_plait_saves():
         assert sum(kept.values()) == pytest.approx(predicted, rel=0.01), (dtype, zero)
 
 
+def test_activation_formula_counts_kv_heads_copied_for_cuda_fp32(monkeypatch):
+    """In fp32 on CUDA SDPA's k and v are copies per query head (``expands_shared_heads``): the
+    layer keeps 2 (h - kv) fp32 more a token, measured here with the copies forced on the CPU,
+    and the planner's CUDA formula charges exactly that beyond its fused norms' difference."""
+    import plait.models.llama as llama
+
+    config = get_preset("small").replace(hidden_size=256, intermediate_size=704, num_attention_heads=8,
+                                         num_key_value_heads=2, num_hidden_layers=1, head_dim=None)
+    batch, seq = 2, 64
+    layer = LlamaModel(config).layers[0]
+    x = torch.randn(batch, seq, config.hidden_size, requires_grad=True)
+    cos, sin = LlamaModel(config).position_tables(seq, x)
+
+    def kept_bytes(expand: bool) -> int:
+        monkeypatch.setattr(llama, "expands_shared_heads", lambda _q: expand)
+        kept: dict[int, int] = {}
+
+        def pack(tensor):
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            layer(x, cos, sin)
+        return sum(kept.values())
+
+    tokens, h, kv = batch * seq, config.hidden_size, config.num_key_value_heads * config.head_dim
+    copies = 2 * (h - kv) * 4 * tokens
+    assert kept_bytes(True) - kept_bytes(False) == copies
+    shape, layout = ModelShape.from_llama_config(config, seq), Layout(micro_batch=batch, global_batch=batch, dtype="float32")
+    fused_norms = 2 * (4 - 4 * h) * tokens  # two norms keep 1/rms instead of the normalised value
+    assert layer_activation_bytes(shape, layout, cuda=True) - layer_activation_bytes(shape, layout) == copies + fused_norms
+
+
 def test_model_states_match_plait_zero(pool, data, model_config):
     """The planner's model-state bytes per rank equal what plait's ZeRO holds (dp=2) between
     the last backward and the step, fp32 and bf16, one micro-batch per rank and two."""

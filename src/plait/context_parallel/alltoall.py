@@ -18,11 +18,11 @@ c / kv times before the exchange, so that rank j receives the one kv head its qu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from plait.comm import Collectives, eager
 from plait.context_parallel.sequence import from_natural_order, to_natural_order
 from plait.layout import alltoall_kv_repeats
+from plait.models.llama import causal_attention
 
 
 def _sequence_to_heads(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
@@ -74,5 +74,5 @@ def alltoall_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: 
     if repeats > 1:
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
     q, k, v = (_SequenceToHeads.apply(t.contiguous(), comm) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] > k.shape[1])
+    out = causal_attention(q, k, v)
     return _HeadsToSequence.apply(out, comm)

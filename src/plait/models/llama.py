@@ -159,6 +159,33 @@ def _attention_mask(queries: int, keys: int, device: torch.device) -> torch.Tens
     return torch.arange(keys, device=device)[None, :] <= (start + torch.arange(queries, device=device))[:, None]
 
 
+def expands_shared_heads(q: torch.Tensor) -> bool:
+    """Whether grouped-query attention copies each kv head per query head before SDPA: in fp32
+    on CUDA. CUDA's flash kernels, which read shared kv heads, take 16-bit inputs only; fp32
+    runs the memory-efficient kernel, which wants one kv head per query head, and SDPA would
+    otherwise fall back to its math kernel, which keeps the [b, heads, s, s] scores (and their
+    probabilities) for backward. The copies cost heads / kv heads times k and v; the scores, s / d
+    times q, each. On the CPU the flash kernel reads shared heads in every dtype."""
+    return q.is_cuda and q.dtype == torch.float32
+
+
+def repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, kv heads, s, d] -> [b, heads, s, d], kv head j serving query heads j * g .. j * g + g - 1
+    (g = heads / kv heads): SDPA's ``enable_gqa`` grouping, written out."""
+    batch, kv_heads, seq, dim = x.shape
+    return x[:, :, None].expand(batch, kv_heads, heads // kv_heads, seq, dim).reshape(batch, heads, seq, dim)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA's causal attention, q [b, heads, s, d], k and v [b, kv heads, s, d], grouped-query
+    attention included (the model's and the all-to-all context parallel's)."""
+    grouped = q.shape[1] > k.shape[1]
+    if grouped and expands_shared_heads(q):
+        k, v = repeat_heads(k, q.shape[1]), repeat_heads(v, q.shape[1])
+        grouped = False
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: LlamaConfig, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -189,8 +216,9 @@ class LlamaAttention(nn.Module):
         Grouped-query attention (each kv head serves heads / kv heads query heads) is SDPA's own:
         the flash kernels (CUDA, and this CPU's) read the shared kv heads, so k and v are neither
         copied per query head nor kept so for backward (measured here: attention's forward and
-        backward 10-20% faster than expanding them first)."""
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] > k.shape[1])
+        backward 10-20% faster than expanding them first). Except where no flash kernel runs
+        (``expands_shared_heads``)."""
+        return causal_attention(q, k, v)
 
     def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """Decoding: the new positions attend to the cached ones and themselves; SDPA shares the kv

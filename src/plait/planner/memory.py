@@ -105,8 +105,11 @@ def layer_activation_bytes(shape: ModelShape, layout: Layout, cuda: bool = False
     # read them shared), the output (also o_proj's input), fp32 log-sum-exp; all-to-all keeps
     # SDPA's q, k, v and output on the head shard (k, v as exchanged) and o_proj's input apart
     kv = shape.kv_hidden
+    ring = layout.cp > 1 and layout.cp_mode == ContextParallelMode.RING
+    if cuda and layout.dtype == "float32" and not ring:  # SDPA's k, v copied per query head
+        kv = h  # (``models.llama.expands_shared_heads``; the ring's own kernels read them shared)
     if layout.cp > 1 and layout.cp_mode == ContextParallelMode.ALLTOALL:
-        repeats = alltoall_kv_repeats(shape.kv_heads // t, layout.cp)
+        repeats = 1 if kv == h else alltoall_kv_repeats(shape.kv_heads // t, layout.cp)
         attention = (3 * h + 2 * kv * repeats) * e / t + 4 * heads_local
     else:
         attention = (2 * h + 2 * kv) * e / t + 4 * heads_local
