@@ -236,8 +236,10 @@ def test_expanded_kv_heads_give_sdpas_grouped_attention(monkeypatch):
         return [out.detach(), *(t.grad for t in leaves)]
 
     expanded, grouped = run(True), run(False)
+    # two fp32 kernels on CUDA (memory-efficient against math) differ in summation order; a wrong
+    # head mapping is off by O(1)
     for a, b in zip(expanded, grouped):
-        assert a.shape == b.shape and relative_error(a, b) < 1e-6
+        assert a.shape == b.shape and relative_error(a, b) < 1e-5
     assert llama.repeat_heads(k, 8)[:, 3].equal(k[:, 0]) and llama.repeat_heads(k, 8)[:, 4].equal(k[:, 1])
 
 
