@@ -341,8 +341,16 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
     dp_total, construction = 0.0, 0.0
     # the largest parameter, generated whole before its part is kept
     largest = max(shape.hidden * shape.ffn_hidden, shape.hidden * shape.hidden, shape.vocab * shape.hidden)
+    # ranks of one kind (the same chunks' layer counts, embedding and head) differ only in the
+    # micro-batches they keep in flight, and a rank's memory grows with those: price each kind
+    # once, its memory at its most in flight
+    kinds: dict[tuple, tuple[list[int], int]] = {}
     for rank in range(pp):
         chunks = schedule.placement.chunks_of(rank, pp, v)
+        kind = tuple((counts[c], c == 0, c == parts - 1) for c in chunks)
+        held = kinds.setdefault(kind, (chunks, in_flight[rank]))
+        kinds[kind] = (held[0], max(held[1], in_flight[rank]))
+    for chunks, most_in_flight in kinds.values():
         layers = sum(counts[c] for c in chunks)
         first, last = 0 in chunks, parts - 1 in chunks
         params = stage_parameters(shape, layout, layers, first, last)
@@ -358,7 +366,7 @@ def predict(shape: ModelShape, layout: Layout, hw: HardwareProfile, exact_pipeli
         construction = max(construction, construction_bytes(params, largest, layout) + hw.framework_memory_bytes)
         # interleaved ranks hold chunks of different micro-batches; charge the largest chunk
         per_chunk_layers = max(counts[c] for c in chunks)
-        usage = rank_memory(shape, layout, per_chunk_layers, first, last, in_flight[rank], hw.framework_memory_bytes,
+        usage = rank_memory(shape, layout, per_chunk_layers, first, last, most_in_flight, hw.framework_memory_bytes,
                             cuda=hw.kind == "gpu")
         if v > 1:  # model states of all v chunks, activations of the in-flight chunks
             states = rank_memory(shape, layout, layers, first, last, 0, 0.0)
