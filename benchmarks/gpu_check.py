@@ -79,7 +79,7 @@ class Shapes:
 
 
 # llama-1b at 8 x 2048: 16k tokens an optimizer step, so that the step measures the model more than
-# AdamW (the planner puts the fused optimizer step at 3.5% of an H200 step here, 6.5% at 4 x 2048;
+# AdamW (the planner puts the fused optimizer step at 3.6% of an H200 step here, 6.6% at 4 x 2048;
 # a real run accumulates far more tokens a step). All four contestants fit an H200 together (90 GB
 # by single_rank.alternation_groups); an H100 alternates eager and compiled apart.
 CUDA_SHAPES = Shapes(models=(("llama-125m", 8, 2048), ("llama-1b", 8, 2048)), throughput_steps=10,

@@ -100,6 +100,61 @@ def test_activation_formula_matches_what_plait_saves():
         assert sum(kept.values()) == pytest.approx(predicted, rel=0.01), (dtype, zero)
 
 
+class _ElementwiseBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes the non-GEMM, non-attention kernels read and write: every tensor argument and
+    result of each op that computes (views and matmuls left out)."""
+
+    LEFT_OUT = {"mm", "addmm", "bmm", "t", "view", "_unsafe_view", "transpose", "expand", "slice", "select",
+                "unsqueeze", "permute", "as_strided", "detach", "alias", "split", "reshape", "squeeze", "empty",
+                "empty_like", "_scaled_dot_product_flash_attention_for_cpu",
+                "_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ not in self.LEFT_OUT:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            self.nbytes += sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor)
+                               and t.numel() > 1)
+        return out
+
+
+@pytest.mark.parametrize("dtype, zero", [("float32", 0), ("bfloat16", 0), ("bfloat16", 1)])
+def test_elementwise_traffic_matches_what_a_layer_moves(dtype, zero):
+    """The bytes of a decoder layer's elementwise kernels (norms, RoPE, SwiGLU's products,
+    residual adds, autocast's input casts, and all their gradients), counted op by op by a
+    dispatch mode on this CPU, equal the planner's ``llama_elementwise`` forward and backward
+    (eager norms: the CPU's), fp32, bf16 autocast, and bf16 parameters as ZeRO keeps them.
+    Under autocast the weights' casts (once a step) and their gradients' casts are counted
+    apart (``weight_casts``)."""
+    from plait.planner.compute import llama_elementwise
+
+    config = get_preset("small").replace(hidden_size=256, intermediate_size=704, num_attention_heads=4,
+                                         num_key_value_heads=2, num_hidden_layers=1, head_dim=None)
+    batch, seq = 2, 64
+    model = LlamaModel(config).to(torch.bfloat16 if zero else torch.float32)
+    layer = model.layers[0]
+    x = torch.randn(batch, seq, config.hidden_size, dtype=next(model.parameters()).dtype, requires_grad=True)
+    autocast = dtype == "bfloat16" and zero == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        cos, sin = model.position_tables(seq, x)
+        forward = _ElementwiseBytes()
+        with forward:
+            y = layer(x, cos, sin)
+    grad = torch.randn_like(y)
+    backward = _ElementwiseBytes()
+    with backward:
+        y.backward(grad)
+    shape = ModelShape.from_llama_config(config, seq)
+    parts = llama_elementwise(False, shape, Layout(micro_batch=batch, global_batch=batch, dtype=dtype, zero=zero))
+    weight_casts = 6 * (shape.layer_parameters() - 2 * config.hidden_size) if autocast else 0  # read 4, write 2
+    assert forward.nbytes - weight_casts == pytest.approx(sum(p.forward_bytes for p in parts), rel=0.02)
+    assert backward.nbytes - weight_casts == pytest.approx(sum(p.backward_bytes for p in parts), rel=0.02)
+
+
 def test_activation_formula_counts_kv_heads_copied_for_cuda_fp32(monkeypatch):
     """In fp32 on CUDA SDPA's k and v are copies per query head (``expands_shared_heads``): the
     layer keeps 2 (h - kv) fp32 more a token, measured here with the copies forced on the CPU,

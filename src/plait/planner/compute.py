@@ -13,18 +13,19 @@ the streaming memory bandwidth. That is how shape enters: under high tensor para
 per-device GEMMs get thin (n or k divided by tp), their arithmetic intensity mnk/(mk+kn+mn)
 falls towards the memory roof, and the fixed launch cost weighs more against less work; a
 materialised attention's QK^T (k = head_dim) is memory-bound outright. Backward runs two GEMMs
-per forward GEMM (input and weight gradients, same FLOPs, transposed shapes) and moves about
-twice the forward's bytes through elementwise kernels. Flash attention's backward does 2.5x its
-forward's FLOPs (it recomputes the scores).
+per forward GEMM (input and weight gradients, same FLOPs, transposed shapes). Flash attention's
+backward does 2.5x its forward's FLOPs (it recomputes the scores).
 
 Bytes moved by the elementwise work of a layer, per token (T_n: tokens a rank's norms see, s/t
 of them with sequence parallelism), are counted from the kernels each model runs:
-- llama (plait, eager PyTorch): RMSNorm in fp32 (x^2, mean, scale, cast, weight: ~7 passes of
-  h; on a GPU torch's fused kernel, 2 passes, see ``fused_norms``), rotary embedding on q and k
-  (~7 passes each way, ``rotary_traffic``), two residual adds, SiLU and the gate product (5
-  passes of f/t), and, with bf16 autocast over fp32 parameters, the casts of matmul
-  inputs (one per fp32 normalised input, shared by q, k, v and by gate, up:
-  ``models.mixed_precision``). The attention output costs no copy: SDPA and the
+- llama (plait, eager PyTorch; ``llama_elementwise``, forward and backward each counted, tested
+  against a dispatch mode's count of a real layer's kernels): RMSNorm in fp32 (x^2, mean, scale,
+  cast, weight: 7 passes of h, 25 back; on a GPU torch's fused kernel, 2 and 3, see
+  ``fused_norms``), RoPE on q and k (7 passes each way), two residual adds (and their
+  gradients' sums), SiLU and the gate product (5 passes of f/t, 9 back), and, with bf16
+  autocast over fp32 parameters, the casts of matmul inputs (one per fp32 normalised input,
+  shared by q, k, v and by gate, up: ``models.mixed_precision``; without autocast, autograd's
+  sums of their gradients). The attention output costs no copy: SDPA and the
   context-parallel kernels lay it out [b, s, heads, d], so o_proj reads it through a view.
   The casts of the layer's fp32 weights to bf16 are
   ``weight_casts``: once a step, the trainer keeping the casts for the step, or once a
@@ -122,13 +123,56 @@ def fused_norms(cuda: bool, shape: ModelShape, layout: Layout) -> bool:
     return cuda and shape.arch == "llama" and residual_bytes(shape, layout) == 4
 
 
-def norm_traffic(timer: "Timer", shape: ModelShape, layout: Layout, tokens: float, count: int) -> None:
-    """``count`` RMSNorms over ``tokens`` rows of h in fp32: the fused kernel reads x and writes
-    y; the eager ops (x^2, mean, rsqrt, scale, cast, weight) move about 7 passes in 5 kernels."""
-    if fused_norms(timer.rates.cuda, shape, layout):
-        timer.memory(count * 2 * tokens * shape.hidden * 4, kernels=count)
+@dataclass(frozen=True)
+class Traffic:
+    """One kind of elementwise work of a layer: bytes read and written and kernels launched,
+    forward and in its backward (counted from the eager kernels' tensors by a dispatch mode in
+    ``tests/test_planner.py``; a fused CUDA kernel from what it reads and writes)."""
+
+    forward_bytes: float
+    forward_kernels: int
+    backward_bytes: float
+    backward_kernels: int
+
+
+def norm_traffic(cuda: bool, shape: ModelShape, layout: Layout, tokens: float, count: int) -> Traffic:
+    """``count`` RMSNorms over ``tokens`` rows of h. The fused kernel reads x and writes y, and
+    its backward reads x and dy and writes dx (1/rms and the weight's partial sums are small);
+    the eager ops (x^2, mean, rsqrt, scale, cast, weight) move 28 bytes an element over an fp32
+    stream (36 over a bf16 one, upcast first), and autograd's backward of them 100 (98)."""
+    elements = count * tokens * shape.hidden
+    if fused_norms(cuda, shape, layout):
+        return Traffic(2 * 4 * elements, count, 3 * 4 * elements, 2 * count)
+    if residual_bytes(shape, layout) == 4:
+        return Traffic(28 * elements, 5 * count, 100 * elements, 13 * count)
+    return Traffic(36 * elements, 7 * count, 98 * elements, 14 * count)
+
+
+def llama_elementwise(cuda: bool, shape: ModelShape, layout: Layout) -> list[Traffic]:
+    """The elementwise work of one Llama layer (everything but the GEMMs and the attention core)
+    on one rank, one micro-batch."""
+    t, s = layout.tp, local_seq(shape, layout)
+    h, f, kv = shape.hidden, shape.ffn_hidden, shape.kv_hidden
+    tokens = layout.micro_batch * s
+    norm_tokens = tokens / t if layout.sequence_parallel else tokens
+    e, e_res = DTYPE_BYTES[layout.dtype], residual_bytes(shape, layout)
+    rotary = 7 * tokens * (h + kv) / t * e  # q and k (``models.llama._Rotate``): the same rotation back
+    swiglu = tokens * f / t * e  # silu(gate) * up; back: two products and silu's gradient
+    parts = [Traffic(rotary, 10, rotary, 10), Traffic(5 * swiglu, 2, 9 * swiglu, 3),
+             norm_traffic(cuda, shape, layout, norm_tokens, count=2)]
+    # two residual adds; back: the stream's gradient summed with the norm's, once each
+    residual = 2 * 3 * norm_tokens * h * e_res
+    parts.append(Traffic(residual, 2, residual, 2))
+    # the inputs that q, k, v (3 uses) and gate, up (2) share: under autocast one cast each
+    # (``models.mixed_precision``), whose backward casts the first gradient to fp32 and adds the
+    # others to it; without, autograd sums the uses' gradients in the input's dtype
+    uses = (3, 2)
+    if autocast_casts(shape, layout):
+        back = sum((e + 4) + (n - 1) * (8 + e) for n in uses)
+        parts.append(Traffic(len(uses) * tokens * h * (4 + e), len(uses), back * tokens * h, sum(uses)))
     else:
-        timer.memory(count * 7 * tokens * shape.hidden * 4, kernels=5 * count)
+        parts.append(Traffic(0.0, 0, sum((n - 1) * 3 * e_res for n in uses) * tokens * h, sum(uses) - len(uses)))
+    return parts
 
 
 def local_seq(shape: ModelShape, layout: Layout) -> int:
@@ -144,25 +188,19 @@ def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
     h, f, kv = shape.hidden, shape.ffn_hidden, shape.kv_hidden
     tokens = b * s
     norm_tokens = tokens / t if layout.sequence_parallel else tokens
-    e, e_res = timer.e, residual_bytes(shape, layout)
+    e = timer.e
     heads = shape.heads // t
     if shape.arch == "llama":
         timer.gemm(tokens, h / t, h)                    # q
         timer.gemm(tokens, kv / t, h, count=2)          # k, v
-        rotary_traffic(timer, shape, layout, tokens)
         kernels = layout.cp if layout.cp_mode == ContextParallelMode.RING else 1
         for _ in range(kernels):  # causal flash: half the score blocks
             timer.attention(0.5 * 4 * b * s * shape.seq_len * h / t / kernels)
         timer.gemm(tokens, h, h / t)                    # o_proj
         timer.gemm(tokens, f / t, h, count=2)           # gate, up
-        timer.memory(5 * tokens * f / t * e, kernels=2)  # silu(gate) * up
         timer.gemm(tokens, h, f / t)                    # down
-        norm_traffic(timer, shape, layout, norm_tokens, count=2)
-        timer.memory(2 * 3 * norm_tokens * h * e_res, kernels=2)       # two residual adds
-        if autocast_casts(shape, layout):
-            # each norm's fp32 output is cast to bf16 once for the matmuls that share it (q, k, v;
-            # gate, up)
-            timer.memory(2 * tokens * h * (4 + e), kernels=2)
+        for part in llama_elementwise(timer.rates.cuda, shape, layout):
+            timer.memory(part.forward_bytes, kernels=part.forward_kernels)
     else:
         d = shape.head_dim
         timer.gemm(tokens, 3 * h / t, h)                # fused qkv
@@ -178,26 +216,22 @@ def layer_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
         timer.memory(2 * norm_tokens * h * (3 * e + 1), kernels=2)    # two bias-dropout-adds
 
 
-def rotary_traffic(timer: Timer, shape: ModelShape, layout: Layout, tokens: float) -> None:
-    """RoPE on q and k (``models.llama._Rotate``): x * cos, then each half updated in place by
-    the other half's product with sin: about 7 passes of x in 5 kernels each. Its backward is the
-    same rotation by the opposite angle."""
-    timer.memory(7 * tokens * (shape.hidden + shape.kv_hidden) / layout.tp * timer.e, kernels=10)
-
-
 def layer_backward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
     """Backward of one layer: every GEMM twice (input and weight gradients, transposed shapes,
-    same FLOPs), flash attention 2.5x its forward, elementwise traffic twice the forward's but
-    RoPE's once (``rotary_traffic``); under autocast over fp32 parameters the weight gradients'
-    casts to fp32 and their accumulation (charged as twice the weights' cast)."""
-    probe, rotary = Timer(timer.rates, timer.e), Timer(timer.rates, timer.e)
+    same FLOPs), flash attention 2.5x its forward; the elementwise work's backward as counted
+    (``llama_elementwise``; Megatron's fused kernels: twice the forward's bytes); under autocast
+    over fp32 parameters the weight gradients' casts to fp32 and their accumulation (charged as
+    twice the weights' cast)."""
+    probe = Timer(timer.rates, timer.e)
     layer_forward(probe, shape, layout)
     forward = probe.cost
-    if shape.arch == "llama":
-        rotary_traffic(rotary, shape, layout, layout.micro_batch * local_seq(shape, layout))
     timer.cost.gemm += 2 * forward.gemm
     timer.cost.attention += 2.5 * forward.attention
-    timer.cost.memory += 2 * forward.memory - rotary.cost.memory
+    if shape.arch == "llama":
+        for part in llama_elementwise(timer.rates.cuda, shape, layout):
+            timer.memory(part.backward_bytes, kernels=part.backward_kernels)
+    else:
+        timer.cost.memory += 2 * forward.memory
     for _ in range(2):
         weight_casts(timer, shape, layout)
 
@@ -226,7 +260,8 @@ def head_forward(timer: Timer, shape: ModelShape, layout: Layout) -> None:
     t, tokens = layout.tp, layout.micro_batch * local_seq(shape, layout)
     h, v = shape.hidden, shape.vocab
     norm_tokens = tokens / t if layout.sequence_parallel else tokens
-    norm_traffic(timer, shape, layout, norm_tokens, count=1)  # gpt: charged as plait's eager norm
+    norm = norm_traffic(timer.rates.cuda, shape, layout, norm_tokens, count=1)  # gpt: as plait's eager norm
+    timer.memory(norm.forward_bytes, kernels=norm.forward_kernels)
     timer.gemm(tokens, v / t, h)
     timer.memory(4 * tokens * v / t * 4, kernels=4)  # logits to fp32, max, exp-sum, target pick
 
