@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from gpu_check import CPU_SHAPES, CUDA_SHAPES, MULTI_RANK_LAYOUTS  # noqa: E402
+from gpu_check import CPU_SHAPES, CUDA_SHAPES  # noqa: E402
+from gpu_check_multi import MULTI_RANK_LAYOUTS  # noqa: E402
 SECTIONS = ["environment", "tests", "cpu_match", "device_policy", "throughput", "memory", "multi_rank",
             "context_parallel"]
 
