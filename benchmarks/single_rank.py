@@ -166,7 +166,8 @@ RATIOS = [("plait", "transformers"), ("plait compiled", "plait"), ("plait compil
 def compare(config, device: torch.device, dtype: torch.dtype, batch: int, seq_len: int, steps: int,
             compiled: bool, peak: float) -> list[dict]:
     """One row per contestant (step time, tokens/s, MFU over ``peak``) and one per ratio. A ratio
-    of two contestants that could not alternate together (``alternation_groups``) says so."""
+    of two contestants that could not alternate together (``alternation_groups``, or a group
+    that ran out of memory and was halved) says so."""
     tokens = batch * seq_len
     flops = config.flops_per_token(seq_len) * tokens
     generator = torch.Generator().manual_seed(0)
@@ -174,12 +175,20 @@ def compare(config, device: torch.device, dtype: torch.dtype, batch: int, seq_le
     inputs, targets = ids[:, :-1], ids[:, 1:]
     names = CONTESTANTS if compiled else CONTESTANTS[:2]
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    groups = alternation_groups(names, config, batch, seq_len, free)
+    pending = alternation_groups(names, config, batch, seq_len, free)
+    groups: list[tuple[str, ...]] = []  # as timed
     results: dict[str, tuple[float, float]] = {}
-    for group in groups:
-        runs = contestants(config, device, group)
-        results.update(time_interleaved(runs, inputs, targets, dtype, steps, device))
-        del runs
+    while pending:
+        group = pending.pop(0)
+        try:
+            results.update(time_interleaved(contestants(config, device, group), inputs, targets, dtype, steps, device))
+            groups.append(group)
+        except torch.OutOfMemoryError:
+            # the count above was short: halve the group rather than lose the model's rows (the
+            # exception is let go first, so that the models its frames hold are freed)
+            if len(group) == 1:
+                raise
+            pending[:0] = [group[:len(group) // 2], group[len(group) // 2:]]
         if device.type == "cuda":
             torch.cuda.empty_cache()
     group_of = {name: index for index, group in enumerate(groups) for name in group}

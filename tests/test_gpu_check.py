@@ -70,6 +70,31 @@ def test_contestants_alternate_together_unless_memory_splits_eager_from_compiled
     assert alternation_groups(CONTESTANTS[:2], config, 4, 2048, 50e9) == [("plait", "transformers")]
 
 
+def test_a_group_that_runs_out_of_memory_is_halved_and_its_ratio_says_so(monkeypatch):
+    """On a GPU the memory count may be short: the group is timed in halves, not lost."""
+    import single_rank
+    import torch
+    from plait.models import get_preset
+
+    timed = []
+    real = single_rank.time_interleaved
+
+    def short_of_memory(runs, *args, **kwargs):
+        if len(runs) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        timed.append(tuple(runs))
+        return real(runs, *args, **kwargs)
+
+    monkeypatch.setattr(single_rank, "time_interleaved", short_of_memory)
+    rows = single_rank.compare(get_preset("tiny"), torch.device("cpu"), torch.float32, 2, 32, 1, False, 1e12)
+    assert timed == [("plait",), ("transformers",)]
+    assert [row["implementation"] for row in rows] == ["plait", "transformers", "ratio plait / transformers"]
+    assert rows[2]["alternated"] is False and rows[2]["ratio"] > 0
+    monkeypatch.setattr(single_rank, "time_interleaved", lambda *a, **k: short_of_memory({"a": 0, "b": 0}))
+    with pytest.raises(torch.OutOfMemoryError):  # one contestant alone that does not fit: the error
+        single_rank.compare(get_preset("tiny"), torch.device("cpu"), torch.float32, 2, 32, 1, False, 1e12)
+
+
 def test_the_planners_step_for_the_gpu_rows_is_a_physical_one():
     """The figure plait's measured GPU step is held against: no faster than the datasheet peak
     allows for the model's FLOPs, and not absurdly slow (the planner predicts ~45% MFU eager)."""
