@@ -245,13 +245,13 @@ def test_expanded_kv_heads_give_sdpas_grouped_attention(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_runs_without_sdpas_math_kernel(dtype):
-    """Grouped-query attention, forward and backward, with SDPA's math kernel (which keeps the
-    [b, heads, s, s] scores) ruled out: on the CPU the flash kernel reads shared heads in both
+    """Grouped-query attention, forward and backward, and a decoded prompt's first pass, with
+    SDPA's math kernel (which keeps the [b, heads, s, s] scores) ruled out: on the CPU the flash kernel reads shared heads in both
     dtypes; on CUDA (make gpu-check) bf16 takes flash and fp32 the memory-efficient kernel over
     copied heads. SDPA raises where only the math kernel would do."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from plait.models.llama import LlamaAttention
+    from plait.models.llama import LayerCache, LlamaAttention
 
     attention = LlamaAttention(tiny_model_config(), device=TEST_DEVICE)
     generator = torch.Generator().manual_seed(0)
@@ -260,4 +260,7 @@ def test_attention_runs_without_sdpas_math_kernel(dtype):
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         out = attention.attend(q, k, v)
         out.float().square().sum().backward()
+        with torch.no_grad():  # a prompt's first pass when decoding: nothing cached before it
+            prompt = attention._attend_cached(q.detach(), k.detach(), v.detach(), LayerCache())
     assert out.shape == q.shape and all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.equal(prompt, out.detach())

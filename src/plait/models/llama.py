@@ -151,8 +151,8 @@ class KVCache:
 
 
 def _attention_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor | None:
-    """Causal mask of ``queries`` new positions after ``keys - queries`` cached ones (None: SDPA's
-    own causal mask, when nothing is cached; one new query sees every key)."""
+    """Causal mask of ``queries`` new positions after ``keys - queries`` cached ones (None for one
+    new query, which sees every key)."""
     if queries == 1:
         return None
     start = keys - queries
@@ -222,12 +222,14 @@ class LlamaAttention(nn.Module):
 
     def _attend_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache) -> torch.Tensor:
         """Decoding: the new positions attend to the cached ones and themselves; SDPA shares the kv
-        heads (the cache is not copied)."""
+        heads (the cache is not copied). A prompt with nothing cached before it is the training
+        path's causal attention (on CUDA in fp32 that keeps SDPA off its math kernel, whose
+        [b, heads, s, s] scores a long prompt would otherwise hold)."""
         k, v = cache.extend(k, v)
         seq = q.shape[2]
-        causal = k.shape[2] == seq  # nothing cached before these positions
-        mask = None if causal else _attention_mask(seq, k.shape[2], q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        if k.shape[2] == seq:  # nothing cached before these positions
+            return causal_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=_attention_mask(seq, k.shape[2], q.device),
                                               enable_gqa=q.shape[1] > k.shape[1])
 
 
