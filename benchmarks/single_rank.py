@@ -138,25 +138,36 @@ def time_interleaved(runs: dict, inputs, targets, dtype, steps, device: torch.de
     Alternating spreads the machine's drift (other load, heap warm-up) evenly over both. Step 0
     warms caches and allocators up (and compiles the compiled contestants) and is not timed.
     """
-    optimizers = {name: build_adamw(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
-                  for name, (_, model) in runs.items()}
+    optimizers = {name: optimizer_for(model) for name, (_, model) in runs.items()}
     times: dict[str, list[float]] = {name: [] for name in runs}
     losses: dict[str, float] = {}
     for step in range(steps + 1):
         for name, (loss_fn, model) in runs.items():
             sync(device)
             start = time.perf_counter()
-            with gemm_context(device, dtype):  # both models: plait's trainer's products
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                    loss = loss_fn(model, inputs, targets)
-                loss.backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
+            loss = training_step(loss_fn, model, optimizers[name], inputs, targets, dtype, device)
             sync(device)
             if step:
                 times[name].append(time.perf_counter() - start)
-            losses[name] = float(loss.detach())
+            losses[name] = float(loss)
     return {name: (statistics.median(times[name]), losses[name]) for name in runs}
+
+
+def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return build_adamw(model, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+
+
+def training_step(loss_fn, model, optimizer, inputs, targets, dtype: torch.dtype, device: torch.device
+                  ) -> torch.Tensor:
+    """One step of a contestant: forward and loss (bf16 autocast when ``dtype`` is bf16),
+    backward, AdamW; returns the loss, detached (not synchronised)."""
+    with gemm_context(device, dtype):  # both models: plait's trainer's products
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = loss_fn(model, inputs, targets)
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 RATIOS = [("plait", "transformers"), ("plait compiled", "plait"), ("plait compiled", "transformers compiled"),

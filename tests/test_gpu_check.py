@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from gpu_check import CPU_SHAPES, CUDA_SHAPES  # noqa: E402
 from gpu_check_multi import MULTI_RANK_LAYOUTS  # noqa: E402
-SECTIONS = ["environment", "tests", "cpu_match", "device_policy", "throughput", "memory", "multi_rank",
-            "context_parallel"]
+SECTIONS = ["environment", "tests", "cpu_match", "device_policy", "throughput", "memory", "profile",
+            "multi_rank", "context_parallel"]
 
 
 @pytest.mark.timeout(600)
@@ -39,8 +39,12 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     assert {"plait", "transformers", "plait compiled", "transformers compiled",
             "ratio plait compiled / transformers compiled"} <= names
     assert sections["memory"]["measured_gb"] > 0 and sections["memory"]["predicted_gb"] > 0
+    profiled = sections["profile"]  # the step's ops by kind: the products are among them, shares sum to 1
+    assert profiled["share_by_kind"]["matrix products"] > 0 and abs(sum(profiled["share_by_kind"].values()) - 1) < 1e-9
+    assert 0 < profiled["busy_s"] <= profiled["wall_s"] and profiled["top_ops"][0]["ms"] > 0
     markdown = (tmp_path / "out" / "results.md").read_text()
     assert "| section | status | seconds | result |" in markdown and "| tiny | 2 x 64 | plait compiled |" in markdown
+    assert "| op | calls | ms | kind |" in markdown
 
 
 def test_results_are_on_disk_after_every_section(tmp_path):
