@@ -19,9 +19,9 @@ about 8 minutes on one H200 and records what it measured:
    (the first check of its compute model of plait's kernels on a GPU);
 4. ``memory``: plait's trainer's peak memory (``torch.cuda.max_memory_allocated``) of the
    biggest model against the planner's prediction for that profile;
-   ``profile``: where plait's eager bf16 step of that model goes (``torch.profiler``: each
-   aten op's self time on the device, by kind: matrix products, attention, optimizer, casts),
-   and how busy the device was over the step's wall time;
+   ``profile``: where an eager bf16 step of that model goes, plait's and ``transformers``'
+   (``torch.profiler``: each aten op's self time on the device, by kind: matrix products,
+   attention, optimizer, casts), and how busy the device was over the step's wall time;
 5. ``device_policy``: more local ranks than GPUs is refused in one line before any worker starts;
 6. ``multi_rank`` (2 or more GPUs; on the CPU with gloo): dp2, tp2 + SP, pp2 1F1B, ZeRO-3 and
    cp2 (ring and all-to-all) under ``plait train --nproc 2`` against one process, fp32 losses to
@@ -285,30 +285,23 @@ def kind_of(op: str) -> str:
     return next((kind for kind, markers in OP_KINDS if any(marker in op for marker in markers)), "other")
 
 
-def profile(check: Check) -> dict:
-    """Where plait's eager bf16 step goes: ``torch.profiler`` over one step of the biggest
-    throughput model (after two warm-up steps), each aten op's self time on the device (on the
-    CPU: self CPU time), summed by kind and the heaviest listed. Next to the step's wall time it
-    says how busy the device was (launch-bound or not) and what to change first when the MFU
-    target is missed, read from this run rather than from another GPU window."""
+def profile_step(name: str, config, device: torch.device, ids: torch.Tensor) -> dict:
+    """One profiled bf16 step of contestant ``name`` (of single_rank's), after two warm-up steps:
+    its wall time, the aten ops' self time on the device (on the CPU: self CPU time) in all and
+    by kind, and the heaviest ops."""
     from torch.profiler import ProfilerActivity, profile as profiled
-    from plait.models import get_preset
     from single_rank import contestants, optimizer_for, sync, training_step
 
-    preset, batch, seq_len = check.shapes.models[-1]
-    config = get_preset(preset)
-    (loss_fn, model), = contestants(config, check.device, ("plait",)).values()
+    (loss_fn, model), = contestants(config, device, (name,)).values()
     optimizer = optimizer_for(model)
-    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1),
-                        generator=torch.Generator().manual_seed(0)).to(check.device)
 
     def step() -> None:
-        training_step(loss_fn, model, optimizer, ids[:, :-1], ids[:, 1:], torch.bfloat16, check.device)
-        sync(check.device)
+        training_step(loss_fn, model, optimizer, ids[:, :-1], ids[:, 1:], torch.bfloat16, device)
+        sync(device)
 
     for _ in range(2):
         step()
-    on_device = check.device.type == "cuda"
+    on_device = device.type == "cuda"
     with profiled(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])) as prof:
         start = time.perf_counter()
         step()
@@ -318,14 +311,33 @@ def profile(check: Check) -> dict:
     busy_s = sum(seconds for _, _, seconds in ops)
     if busy_s <= 0:
         raise RuntimeError(f"the profiler recorded no {'device' if on_device else 'CPU'} time (CUPTI missing?)")
-    by_kind: dict[str, float] = {}
+    by_kind = dict.fromkeys([kind for kind, _ in OP_KINDS] + ["other"], 0.0)
     for op, _, seconds in ops:
-        by_kind[kind_of(op)] = by_kind.get(kind_of(op), 0.0) + seconds
+        by_kind[kind_of(op)] += seconds
     top = sorted(ops, key=lambda op: -op[2])[:12]
-    return {"model": preset, "batch": batch, "seq_len": seq_len, "wall_s": wall_s, "busy_s": busy_s,
-            "time": "self device time" if on_device else "self CPU time",
-            "share_by_kind": {kind: seconds / busy_s for kind, seconds in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+    return {"wall_s": wall_s, "busy_s": busy_s, "ms_by_kind": {kind: 1e3 * seconds for kind, seconds in by_kind.items()},
             "top_ops": [{"op": op, "calls": calls, "ms": 1e3 * seconds} for op, calls, seconds in top]}
+
+
+def profile(check: Check) -> dict:
+    """Where an eager bf16 step of the biggest throughput model goes, plait's and
+    ``transformers``' (``profile_step``): the device's busy time over the step's wall time
+    (launch-bound or not) and each kind of op's milliseconds side by side, so that a missed MFU
+    or step-time target says what to change first, read from this run rather than from another
+    GPU window."""
+    from plait.models import get_preset
+
+    preset, batch, seq_len = check.shapes.models[-1]
+    config = get_preset(preset)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1),
+                        generator=torch.Generator().manual_seed(0)).to(check.device)
+    steps = {}
+    for name in ("plait", "transformers"):
+        steps[name] = profile_step(name, config, check.device, ids)
+        if check.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"model": preset, "batch": batch, "seq_len": seq_len,
+            "time": "self device time" if check.device.type == "cuda" else "self CPU time", "steps": steps}
 
 
 def memory(check: Check) -> dict:
@@ -412,10 +424,16 @@ def markdown(check: Check) -> str:
                 lines.append(f"| {row['model']} | {shape} | {row['implementation']} | {row['step_s']:.3f} | "
                              f"{row['tokens_per_s']:.0f} | {100 * row['mfu']:.1f}% | {datasheet} | {planner} |")
     profiled = r.get("profile", {})
-    if profiled.get("top_ops"):
-        lines += ["", f"Heaviest ops of one plait eager bf16 step of {profiled['model']} ({profiled['batch']} x "
-                  f"{profiled['seq_len']}), by {profiled['time']}:", "", "| op | calls | ms | kind |", "|---|---|---|---|"]
-        lines += [f"| `{op['op']}` | {op['calls']} | {op['ms']:.1f} | {kind_of(op['op'])} |" for op in profiled["top_ops"]]
+    if "steps" in profiled:
+        plait, theirs = profiled["steps"]["plait"], profiled["steps"]["transformers"]
+        lines += ["", f"One eager bf16 step of {profiled['model']} ({profiled['batch']} x {profiled['seq_len']}), "
+                  f"{profiled['time']} of its aten ops, ms:", "", "| kind | plait | transformers |", "|---|---|---|"]
+        lines += [f"| {kind} | {plait['ms_by_kind'][kind]:.1f} | {theirs['ms_by_kind'][kind]:.1f} |"
+                  for kind in plait["ms_by_kind"]]
+        lines += [f"| all (busy) | {1e3 * plait['busy_s']:.1f} | {1e3 * theirs['busy_s']:.1f} |",
+                  f"| step's wall time | {1e3 * plait['wall_s']:.1f} | {1e3 * theirs['wall_s']:.1f} |",
+                  "", "plait's heaviest ops:", "", "| op | calls | ms | kind |", "|---|---|---|---|"]
+        lines += [f"| `{op['op']}` | {op['calls']} | {op['ms']:.1f} | {kind_of(op['op'])} |" for op in plait["top_ops"]]
     return "\n".join(lines) + "\n"
 
 
@@ -435,10 +453,10 @@ def summary_of(name: str, figures: dict) -> str:
                 f"{figures['predicted_gb']:.2f} GB predicted for {figures['profile']} "
                 f"({figures['ratio_measured_over_predicted']:.2f}x)")
     if name == "profile":
-        shares = ", ".join(f"{kind} {100 * share:.0f}%" for kind, share in figures["share_by_kind"].items())
-        return (f"{figures['model']} plait eager bf16: {figures['time']} {figures['busy_s']:.3f} s of a "
-                f"{figures['wall_s']:.3f} s profiled step: {shares}; heaviest {figures['top_ops'][0]['op']} "
-                f"{figures['top_ops'][0]['ms']:.1f} ms")
+        plait, theirs = figures["steps"]["plait"], figures["steps"]["transformers"]
+        return (f"{figures['model']} eager bf16, {figures['time']} over the profiled step's wall time: plait "
+                f"{plait['busy_s']:.3f} of {plait['wall_s']:.3f} s, transformers {theirs['busy_s']:.3f} of "
+                f"{theirs['wall_s']:.3f} s (by kind below)")
     if name == "device_policy":
         return f"`{figures['command']}`: exit {figures['exit_code']}, {figures['message'][:150]}"
     if name == "multi_rank":
@@ -471,7 +489,7 @@ SECTIONS: list[tuple[str, Callable[[Check], dict], float]] = [
     ("device_policy", device_policy, 20),
     ("throughput", throughput, 180),
     ("memory", memory, 60),
-    ("profile", profile, 40),
+    ("profile", profile, 60),
     ("multi_rank", lambda check: multi_rank(check.device, check.shapes.multi_rank_steps, check.shapes.layouts,
                                             check.shapes.big_messages, check.shapes.allreduce_bytes), 150),
     ("context_parallel", lambda check: context_parallel(check.device), 40),
