@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.comm import (Collectives, copy_to_tp, eager, gather_from_tp, gather_sequence, reduce_from_tp,
-                        reduce_scatter_sequence)
+from plait.comm import Collectives, eager
 from plait.pipeline.weight_grad import (DeferrableLinear, DeferredWeightGradients, input_grad, save_linear,
                                        saved_linear, weight_and_bias_grads)
+from plait.tensor_parallel.collectives import (copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp,
+                                               reduce_scatter_sequence)
 from plait.sharding import TensorShard, padded_part, set_shard, split_bounds, without_padding
 
 class InputMode(str, Enum):

@@ -22,9 +22,10 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
-from plait.comm import Collectives, _gather_dim
+from plait.comm import Collectives
 from plait.errors import PlaitError
 from plait.sharding import TensorShard, padded_part, set_shard, shard_of, without_padding
+from plait.tensor_parallel.collectives import gather_dim
 from plait.tensor_parallel.layers import (ColumnParallelLinear, InputMode, OutputMode, ParallelLMHead,
                                           RowParallelLinear, VocabParallelEmbedding)
 
@@ -213,7 +214,7 @@ def _unshard(tensor: torch.Tensor, param: nn.Parameter, comm: Collectives) -> to
     if not shard.is_split:
         return tensor
     size = shard.full_shape(tuple(tensor.shape))[shard.dim]
-    gathered = _gather_dim(padded_part(tensor, shard.dim, size, comm.size), comm, shard.dim, "gather_state")
+    gathered = gather_dim(padded_part(tensor, shard.dim, size, comm.size), comm, shard.dim, "gather_state")
     return without_padding(gathered, shard.dim, size, comm.size)
 
 

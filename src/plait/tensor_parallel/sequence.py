@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from plait.comm import Collectives, _gather_dim
+from plait.comm import Collectives
+from plait.tensor_parallel.collectives import gather_dim
 
 
 @dataclass
@@ -35,7 +36,7 @@ class _Regather:
 
     def materialise(self) -> torch.Tensor:
         if self.full is None:
-            self.full = _gather_dim(self.shard, self.comm, 1, "sp_regather")
+            self.full = gather_dim(self.shard, self.comm, 1, "sp_regather")
         return self.full
 
 

@@ -10,7 +10,7 @@ Order (``Trainer.__init__``): after the tensor-parallel plan replaced the linear
 kept this rank's blocks, before recomputation wraps each block's (now compiled) forward in
 ``torch.utils.checkpoint`` and before the data-parallel strategy registers its hooks.
 
-Collectives stay eager: tensor- and sequence-parallel communication (``plait.comm``) is marked
+Collectives stay eager: tensor- and sequence-parallel communication (``plait.tensor_parallel.collectives``) is marked
 ``torch.compiler.disable`` (``plait.comm.eager``, switched on here), so each is a graph break and runs, is counted and is recorded exactly
 as without ``--compile``; the compiled graphs are the math between them. The same holds for the
 zero-bubble schedules' deferred weight products (``plait.pipeline.weight_grad``), whose backward
