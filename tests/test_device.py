@@ -82,4 +82,6 @@ def test_trainer_steps_on_the_test_device_follow_the_cpu(data, model_config):
     reference = train_and_collect(ParallelContext.single(torch.device("cpu")), cfg, data, model_config)
     losses, norms, params, val = train_and_collect(ParallelContext.single(TEST_DEVICE), cfg, data, model_config)
     assert all(param.device.type == TEST_DEVICE.type for param in params.values())
+    # fp32 products stay IEEE fp32, not TF32 (what the planner's GPU profiles price fp32 at)
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
     assert_runs_match([(losses, norms, {name: param.cpu() for name, param in params.items()}, val)], reference, 1e-5)

@@ -412,3 +412,13 @@ def test_calibrate_measures_this_machine_and_prices_every_collective(tmp_path, m
                  "alltoall", "--zero", "2", "--seq-len", "256", "--global-batch", "8", "--json"]) == 0
     prediction = json.loads(capsys.readouterr().out)
     assert prediction["step_time_s"] > 0 and prediction["memory_gb_per_gpu"] > 0
+
+
+def test_gpu_profiles_price_fp32_products_at_the_fp32_rate_plait_runs_them_at():
+    """plait leaves PyTorch's fp32 products IEEE fp32 on CUDA, not TF32 (the device test of
+    fp32 steps against the CPU holds them to 1e-5): the GPU profiles' fp32 rate is the datasheet's
+    FP32, an eighth or less of TF32's, so an fp32 layout is not predicted 7x faster than it runs."""
+    for name, fp32_tflops in (("a100-80gb", 19.5), ("h100-80gb", 67), ("h200", 67)):
+        hardware = load_profile(name)
+        assert hardware.peak("float32") == fp32_tflops * 1e12 and hardware.peak("bfloat16") > 14 * hardware.peak("float32")
+

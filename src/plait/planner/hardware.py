@@ -129,12 +129,15 @@ class HardwareProfile:
         return cls(**values)
 
 
-def _nvidia(name: str, bf16_tflops: float, tf32_tflops: float, memory_gb: float, hbm_gb_s: float,
+def _nvidia(name: str, bf16_tflops: float, fp32_tflops: float, memory_gb: float, hbm_gb_s: float,
             nvlink_gb_s: float, nic_gb_s: float, gemm_efficiency: float, attention_efficiency: float,
             source: str) -> HardwareProfile:
+    """``fp32_tflops``: the datasheet's FP32 rate, not TF32's: plait leaves PyTorch's default
+    ``torch.backends.cuda.matmul.allow_tf32 = False``, so fp32 products are fp32 (and equal
+    another layout's to 1e-5); TF32 would round their inputs to 10 mantissa bits."""
     return HardwareProfile(
         name=name, peak_flops={"bfloat16": bf16_tflops * TERA, "float16": bf16_tflops * TERA,
-                               "float32": tf32_tflops * TERA},  # fp32 matmuls run as TF32
+                               "float32": fp32_tflops * TERA},
         gemm_efficiency=gemm_efficiency, attention_efficiency=attention_efficiency,
         memory_bytes=memory_gb * GB, memory_bandwidth=hbm_gb_s * GB, memory_efficiency=0.9,
         devices_per_node=8, intra_node_bandwidth=nvlink_gb_s * GB, inter_node_bandwidth=nic_gb_s * GB,
@@ -143,13 +146,13 @@ def _nvidia(name: str, bf16_tflops: float, tf32_tflops: float, memory_gb: float,
 
 
 PROFILES: dict[str, HardwareProfile] = {
-    "a100-40gb": _nvidia("a100-40gb", 312, 156, 40, 1555, 300, 25, 0.75, 0.55,
+    "a100-40gb": _nvidia("a100-40gb", 312, 19.5, 40, 1555, 300, 25, 0.75, 0.55,
                          "A100 SXM4 40GB datasheet; DGX A100 (NVLink3, 8x HDR 200 Gb/s)"),
-    "a100-80gb": _nvidia("a100-80gb", 312, 156, 80, 2039, 300, 25, 0.75, 0.55,
+    "a100-80gb": _nvidia("a100-80gb", 312, 19.5, 80, 2039, 300, 25, 0.75, 0.55,
                          "A100 SXM4 80GB datasheet; DGX A100 (NVLink3, 8x HDR 200 Gb/s)"),
-    "h100-80gb": _nvidia("h100-80gb", 989, 494, 80, 3350, 450, 50, 0.72, 0.45,
+    "h100-80gb": _nvidia("h100-80gb", 989, 67, 80, 3350, 450, 50, 0.72, 0.45,
                          "H100 SXM5 80GB datasheet; DGX H100 (NVLink4, 8x NDR 400 Gb/s)"),
-    "h200": _nvidia("h200", 989, 494, 141, 4800, 450, 50, 0.72, 0.45,
+    "h200": _nvidia("h200", 989, 67, 141, 4800, 450, 50, 0.72, 0.45,
                     "H200 SXM 141GB product brief; HGX H200 (NVLink4, 8x NDR 400 Gb/s)"),
 }
 ALIASES = {"a100": "a100-80gb", "h100": "h100-80gb", "h100-sxm": "h100-80gb", "h200-141gb": "h200"}
