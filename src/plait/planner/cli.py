@@ -27,7 +27,8 @@ def _add_model_flags(parser: argparse.ArgumentParser, shape_flags: bool) -> None
     parser.add_argument("--gpus-per-node", type=int, default=None,
                         help="devices per node: tp groups stay inside one (default: the profile's, 8 for GPUs)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
-                        help="compute dtype (default: bfloat16)")
+                        help="compute dtype (default: bfloat16); float16 prices the papers' fp16 runs, "
+                             "plait itself trains bfloat16 or float32 (IEEE fp32 on GPUs, not TF32)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     if shape_flags:
         shape = parser.add_argument_group("model shape (instead of --model)")
