@@ -68,7 +68,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/single_ra
 from gpu_check_multi import LOSS_TOLERANCE, context_parallel, multi_rank, subprocess_env  # noqa: E402
 
 
-
 @dataclass(frozen=True)
 class Shapes:
     """What each section runs on the device: the real check on CUDA, a smoke-sized one on the CPU."""
