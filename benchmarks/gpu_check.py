@@ -373,6 +373,10 @@ def memory(check: Check) -> dict:
             else "process peak resident set", "predicted_gb": predicted / 1e9,
             "ratio_measured_over_predicted": measured / predicted,
             "breakdown_gb": {key: value / 1e9 for key, value in prediction.memory_breakdown.items()},
+            # what a layout may fill: the profile's datasheet capacity against what the device reports
+            "capacity_gb": {"profile": hardware.memory_bytes / 1e9,
+                            "device": (torch.cuda.get_device_properties(check.device).total_memory / 1e9
+                                       if check.device.type == "cuda" else None)},
             "trainer_tokens_per_s": records[-1]["tokens_per_s"], "trainer_step_s": records[-1]["step_time_s"]}
 
 
@@ -450,7 +454,9 @@ def summary_of(name: str, figures: dict) -> str:
     if name == "memory":
         return (f"{figures['model']}: {figures['measured_gb']:.2f} GB measured ({figures['what']}) vs "
                 f"{figures['predicted_gb']:.2f} GB predicted for {figures['profile']} "
-                f"({figures['ratio_measured_over_predicted']:.2f}x)")
+                f"({figures['ratio_measured_over_predicted']:.2f}x)"
+                + (f"; capacity {figures['capacity_gb']['device']:.1f} GB on the device, "
+                   f"{figures['capacity_gb']['profile']:.0f} GB in the profile" if figures["capacity_gb"]["device"] else ""))
     if name == "profile":
         plait, theirs = figures["steps"]["plait"], figures["steps"]["transformers"]
         return (f"{figures['model']} eager bf16, {figures['time']} over the profiled step's wall time: plait "

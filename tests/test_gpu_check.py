@@ -63,6 +63,55 @@ def test_results_are_on_disk_after_every_section(tmp_path):
     assert second["status"] == "failed" and "ZeroDivisionError" in second["error"]
 
 
+def test_the_report_renders_what_only_a_gpu_run_has(tmp_path):
+    """Figures that only CUDA produces (datasheet MFU, the planner's step, 2+ GPUs' sections,
+    torch's context_parallel, the device's capacity) render in results.md: a formatting error
+    there would end the one GPU run at its first save."""
+    import torch
+    from gpu_check import OP_KINDS, Check, markdown
+
+    step = {"wall_s": 0.2, "busy_s": 0.18, "ms_by_kind": {kind: 36.0 for kind, _ in [*OP_KINDS, ("other", ())]},
+            "top_ops": [{"op": "aten::mm", "calls": 700, "ms": 110.0}]}
+    row = {"model": "llama-1b", "batch": 8, "seq_len": 2048, "step_s": 0.2, "tokens_per_s": 81920.0, "mfu": 0.6}
+    check = Check(torch.device("cpu"), CUDA_SHAPES, budget_s=480.0, out=tmp_path)
+    check.results = {
+        "environment": {"status": "ok", "torch": "2.11.0+cu130", "gpu": "NVIDIA H200", "gpus": 2,
+                        "ring_attention_kernel": "flash (cuda)", "transformers": "5.17.0"},
+        "tests": {"status": "ok", "summary": "43 passed in 30s", "seconds": 40.0},
+        "cpu_match": {"status": "ok", "steps": 10, "max_loss_rel_error": 2e-7, "max_param_rel_error": 3e-6,
+                      "tolerance": 1e-5},
+        "device_policy": {"status": "ok", "command": "plait train --model tiny --nproc 3", "exit_code": 2,
+                          "message": "plait: error: 3 ranks on this host but 2 visible GPUs"},
+        "throughput": {"status": "ok", "dtype": "bfloat16", "profile": "h200", "matmul_peak_tflops": 760.0,
+                       "datasheet_peak_tflops": 989.0, "rows": [
+                           {**row, "implementation": "plait", "mfu_datasheet": 0.46, "planner_step_s": 0.178},
+                           {**row, "implementation": "transformers", "mfu_datasheet": 0.40},
+                           {**row, "implementation": "ratio plait / transformers", "ratio": 0.87},
+                           {**row, "implementation": "ratio plait compiled / plait", "ratio": 0.93,
+                            "alternated": False}]},
+        "memory": {"status": "ok", "model": "llama-1b", "measured_gb": 35.2, "what": "max_memory_allocated",
+                   "predicted_gb": 37.4, "profile": "h200", "ratio_measured_over_predicted": 0.94,
+                   "capacity_gb": {"profile": 141.0, "device": 150.1}},
+        "profile": {"status": "ok", "model": "llama-1b", "batch": 8, "seq_len": 2048, "time": "self device time",
+                    "steps": {"plait": step, "transformers": step}},
+        "multi_rank": {"status": "failed", "steps": 10, "layouts": {"dp2": {"max_loss_rel_error": 1e-7, "ok": True},
+                                                                    "tp2 + SP": {"max_loss_rel_error": 3e-5, "ok": False}},
+                       "allreduce_backend": "nccl", "allreduce_mb": 256, "allreduce_bus_gb_s": 355.0},
+        "context_parallel": {"status": "ok", "shape": [1, 32, 16384, 64], "plait_rel_error": 4e-3, "plait_s": 0.011,
+                             "torch_rel_error": 4e-3, "torch_s": 0.013, "plait_over_torch": 0.85},
+        "later": {"status": "skipped", "why": "40 s needed, 12 s of the budget left"},
+        "broken": {"status": "failed", "error": "RuntimeError: a | b\nsecond line"},
+    }
+    text = markdown(check)
+    assert "`make gpu-check` on NVIDIA H200" in text and "NVIDIA H200 x 2" in text
+    assert "| llama-1b | 8 x 2048 | plait | 0.200 | 81920 | 60.0% | 46.0% | 0.178 (h200) |" in text
+    assert "**ratio plait compiled / plait** (timed in separate alternations) | **0.930**" in text
+    assert "capacity 150.1 GB on the device, 141 GB in the profile" in text
+    assert "tp2 + SP 3.0e-05" in text and "355.0 GB/s bus (nccl)" in text and "plait / torch 0.85" in text
+    assert "| broken | failed |  | RuntimeError: a / b |" in text and "| later | skipped |" in text
+    assert "| matrix products | 36.0 | 36.0 |" in text and "| `aten::mm` | 700 | 110.0 | matrix products |" in text
+
+
 def test_contestants_alternate_together_unless_memory_splits_eager_from_compiled():
     from plait.models import get_preset
     from single_rank import CONTESTANTS, alternation_groups
