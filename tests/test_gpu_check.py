@@ -68,7 +68,8 @@ def test_the_report_renders_what_only_a_gpu_run_has(tmp_path):
     torch's context_parallel, the device's capacity) render in results.md: a formatting error
     there would end the one GPU run at its first save."""
     import torch
-    from gpu_check import OP_KINDS, Check, markdown
+    from gpu_check import Check
+    from gpu_check_report import OP_KINDS, markdown
 
     step = {"wall_s": 0.2, "busy_s": 0.18, "ms_by_kind": {kind: 36.0 for kind, _ in [*OP_KINDS, ("other", ())]},
             "top_ops": [{"op": "aten::mm", "calls": 700, "ms": 110.0}]}
@@ -102,7 +103,7 @@ def test_the_report_renders_what_only_a_gpu_run_has(tmp_path):
         "later": {"status": "skipped", "why": "40 s needed, 12 s of the budget left"},
         "broken": {"status": "failed", "error": "RuntimeError: a | b\nsecond line"},
     }
-    text = markdown(check)
+    text = markdown(check.results, check.device, check.elapsed())
     assert "`make gpu-check` on NVIDIA H200" in text and "NVIDIA H200 x 2" in text
     assert "| llama-1b | 8 x 2048 | plait | 0.200 | 81920 | 60.0% | 46.0% | 0.178 (h200) |" in text
     assert "**ratio plait compiled / plait** (timed in separate alternations) | **0.930**" in text
