@@ -195,6 +195,33 @@ def test_split_backward_with_recomputation_matches_one_process(pool, data, model
     check_against_reference(pool.run(train_and_collect, ParallelDims(pp=2), cfg, data, model_config), reference)
 
 
+def test_tensor_parallel_linears_are_handed_the_store_not_patched():
+    """Under tp a block's linears are Column/RowParallelLinear, which compute through
+    DeferrableLinear themselves: they take the store in their slot (so tp's collectives stay
+    theirs), while a plain nn.Linear gets its forward patched."""
+    import torch
+    from torch import nn
+
+    from plait.comm import Collectives, TrafficCounter
+    from plait.pipeline.stage import defer_weight_gradients
+    from plait.pipeline.weight_grad import DeferredWeightGradients
+    from plait.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    comm = Collectives("tp", None, TrafficCounter())  # a group of one
+    block = nn.Sequential(ColumnParallelLinear(nn.Linear(8, 8), comm), RowParallelLinear(nn.Linear(8, 8), comm),
+                          nn.Linear(8, 8))
+    store = DeferredWeightGradients()
+    assert defer_weight_gradients([block], store) == 3
+    assert block[0].weight_gradients is store and block[1].weight_gradients is store
+    assert "forward" not in vars(block[0]) and "forward" not in vars(block[1]) and "forward" in vars(block[2])
+    x = torch.randn(2, 8, requires_grad=True)
+    with store.deferring("mb0"):
+        block(x).sum().backward()
+    assert x.grad is not None and all(layer.weight.grad is None for layer in block) and store.pending == 1
+    store.apply("mb0")
+    assert store.pending == 0 and all(layer.weight.grad is not None for layer in block)
+
+
 @pytest.mark.parametrize("schedule", [pytest.param("1f1b", marks=pytest.mark.large),  # 21-30 s each; make test
                                       pytest.param("zb1p", marks=pytest.mark.large),  # draws 3-D random layouts
                                       pytest.param("zbv", marks=pytest.mark.large)])

@@ -21,8 +21,7 @@ from plait.comm import eager
 from plait.models.config import LlamaConfig
 from plait.pipeline.schedules import Placement
 from plait.pipeline.split import StageError, balanced_split
-from plait.pipeline.weight_grad import DeferrableLinear, DeferredWeightGradients
-from plait.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from plait.pipeline.weight_grad import DeferrableLinear, DeferredWeightGradients, RoutesWeightGradients
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def defer_weight_gradients(blocks: Iterable[nn.Module], store: DeferredWeightGra
     routed = 0
     for block in blocks:
         for module in block.modules():
-            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            if isinstance(module, RoutesWeightGradients):
                 module.weight_gradients = store
             elif isinstance(module, nn.Linear):
                 module.forward = functools.partial(_deferrable_forward, module, store)

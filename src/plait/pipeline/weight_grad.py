@@ -133,6 +133,14 @@ def weight_and_bias_grads(ctx, saved: tuple[torch.Tensor, torch.Tensor],
     return grad_w, grad_b
 
 
+class RoutesWeightGradients:
+    """A linear layer that computes through ``DeferrableLinear`` itself (the tensor-parallel ones,
+    whose backward also communicates): a split-backward schedule hands it the store in
+    ``weight_gradients`` rather than patching its forward (``pipeline.stage.defer_weight_gradients``)."""
+
+    weight_gradients: DeferredWeightGradients | None = None  # None: dA computed with dX, as usual
+
+
 class DeferrableLinear(torch.autograd.Function):
     """Y = X A^T (+ b) whose dA may be deferred to ``store``'s W (see the module docstring)."""
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.comm import Collectives, eager
-from plait.pipeline.weight_grad import (DeferrableLinear, DeferredWeightGradients, input_grad, save_linear,
-                                       saved_linear, weight_and_bias_grads)
+from plait.pipeline.weight_grad import (DeferrableLinear, DeferredWeightGradients, RoutesWeightGradients, input_grad,
+                                       save_linear, saved_linear, weight_and_bias_grads)
 from plait.tensor_parallel.collectives import (copy_to_tp, gather_from_tp, gather_sequence, reduce_from_tp,
                                                reduce_scatter_sequence)
 from plait.sharding import TensorShard, padded_part, set_shard, split_bounds, without_padding
@@ -112,7 +112,7 @@ def _sharded_parameter(full: torch.Tensor, dim: int, comm: Collectives) -> nn.Pa
     return param
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(nn.Module, RoutesWeightGradients):
     def __init__(self, linear: nn.Linear, comm: Collectives, input_mode: InputMode = InputMode.COPY,
                  gather_output: bool = False) -> None:
         super().__init__()
@@ -123,7 +123,6 @@ class ColumnParallelLinear(nn.Module):
         self.out_features = linear.out_features // comm.size  # local
         self.weight = _sharded_parameter(linear.weight, 0, comm)
         self.bias = _sharded_parameter(linear.bias, 0, comm) if linear.bias is not None else None
-        self.weight_gradients: DeferredWeightGradients | None = None  # set by split-backward schedules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_mode is InputMode.COPY and self.comm.size > 1 and torch.is_grad_enabled():
@@ -137,7 +136,7 @@ class ColumnParallelLinear(nn.Module):
                 f"input={self.input_mode.value}, gather_output={self.gather_output}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(nn.Module, RoutesWeightGradients):
     def __init__(self, linear: nn.Linear, comm: Collectives,
                  output_mode: OutputMode = OutputMode.ALL_REDUCE) -> None:
         super().__init__()
@@ -152,7 +151,6 @@ class RowParallelLinear(nn.Module):
             # under SP the bias is added on each rank's sequence shard: its gradient is partial
             set_shard(self.bias, TensorShard.replicated(comm.rank, comm.size,
                                                         partial_grad=self.output_mode is OutputMode.REDUCE_SCATTER_SEQUENCE))
-        self.weight_gradients: DeferredWeightGradients | None = None  # set by split-backward schedules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.output_mode.reduce(_linear(x, self.weight, None, self.weight_gradients), self.comm)
