@@ -273,14 +273,13 @@ def throughput(check: Check) -> dict:
             "datasheet_peak_tflops": datasheet / 1e12 if datasheet else None, "rows": rows}
 
 
-def profile_step(name: str, config, device: torch.device, ids: torch.Tensor) -> dict:
-    """One profiled bf16 step of contestant ``name`` (of single_rank's), after two warm-up steps:
-    its wall time, the aten ops' self time on the device (on the CPU: self CPU time) in all and
-    by kind, and the heaviest ops."""
+def profile_step(loss_fn, model: torch.nn.Module, device: torch.device, ids: torch.Tensor) -> dict:
+    """One profiled bf16 step of a single_rank contestant, after two warm-up steps: its wall
+    time, the aten ops' self time on the device (on the CPU: self CPU time) in all and by kind,
+    and the heaviest ops."""
     from torch.profiler import ProfilerActivity, profile as profiled
-    from single_rank import contestants, optimizer_for, sync, training_step
+    from single_rank import optimizer_for, sync, training_step
 
-    (loss_fn, model), = contestants(config, device, (name,)).values()
     optimizer = optimizer_for(model)
 
     def step() -> None:
@@ -314,16 +313,17 @@ def profile(check: Check) -> dict:
     or step-time target says what to change first, read from this run rather than from another
     GPU window."""
     from plait.models import get_preset
+    from single_rank import contestants
 
     preset, batch, seq_len = check.shapes.models[-1]
     config = get_preset(preset)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1),
                         generator=torch.Generator().manual_seed(0)).to(check.device)
+    runs = contestants(config, check.device, ("plait", "transformers"))  # the weights initialised once
     steps = {}
-    for name in ("plait", "transformers"):
-        steps[name] = profile_step(name, config, check.device, ids)
-        if check.device.type == "cuda":
-            torch.cuda.empty_cache()
+    for name, (loss_fn, model) in runs.items():
+        steps[name] = profile_step(loss_fn, model, check.device, ids)
+    del runs
     return {"model": preset, "batch": batch, "seq_len": seq_len,
             "time": "self device time" if check.device.type == "cuda" else "self CPU time", "steps": steps}
 
