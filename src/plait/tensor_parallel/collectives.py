@@ -23,7 +23,7 @@ import torch
 from plait.comm import Collectives, eager
 
 
-def split_last_dim(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
+def _split_last_dim(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
     size = x.shape[-1] // comm.size
     return x[..., comm.rank * size:(comm.rank + 1) * size].contiguous()
 
@@ -36,7 +36,7 @@ def gather_dim(x: torch.Tensor, comm: Collectives, dim: int, tag: str) -> torch.
     return out.movedim(0, dim).contiguous()
 
 
-def reduce_scatter_dim(x: torch.Tensor, comm: Collectives, dim: int, tag: str) -> torch.Tensor:
+def _reduce_scatter_dim(x: torch.Tensor, comm: Collectives, dim: int, tag: str) -> torch.Tensor:
     """Sum ``x`` over ranks and keep this rank's 1/n slice along ``dim`` (reduce-scatter)."""
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // comm.size, *x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -96,7 +96,7 @@ class GatherFromTensorParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return split_last_dim(grad, ctx.comm), None
+        return _split_last_dim(grad, ctx.comm), None
 
 
 class GatherSequence(torch.autograd.Function):
@@ -117,7 +117,7 @@ class GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return reduce_scatter_dim(grad, ctx.comm, 1, "sp_bwd"), None
+        return _reduce_scatter_dim(grad, ctx.comm, 1, "sp_bwd"), None
 
 
 class ReduceScatterSequence(torch.autograd.Function):
@@ -131,7 +131,7 @@ class ReduceScatterSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: Collectives) -> torch.Tensor:
         ctx.comm = comm
-        return reduce_scatter_dim(x, comm, 1, "sp_fwd")
+        return _reduce_scatter_dim(x, comm, 1, "sp_fwd")
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
